@@ -1,0 +1,295 @@
+"""The :class:`Flows` extension object: configuration, submission, outcome recording."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from .codec import Codec
+from .config import FlowsConfig
+from .dispatch import Dispatcher
+from .errors import FlowDefinitionError, FlowStateError
+from .flow import CompiledFlow, Flow, _check_node_opts, _check_rate
+from .handle import FlowHandle
+from .models import FORMAT_VERSION
+from .store import Store, check_code
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Flows"]
+
+# Definition fields that make two submits of the same flow id "identical".
+_DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "policy", "epol",
+               "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
+
+
+class Flows:
+    """Attach celery-flows to a Celery app: ``flows = Flows(app)`` (also ``app.flows``)."""
+
+    def __init__(self, app: Celery) -> None:
+        existing = getattr(app, "flows", None)
+        if isinstance(existing, Flows):
+            raise RuntimeError(f"app {app.main!r} already has celery-flows attached")
+        self.app = app
+        app.flows = self
+        from . import signals, worker
+
+        worker.install(self)
+        signals.connect()
+
+    def __repr__(self) -> str:
+        return f"<Flows of app {self.app.main!r}>"
+
+    # -- lazily built parts ----------------------------------------------------------
+
+    @cached_property
+    def config(self) -> FlowsConfig:
+        return FlowsConfig.from_app(self.app)
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.config)
+
+    @cached_property
+    def codec(self) -> Codec:
+        return Codec(self.app)
+
+    @cached_property
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(self)
+
+    # -- tasks -------------------------------------------------------------------------
+
+    def task(self, *args: Any, flow_rate_limit: str | None = None,
+             flow_failure_policy: str | None = None, flow_trigger_rule: str | None = None,
+             flow_max_recoveries: int | None = None, **options: Any) -> Any:
+        """``app.task`` plus flow defaults for the nodes of this task.
+
+        ``queue=`` and ``priority=`` keep their Celery meaning and are also the node
+        defaults; ``flow_rate_limit`` is a cluster-wide limit for flow releases
+        (Celery's own ``rate_limit=`` stays per worker).
+        """
+        defaults = _check_node_opts(
+            "<task defaults>",
+            queue=options.get("queue"),
+            priority=options.get("priority"),
+            failure_policy=flow_failure_policy,
+            trigger_rule=flow_trigger_rule,
+            max_recoveries=flow_max_recoveries,
+        )
+        if flow_rate_limit is not None:
+            _check_rate(flow_rate_limit, None, "flow_rate_limit")
+            defaults["rate"] = flow_rate_limit
+
+        def attach(task: Any) -> Any:
+            task.flows_defaults = defaults
+            return task
+
+        if len(args) == 1 and callable(args[0]) and not options and not defaults:
+            return attach(self.app.task(args[0]))
+        if len(args) == 1 and callable(args[0]):
+            return attach(self.app.task(**options)(args[0]))
+
+        def decorator(fun: Callable[..., Any]) -> Any:
+            return attach(self.app.task(*args, **options)(fun))
+
+        return decorator
+
+    def route_queue(self, rec: dict[str, Any], task_name: str, args: Any, kwargs: Any) -> str:
+        """Node option, else task option, else Celery's own routing."""
+        if rec.get("queue"):
+            return str(rec["queue"])
+        task = self.app.tasks.get(task_name)
+        if task is not None and getattr(task, "queue", None):
+            return str(task.queue)
+        route = self.app.amqp.router.route({}, task_name, args, kwargs)
+        queue = route.get("queue")
+        return str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)
+
+    # -- submitting ----------------------------------------------------------------------
+
+    def _prepare(self, flow: Flow) -> tuple[CompiledFlow, dict[str, str], str,
+                                            list[tuple[str, dict[str, Any], bytes]]]:
+        if not isinstance(flow, Flow):
+            raise FlowDefinitionError(f"submit() takes a Flow, got {flow!r}")
+        compiled = flow.compile(self.app, self.config)
+        if not compiled.records:
+            raise FlowDefinitionError(f"flow {flow.name!r} has no nodes")
+        nodes: list[tuple[str, dict[str, Any], bytes]] = []
+        digest = hashlib.sha256()
+        digest.update(json.dumps([compiled.name, compiled.context, compiled.options],
+                                 sort_keys=True).encode())
+        for nid, rec in compiled.records.items():
+            call = compiled.calls.get(nid)
+            try:
+                blob = self.codec.dump_call(*call) if call is not None else b""
+            except Exception as exc:
+                raise FlowDefinitionError(
+                    f"node {nid!r}: arguments cannot be serialised with "
+                    f"task_serializer {self.codec.task_serializer!r}: {exc}"
+                ) from None
+            nodes.append((nid, rec, blob))
+            digest.update(nid.encode())
+            digest.update(json.dumps({k: rec.get(k) for k in _DEF_FIELDS},
+                                     sort_keys=True).encode())
+            digest.update(blob)
+        meta = {
+            "v": FORMAT_VERSION,
+            "id": compiled.id,
+            "name": compiled.name,
+            "nonce": secrets.token_hex(4),
+            "context": json.dumps(compiled.context),
+            "retention": str(self.config.retention),
+            "rate_limit": compiled.options["rate_limit"] or "",
+            "webhook": compiled.options["webhook"] or "",
+            "fail_fast": "1" if compiled.options["fail_fast"] else "0",
+            "paused": "0",
+        }
+        return compiled, meta, digest.hexdigest(), nodes
+
+    def submit(self, flow: Flow) -> FlowHandle:
+        """Store the flow atomically and release its roots. A retried submit of an
+        identical definition with the same id returns the existing flow."""
+        compiled, meta, digest, nodes = self._prepare(flow)
+        fid = compiled.id
+        store = self.store
+        store.index_add(fid, store.time())
+        token = store.mark_dirty(fid)
+        code = store.create(fid, meta, digest, nodes)
+        if code == -3:
+            store.clear_dirty(token)
+            raise FlowStateError(
+                f"flow {fid!r} already exists with a different definition; use a new id"
+            )
+        if code == 0:
+            store.clear_dirty(token)
+            return FlowHandle(self, fid)
+        if self.app.conf.task_always_eager:
+            from .eager import run_eager
+
+            run_eager(self, fid)
+            store.clear_dirty(token)
+        else:
+            self.dispatcher.release(fid, token)
+        return FlowHandle(self, fid)
+
+    def add_bulk(self, flows: list[Flow]) -> list[FlowHandle]:
+        """Submit several flows as one batch: all are created, or none is."""
+        prepared = [self._prepare(f) for f in flows]
+        ids = [p[0].id for p in prepared]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise FlowDefinitionError(f"add_bulk: flow id {sorted(dupes)[0]!r} appears twice")
+        store = self.store
+        existing: set[str] = set()
+        for compiled, _meta, digest, _nodes in prepared:
+            meta = store.meta(compiled.id)
+            if meta is not None:
+                if meta.get("digest") != digest:
+                    raise FlowStateError(
+                        f"add_bulk: flow {compiled.id!r} already exists with a different "
+                        "definition; nothing of this batch was created"
+                    )
+                existing.add(compiled.id)
+        now = store.time()
+        tokens = {}
+        for fid in ids:
+            store.index_add(fid, now)
+            tokens[fid] = store.mark_dirty(fid)
+        fresh = [p for p in prepared if p[0].id not in existing]
+        codes = store.create_many([(p[0].id, p[1], p[2], p[3]) for p in fresh])
+        if any(c == -3 for c in codes):
+            created = [p[0].id for p, c in zip(fresh, codes, strict=False) if c == 1]
+            store.delete_flows(created)
+            for t in tokens.values():
+                store.clear_dirty(t)
+            raise FlowStateError(
+                "add_bulk: a flow id of this batch was created concurrently with another "
+                "definition; nothing of this batch was created"
+            )
+        for fid in ids:
+            if self.app.conf.task_always_eager:
+                from .eager import run_eager
+
+                run_eager(self, fid)
+                store.clear_dirty(tokens[fid])
+            else:
+                self.dispatcher.release(fid, tokens[fid])
+        return [FlowHandle(self, fid) for fid in ids]
+
+    def get(self, flow_id: str) -> FlowHandle:
+        """Handle of an existing flow; FlowNotFoundError if unknown."""
+        self.store.require_meta(flow_id)
+        return FlowHandle(self, flow_id)
+
+    # -- outcomes (called from signal receivers and the eager driver) ----------------
+
+    def record(self, fid: str, nid: str, attempt: int, outcome: str, *,
+               result: Any = None, error: str = "", release: bool = True) -> tuple[int, str]:
+        """Record an attempt's outcome and publish what it made ready (unless the
+        caller drains the outbox itself, as the eager driver does)."""
+        blob = b""
+        if outcome == "succeeded":
+            try:
+                blob = self.codec.dump_result(result)
+            except Exception as exc:
+                outcome, error = "failed", f"EncodeError: {exc}"
+            else:
+                limit = self.config.max_result_bytes
+                if len(blob) > limit:
+                    error = (f"ResultTooLarge: the serialised result is {len(blob)} bytes, "
+                             f"over flows_max_result_bytes={limit}; return a reference "
+                             "(a path or key) instead of the data")
+                    outcome, blob = "failed", b""
+        store = self.store
+        if outcome == "retrying":
+            code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+            return code, state
+        if not release:
+            code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+            check_code(code, fid)
+            return code, state
+        token = store.mark_dirty(fid)
+        code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+        if code < 0:
+            store.clear_dirty(token)
+            check_code(code, fid)
+        self.dispatcher.release(fid, token)
+        return code, state
+
+    def record_lost(self, ref: Any, error: str) -> int:
+        """The worker running ``ref``'s attempt died: recover the node."""
+        store = self.store
+        token = store.mark_dirty(ref.flow_id)
+        code, _released, _state = store.recover(
+            ref.flow_id, ref.node_id, ref.attempt, self.config.max_recoveries, error
+        )
+        if code < 0:
+            store.clear_dirty(token)
+            check_code(code, ref.flow_id)
+        self.dispatcher.release(ref.flow_id, token)
+        return code
+
+    def _dependency_results(self, fid: str, nid: str) -> dict[str, Any]:
+        rec = self.store.node(fid, nid) or {}
+        deps = list(rec.get("after") or [])
+        raw = self.store.results(fid, deps)
+        return {d: self.codec.load_result(raw[d]) for d in deps if d in raw}
+
+    def _dependency_failures(self, fid: str, nid: str) -> dict[str, str]:
+        nodes = self.store.nodes(fid)
+        rec = nodes.get(nid) or {}
+        out = {}
+        for dep in rec.get("after") or []:
+            d = nodes.get(dep)
+            if d and d.get("state") == "failed":
+                out[dep] = d.get("error") or "failed"
+        return out

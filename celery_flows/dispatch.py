@@ -1,0 +1,151 @@
+"""Ready node -> Celery message: drains a flow's outbox under a claim and publishes each
+node through a canvas signature with a deterministic task id.
+
+The task id ``<flow>~<node>~<attempt>~<nonce>`` names the attempt, so every worker
+(and a ``self.replace()`` replacement, which keeps the id but not custom headers) can
+tell which node attempt a message belongs to without a lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .models import Ref, as_list
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+logger = logging.getLogger(__name__)
+
+SEP = "~"
+CLAIM_LEASE = 15.0  # seconds before another process may publish an unacknowledged claim
+BATCH = 200
+
+
+class TaskRef(NamedTuple):
+    flow_id: str
+    node_id: str
+    attempt: int
+
+
+def task_id_for(flow_id: str, node_id: str, attempt: int, nonce: str) -> str:
+    return SEP.join((flow_id, node_id, str(attempt), nonce))
+
+
+def parse_task_id(task_id: Any) -> TaskRef | None:
+    if not isinstance(task_id, str) or task_id.count(SEP) != 3:
+        return None
+    fid, nid, attempt, _nonce = task_id.split(SEP)
+    if not attempt.isdigit():
+        return None
+    return TaskRef(fid, nid, int(attempt))
+
+
+def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
+    """Build the value a node receives from its dependencies: a failed or skipped
+    dependency gives None, a removed one is dropped from lists."""
+    if isinstance(ref, str):
+        return None if kinds.get(ref) == "removed" else values.get(ref)
+    if isinstance(ref, dict):
+        return {
+            k: resolve_input(r, values, kinds)
+            for k, r in ref["map"].items()
+            if not (isinstance(r, str) and kinds.get(r) == "removed")
+        }
+    out = []
+    for r in as_list(ref):
+        if isinstance(r, str) and kinds.get(r) == "removed":
+            continue
+        out.append(resolve_input(r, values, kinds))
+    return out
+
+
+class Prepared(NamedTuple):
+    node_id: str
+    attempt: int
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    priority: int | None
+    task_id: str
+
+
+class Dispatcher:
+    def __init__(self, flows: Flows) -> None:
+        self.flows = flows
+        self.app = flows.app
+
+    def drain(self, fid: str) -> bool:
+        """Publish everything claimable in the flow's outbox. True when nothing is left
+        that another process still holds a claim on."""
+        store = self.flows.store
+        while True:
+            code, left, nonce, entries = store.claim(fid, CLAIM_LEASE, BATCH)
+            if code != 0:
+                return True
+            if not entries:
+                return left == 0
+            sent: list[tuple[str, int, str]] = []
+            try:
+                with self.app.producer_or_acquire() as producer:
+                    for entry in entries:
+                        sent.append(self._publish(fid, nonce, entry, producer))
+            finally:
+                if sent:
+                    store.published(fid, sent)
+
+    def prepare(self, fid: str, nonce: str, entry: list[Any]) -> Prepared:
+        """Decode a claimed outbox entry into the call to make."""
+        nid = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
+        rec = json.loads(entry[1])
+        args, kwargs = self.flows.codec.load_call(entry[2])
+        kinds_list = json.loads(entry[3]) or []
+        after = as_list(rec.get("after"))
+        raw_results = entry[4] if len(entry) > 4 else []
+        kinds = dict(zip(after, kinds_list, strict=False))
+        values = {
+            dep: self.flows.codec.load_result(raw)
+            for dep, raw in zip(after, raw_results, strict=False)
+            if raw is not None
+        }
+        if rec.get("input") is not None:
+            args = [resolve_input(rec["input"], values, kinds), *args]
+        task_name = rec["task"]
+        return Prepared(
+            node_id=nid,
+            attempt=int(rec["attempt"]),
+            task_name=task_name,
+            args=args,
+            kwargs=kwargs,
+            queue=self.flows.route_queue(rec, task_name, args, kwargs),
+            priority=rec.get("priority"),
+            task_id=task_id_for(fid, nid, rec["attempt"], nonce),
+        )
+
+    def _publish(self, fid: str, nonce: str, entry: list[Any], producer: Any
+                 ) -> tuple[str, int, str]:
+        call = self.prepare(fid, nonce, entry)
+        options: dict[str, Any] = {
+            "task_id": call.task_id,
+            "queue": call.queue,
+            "producer": producer,
+        }
+        if call.priority is not None:
+            options["priority"] = call.priority
+        sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
+        sig.apply_async(**options)
+        return call.node_id, call.attempt, call.queue
+
+    def release(self, fid: str, token: str | None = None) -> None:
+        """Drain and, when nothing is left behind, clear the dirty marker ``token``."""
+        try:
+            done = self.drain(fid)
+        except Exception:
+            logger.exception("celery-flows: publishing ready nodes of flow %s failed; the "
+                             "sweeper of a --flows worker will retry", fid)
+            return
+        if done and token is not None:
+            self.flows.store.clear_dirty(token)

@@ -1,0 +1,59 @@
+"""Driving a flow in the calling process under ``task_always_eager``.
+
+Nothing is published: the outbox is drained in a loop (never recursively, so long
+chains cannot overflow the stack), each node runs through ``task.apply()`` and its
+outcome goes through the same transitions a worker uses. Rate limits and queue caps
+do not apply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery import states
+
+from . import context
+from .context import FlowRun
+from .dispatch import BATCH, CLAIM_LEASE
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+
+def run_eager(flows: Flows, fid: str) -> None:
+    store = flows.store
+    while True:
+        code, _left, nonce, entries = store.claim(fid, CLAIM_LEASE, BATCH)
+        if code != 0 or not entries:
+            return
+        for entry in entries:
+            call = flows.dispatcher.prepare(fid, nonce, entry)
+            store.published(fid, [(call.node_id, call.attempt, call.queue)])
+            started, ctx, overlay = store.start(
+                fid, call.node_id, call.attempt, "0:0", call.task_id, "eager"
+            )
+            if started != 1:
+                continue
+            task = flows.app.tasks.get(call.task_name)
+            if task is None:
+                flows.record(fid, call.node_id, call.attempt, "failed",
+                             error=f"NotRegistered: task {call.task_name!r} is not registered",
+                             release=False)
+                continue
+            run = FlowRun(flows, fid, call.node_id, call.attempt, call.task_id,
+                          {**ctx, **(overlay or {})})
+            token = context.enter(run)
+            try:
+                result = task.apply(args=call.args, kwargs=call.kwargs, task_id=call.task_id,
+                                    throw=False)
+            finally:
+                context.leave(token)
+            if result.state == states.SUCCESS:
+                flows.record(fid, call.node_id, call.attempt, "succeeded", result=result.result,
+                             release=False)
+            else:
+                exc = result.result
+                error = (f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException)
+                         else f"{result.state}: {exc!r}")
+                flows.record(fid, call.node_id, call.attempt, "failed", error=error,
+                             release=False)

@@ -1,0 +1,104 @@
+"""The attempt guard: wraps every task of a Flows app on its workers so that a node
+attempt's body starts at most once.
+
+Celery signals cannot stop a task body (receivers' exceptions are swallowed), so the
+guard replaces each task's ``run`` before the worker builds its tracers. For a flow
+message it asks the registry (``start.lua``) whether this (attempt, retry, replacement)
+may start; a redelivery or a superseded attempt is acked without running by raising
+``Ignore``. Non-flow messages run untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from celery.exceptions import Ignore, Reject
+
+from . import context
+from .context import FlowRun
+from .dispatch import parse_task_id
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+logger = logging.getLogger(__name__)
+
+REPLACED_MESSAGE = "Replaced by new task"
+
+# task id -> FlowRun of attempts whose body this process started; read by the signal
+# receivers to know that an outcome is theirs to record.
+active: dict[str, FlowRun] = {}
+
+
+def install(flows: Flows) -> None:
+    """Wrap every registered task of the app (idempotent)."""
+    for task in list(flows.app.tasks.values()):
+        if getattr(task, "_flows_guarded", False) or task.name.startswith("celery."):
+            continue
+        original = task.run
+        task.run = _guarded(flows, task, original)
+        task._flows_guarded = True
+
+
+def _guarded(flows: Flows, task: Any, original: Any) -> Any:
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        ref = None if request.is_eager or request.called_directly else parse_task_id(request.id)
+        if ref is None:
+            return original(*args, **kwargs)
+        start_key = f"{request.retries or 0}:{request.get('replaced_task_nesting') or 0}"
+        worker = request.hostname or socket.gethostname()
+        try:
+            code, ctx, overlay = flows.store.start(
+                ref.flow_id, ref.node_id, ref.attempt, start_key, request.id, worker
+            )
+        except Exception as exc:
+            # The registry is unreachable: give the message back rather than run a body
+            # whose start is not recorded.
+            logger.error("celery-flows: cannot record the start of %s: %r", request.id, exc)
+            raise Reject(exc, requeue=True) from None
+        if code != 1:
+            logger.info("celery-flows: not running %s (%s)", request.id, _WHY.get(code, code))
+            raise Ignore()
+        if overlay:
+            ctx = {**ctx, **overlay}
+        run_ = FlowRun(flows, ref.flow_id, ref.node_id, ref.attempt, request.id, ctx)
+        active[request.id] = run_
+        token = context.enter(run_)
+        try:
+            return original(*args, **kwargs)
+        except Ignore as exc:
+            if str(exc) != REPLACED_MESSAGE:
+                _fail(run_, "Ignore: the task raised Ignore(); a flow node must succeed or "
+                      f"fail ({exc})")
+            active.pop(request.id, None)
+            raise
+        except Reject as exc:
+            _fail(run_, f"Reject: the task rejected its message ({exc.reason!r})")
+            active.pop(request.id, None)
+            raise
+        finally:
+            context.leave(token)
+
+    return run
+
+
+def _fail(run_: FlowRun, error: str) -> None:
+    try:
+        run_.flows.record(run_.id, run_.node_id, run_.attempt, "failed", error=error)
+    except Exception:
+        logger.exception("celery-flows: could not record the failure of %s", run_.task_id)
+
+
+_WHY = {
+    0: "duplicate delivery of an attempt already started",
+    2: "superseded attempt",
+    3: "node finished or flow cancelled",
+    -1: "unknown or expired flow",
+    -2: "unknown flow format version",
+    -4: "unknown node",
+}

@@ -1,0 +1,74 @@
+""":class:`FlowHandle`: a user's view of one stored flow."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .errors import FlowTimeoutError
+from .models import FlowState, NodeState
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+__all__ = ["FlowHandle"]
+
+
+class FlowHandle:
+    def __init__(self, flows: Flows, flow_id: str) -> None:
+        self.flows = flows
+        self.id = flow_id
+
+    def __repr__(self) -> str:
+        return f"<FlowHandle {self.id!r}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FlowHandle) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    def state(self) -> FlowState:
+        """The flow's state (raises FlowNotFoundError once it expired)."""
+        meta = self.flows.store.require_meta(self.id)
+        return FlowState(meta["state"])
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> FlowState:
+        """Block until the flow is terminal and return its state; never raises for
+        failed or cancelled flows. FlowTimeoutError on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(interval, 0.01)
+        while True:
+            state = self.state()
+            if state.terminal:
+                return state
+            if deadline is not None and time.monotonic() >= deadline:
+                raise FlowTimeoutError(
+                    f"flow {self.id!r} is still {state.value} after {timeout} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, max(interval, 0.01))
+
+    def results(self) -> dict[str, Any]:
+        """{node id: result} of the succeeded nodes."""
+        self.flows.store.require_meta(self.id)
+        nodes = self.flows.store.nodes(self.id)
+        raw = self.flows.store.results(self.id)
+        codec = self.flows.codec
+        return {
+            nid: codec.load_result(raw[nid])
+            for nid, rec in nodes.items()
+            if rec["state"] == NodeState.SUCCEEDED.value and nid in raw
+        }
+
+    def node_states(self) -> dict[str, NodeState]:
+        """{node id: node state}."""
+        self.flows.store.require_meta(self.id)
+        nodes = self.flows.store.nodes(self.id)
+        return {nid: NodeState(rec["state"]) for nid, rec in nodes.items()}
+
+    def inspect(self) -> dict[str, Any]:
+        """The document ``celery flows inspect --json`` prints."""
+        from .inspect import describe
+
+        return describe(self.flows, self.id)

@@ -1,0 +1,139 @@
+"""What ``flows inspect`` shows: a JSON document per SPEC section 10 and a text tree."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from .models import TERMINAL_NODE_STATES, NodeState
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+
+def _waiting_for(rec: dict[str, Any], nodes: dict[str, dict[str, Any]],
+                 meta: dict[str, str]) -> str | None:
+    state = rec["state"]
+    if state == NodeState.PENDING.value:
+        open_deps = [d for d in rec["after"]
+                     if d not in rec["removed"]
+                     and NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
+        return "dependencies: " + ", ".join(open_deps) if open_deps else "evaluation"
+    if state == NodeState.SCHEDULED.value:
+        if meta.get("paused") == "1":
+            return "resume: the flow is paused"
+        return "release: in the outbox, to be published by this process or a --flows worker"
+    if state == NodeState.QUEUED.value:
+        since = rec.get("queued_at")
+        when = f" since {since:.3f}" if isinstance(since, (int, float)) else ""
+        return f"a worker consuming queue {rec.get('queue')!r}{when}"
+    if state == NodeState.RETRYING.value:
+        return f"its Celery retry (retries so far: {rec.get('retries', 0)})"
+    if state == NodeState.AWAITING.value:
+        return "an external signal (flows.signal or celery flows signal)"
+    return None
+
+
+def describe(flows: Flows, fid: str) -> dict[str, Any]:
+    meta = flows.store.require_meta(fid)
+    nodes = flows.store.nodes(fid)
+    out_nodes: dict[str, Any] = {}
+    for nid, rec in nodes.items():
+        progress = [
+            {"percent": p.get("pct"), "message": p.get("msg"), "at": p.get("at")}
+            for p in rec["progress"]
+        ]
+        out_nodes[nid] = {
+            "state": rec["state"],
+            "after": rec["after"],
+            "queue": rec.get("queue"),
+            "attempts": rec.get("attempt", 0),
+            "recoveries": rec.get("recoveries", 0),
+            "retries": rec.get("retries", 0),
+            "task_ids": rec["task_ids"],
+            "queued_at": rec.get("queued_at"),
+            "started_at": rec.get("started_at"),
+            "finished_at": rec.get("finished_at"),
+            "error": rec.get("error"),
+            "progress": progress,
+            "waiting_for": _waiting_for(rec, nodes, meta),
+            "skip_reason": rec.get("skip_reason"),
+            "task": rec.get("task"),
+        }
+    return {
+        "id": fid,
+        "name": meta.get("name"),
+        "state": meta.get("state"),
+        "created_at": float(meta["created_at"]) if meta.get("created_at") else None,
+        "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
+        "nodes": out_nodes,
+    }
+
+
+def _fmt_secs(a: Any, b: Any) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return f"{b - a:.2f}s"
+    return ""
+
+
+def render_tree(doc: dict[str, Any]) -> str:
+    """A node is drawn under its first dependency; other dependencies are named."""
+    nodes: dict[str, Any] = doc["nodes"]
+    children: dict[str | None, list[str]] = {}
+    for nid, n in nodes.items():
+        parent = n["after"][0] if n["after"] else None
+        children.setdefault(parent, []).append(nid)
+    counts: dict[str, int] = {}
+    for n in nodes.values():
+        counts[n["state"]] = counts.get(n["state"], 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    lines = [f"flow {doc['name']} [{doc['id']}]  {doc['state'].upper()}  ({summary})"]
+    width = max((len(n) for n in nodes), default=4)
+
+    def line(nid: str, prefix: str, last: bool) -> str:
+        n = nodes[nid]
+        parts = [f"{prefix}{'└─ ' if last else '├─ '}{nid:<{width}}  {n['state']:<9}"]
+        if n["queue"]:
+            parts.append(f"queue={n['queue']}")
+        if n["attempts"] > 1 or n["recoveries"] or n["retries"]:
+            parts.append(f"attempts={n['attempts']} retries={n['retries']} "
+                         f"recoveries={n['recoveries']}")
+        took = _fmt_secs(n["started_at"], n["finished_at"])
+        if took:
+            parts.append(took)
+        extra = n["after"][1:]
+        if extra:
+            parts.append("also after: " + ", ".join(extra))
+        if n["skip_reason"]:
+            parts.append(f"({n['skip_reason']})")
+        if n["progress"]:
+            p = n["progress"][-1]
+            pct = "" if p["percent"] is None else f"{p['percent']:g}% "
+            parts.append(f"[{pct}{p['message']}]")
+        if n["error"]:
+            parts.append(f"error: {n['error']}")
+        if n["waiting_for"]:
+            parts.append(f"waiting for {n['waiting_for']}")
+        return "  ".join(parts)
+
+    stack: list[tuple[str, str, bool]] = []
+    roots = children.get(None, [])
+    for i, r in enumerate(reversed(roots)):
+        stack.append((r, "", i == 0))
+    while stack:
+        nid, prefix, last = stack.pop()
+        lines.append(line(nid, prefix, last))
+        kids = children.get(nid, [])
+        child_prefix = prefix + ("   " if last else "│  ")
+        for i, k in enumerate(reversed(kids)):
+            stack.append((k, child_prefix, i == 0))
+    return "\n".join(lines)
+
+
+def watch(flows: Flows, fid: str, echo: Any, interval: float = 1.0) -> dict[str, Any]:
+    while True:
+        doc = describe(flows, fid)
+        echo("\x1b[2J\x1b[H" + render_tree(doc))
+        if doc["state"] in ("succeeded", "failed", "cancelled"):
+            return doc
+        time.sleep(interval)

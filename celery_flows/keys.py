@@ -1,0 +1,57 @@
+"""The only place registry keys are built. This docstring is the key schema.
+
+All keys of one flow share the hash tag ``{<flow id>}`` so that every Lua
+transition touches a single Redis Cluster slot::
+
+    <prefix>:{<fid>}:meta      hash   flow record: v, id, name, state, nonce, context,
+                                      counters (total, done, failed), times, digest
+    <prefix>:{<fid>}:nodes     hash   node id -> JSON node record (definition + state)
+    <prefix>:{<fid>}:args      hash   node id -> serialised [args, kwargs] (task_serializer)
+    <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
+    <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
+                                      publishing (0 = now; a claim pushes it forward)
+
+Global keys, one slot each, never touched by a flow script::
+
+    <prefix>:index             zset   flow id -> creation time (``flows list``)
+    <prefix>:dispatch          zset   flow id -> time a process began a transition that
+                                      may leave nodes in the outbox; the sweeper drains
+                                      entries older than a grace period
+    <prefix>:workers           zset   worker hostname -> last heartbeat
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready")
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def flow(self, flow_id: str) -> list[str]:
+        """The keys of one flow, in the order every flow script expects them."""
+        return [f"{self.prefix}:{{{flow_id}}}:{name}" for name in FLOW_KEYS]
+
+    def meta(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:meta"
+
+    def nodes(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:nodes"
+
+    def results(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:results"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:index"
+
+    @property
+    def dispatch(self) -> str:
+        return f"{self.prefix}:dispatch"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"

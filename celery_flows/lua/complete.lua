@@ -1,0 +1,45 @@
+--[[
+  complete: record an attempt's outcome (first report wins) and release what it unblocks.
+  KEYS: meta nodes args results ready
+  ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
+  ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
+  Returns: {code, released, flow state}
+    1 recorded | 0 late or duplicate report, kept in the node's history only
+    -1 no such flow | -2 version | -4 no such node
+  Emits: the node -> succeeded|failed|retrying; dependents whose edges are all terminal
+         -> scheduled (outbox), awaiting, or skipped (cascading); flow state refreshed.
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok, 0, ''} end
+local id, attempt, outcome = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local rec = load(id)
+if not rec then return {-4, 0, ''} end
+local now = now_ts()
+local err = ARGV[5]
+if rec.attempt ~= attempt or TERMINAL[rec.state] or rec.state == 'pending'
+    or rec.state == 'awaiting' then
+  history(rec, {attempt = attempt, outcome = outcome, at = now, late = true,
+                error = (err ~= '' and err or nil)})
+  save(id, rec)
+  return {0, 0, redis.call('HGET', META, 'state')}
+end
+if outcome == 'retrying' then
+  rec.state = 'retrying'
+  rec.retries = (rec.retries or 0) + 1
+  rec.error = err
+  save(id, rec)
+  return {1, 0, redis.call('HGET', META, 'state')}
+end
+rec.state = outcome
+rec.finished_at = now
+if outcome == 'succeeded' then
+  rec.error = cjson.null
+  redis.call('HSET', RESULTS, id, ARGV[4])
+else
+  rec.error = err
+end
+history(rec, {attempt = attempt, outcome = outcome, at = now,
+              error = (err ~= '' and err or nil)})
+save(id, rec)
+local released = settle(id, rec, now)
+return {1, released, set_flow_state(now)}

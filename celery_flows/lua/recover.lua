@@ -1,0 +1,34 @@
+--[[
+  recover: an attempt's worker was lost; run the node again as a new attempt, or fail
+  it with WorkerLostError once its recoveries are used up.
+  KEYS: meta nodes args results ready
+  ARGV[1] node id  ARGV[2] attempt  ARGV[3] default max recoveries  ARGV[4] error text
+  Returns: {code, released, flow state}
+    2 re-released as a new attempt | 1 failed (recoveries exhausted)
+    0 not current (stale, finished, or not yet started) | -1 no flow | -2 version | -4 no node
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok, 0, ''} end
+local id, attempt = ARGV[1], tonumber(ARGV[2])
+local rec = load(id)
+if not rec then return {-4, 0, ''} end
+local st = redis.call('HGET', META, 'state')
+if st == 'cancelled' or rec.attempt ~= attempt or TERMINAL[rec.state]
+    or rec.state == 'pending' or rec.state == 'awaiting' or rec.state == 'scheduled' then
+  return {0, 0, st}
+end
+local now = now_ts()
+rec.recoveries = (rec.recoveries or 0) + 1
+history(rec, {attempt = attempt, outcome = 'lost', at = now, error = ARGV[4]})
+local max_rec = val(rec.max_rec) or tonumber(ARGV[3])
+if rec.recoveries > max_rec then
+  rec.state = 'failed'
+  rec.finished_at = now
+  rec.error = 'WorkerLostError: ' .. ARGV[4] .. ' (recovered ' .. (rec.recoveries - 1) ..
+    ' times, max_recoveries=' .. max_rec .. ')'
+  save(id, rec)
+  local released = settle(id, rec, now)
+  return {1, released, set_flow_state(now)}
+end
+make_ready(id, rec, now)
+return {2, 1, st}

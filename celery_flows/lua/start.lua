@@ -1,0 +1,35 @@
+--[[
+  start: the attempt guard, run by the worker right before a node's body.
+  KEYS: meta nodes args results ready
+  ARGV[1] node id  ARGV[2] attempt  ARGV[3] start key "<retries>:<replace nesting>"
+  ARGV[4] task id  ARGV[5] worker hostname
+  Returns: {code, flow context JSON, node context overlay JSON}
+    1 run the body | 0 duplicate delivery of a start already made | 2 stale attempt
+    3 node terminal or flow cancelled | -1 no such flow | -2 version | -4 no such node
+  Emits: scheduled|queued|retrying|running -> running
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok} end
+local id, attempt, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local rec = load(id)
+if not rec then return {-4} end
+if redis.call('HGET', META, 'state') == 'cancelled' or TERMINAL[rec.state] then return {3} end
+if rec.attempt ~= attempt then return {2} end
+if rec.state == 'pending' or rec.state == 'awaiting' then return {2} end
+if contains(rec.starts, key) then return {0} end
+local now = now_ts()
+local starts = list(rec.starts)
+starts[#starts + 1] = key
+rec.starts = starts
+rec.state = 'running'
+if val(rec.started_at) == nil then rec.started_at = now end
+if val(rec.queued_at) == nil then rec.queued_at = now end
+rec.worker = ARGV[5]
+if not contains(rec.task_ids, ARGV[4]) then
+  local t = list(rec.task_ids)
+  t[#t + 1] = ARGV[4]
+  rec.task_ids = t
+end
+save(id, rec)
+redis.call('ZREM', READY, id)
+return {1, redis.call('HGET', META, 'context'), cjson.encode(rec.ctx)}

@@ -1,0 +1,211 @@
+"""States, option vocabularies, id rules and the flat node records a flow compiles to.
+
+A node record is the JSON document stored per node in ``<prefix>:{fid}:nodes``; the Lua
+transitions read and update it, Python builds it here. Field names are short because
+every transition decodes them:
+
+======== =====================================================================
+task     Celery task name (``None`` for external nodes)
+kind     ``task`` | ``external`` | ``sensor``
+after    dependency node ids, in order
+deps_of  dependents (filled in by :func:`link`)
+input    how results reach the args: a node id, a list of refs or ``{"map": {k: ref}}``
+         (``None``: nothing is prepended, e.g. an immutable signature)
+queue, priority, rate, policy, rule, max_rec, timeout, poke   node options
+epol     set on a sub-flow's final nodes only: the sub-flow node's policy, applied to
+         outgoing edges when the node failed or was skipped as ``upstream_failed``
+fpol     policy deciding whether a failure fails the whole flow
+ctx      context overlay (sub-flows)
+state, attempt, waiting, removed, skip_reason, error, ... runtime fields
+======== =====================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Any, TypeAlias
+
+from .errors import FlowDefinitionError
+
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+
+ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+FAILURE_POLICIES = ("fail", "ignore", "remove")
+TRIGGER_RULES = (
+    "all_success", "all_done", "all_failed", "one_success", "one_failed", "none_failed",
+)
+
+Ref: TypeAlias = "str | list[Ref] | dict[str, Any] | None"
+
+
+class NodeState(str, Enum):
+    PENDING = "pending"
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    AWAITING = "awaiting"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_NODE_STATES
+
+
+TERMINAL_NODE_STATES = frozenset(
+    {NodeState.SUCCEEDED, NodeState.FAILED, NodeState.SKIPPED, NodeState.CANCELLED}
+)
+
+
+class FlowState(str, Enum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in (FlowState.SUCCEEDED, FlowState.FAILED, FlowState.CANCELLED)
+
+
+def check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise FlowDefinitionError(
+            f"{what} {value!r} is malformed: use 1-128 letters, digits and _ - . : only"
+        )
+    return value
+
+
+def ref_ids(ref: Ref) -> list[str]:
+    """Every node id a result reference mentions, in order."""
+    if ref is None:
+        return []
+    if isinstance(ref, str):
+        return [ref]
+    if isinstance(ref, dict):
+        return [i for r in ref["map"].values() for i in ref_ids(r)]
+    return [i for r in ref for i in ref_ids(r)]
+
+
+def rename_ref(ref: Ref, rename: dict[str, Ref]) -> Ref:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return rename.get(ref, ref)
+    if isinstance(ref, dict):
+        return {"map": {k: rename_ref(r, rename) for k, r in ref["map"].items()}}
+    return [rename_ref(r, rename) for r in ref]
+
+
+def check_acyclic(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Topological order of the nodes; FlowDefinitionError naming a node on a cycle."""
+    indeg = {nid: 0 for nid in records}
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            if dep not in records:
+                raise FlowDefinitionError(
+                    f"node {nid!r}: 'after' names unknown node {dep!r}"
+                )
+            indeg[nid] += 1
+    dependents: dict[str, list[str]] = {nid: [] for nid in records}
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            dependents[dep].append(nid)
+    order = [nid for nid, d in indeg.items() if d == 0]
+    i = 0
+    while i < len(order):
+        for nxt in dependents[order[i]]:
+            indeg[nxt] -= 1
+            if indeg[nxt] == 0:
+                order.append(nxt)
+        i += 1
+    if len(order) != len(records):
+        stuck = sorted(nid for nid, d in indeg.items() if d > 0)
+        raise FlowDefinitionError(
+            f"the flow has a cycle through node {stuck[0]!r} (nodes on or after a cycle: "
+            f"{', '.join(stuck[:10])})"
+        )
+    return order
+
+
+def link(records: dict[str, dict[str, Any]]) -> None:
+    """Fill each record's dependents list and its count of unfinished dependencies."""
+    for rec in records.values():
+        rec["deps_of"] = []
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            records[dep]["deps_of"].append(nid)
+    for rec in records.values():
+        rec["waiting"] = len(rec["after"])
+
+
+def new_record(
+    *,
+    task: str | None,
+    kind: str = "task",
+    after: list[str],
+    input: Ref,
+    queue: str | None = None,
+    priority: int | None = None,
+    rate: str | None = None,
+    policy: str = "fail",
+    rule: str = "all_success",
+    max_rec: int | None = None,
+    timeout: float | None = None,
+    poke: float | None = None,
+) -> dict[str, Any]:
+    return {
+        "task": task,
+        "kind": kind,
+        "after": list(after),
+        "deps_of": [],
+        "input": input,
+        "queue": queue,
+        "priority": priority,
+        "rate": rate,
+        "policy": policy,
+        "epol": None,
+        "fpol": policy,
+        "rule": rule,
+        "max_rec": max_rec,
+        "timeout": timeout,
+        "poke": poke,
+        "ctx": None,
+        "state": NodeState.PENDING.value,
+        "attempt": 0,
+        "waiting": len(after),
+        "removed": [],
+        "skip_reason": None,
+        "error": None,
+        "task_ids": [],
+        "starts": [],
+        "retries": 0,
+        "recoveries": 0,
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
+        "progress": [],
+        "history": [],
+        "ignored": False,
+    }
+
+
+def as_list(value: Any) -> list[Any]:
+    """Lua's cjson encodes an empty array as ``{}``; read it back as a list."""
+    if not value:
+        return []
+    return list(value)

@@ -1,0 +1,135 @@
+"""Celery signals -> registry outcomes -> dispatch.
+
+Receivers are module functions connected once (``dispatch_uid``) when the first
+:class:`~celery_flows.Flows` is created; each finds the extension through the sender's
+app, so several apps may share a process and non-flow tasks are ignored.
+
+Where they fire (CELERY_NOTES): success, retry and body failures in the pool child
+that ran the body (recorded only if this process's guard started it); hard time
+limits, lost workers, revocations, unknown and rejected messages in the worker's main
+process (recorded by the task id, which names the attempt; first report wins).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.exceptions import WorkerLostError
+
+from . import guard
+from .dispatch import parse_task_id
+
+logger = logging.getLogger(__name__)
+
+
+def _flows_of(app: Any) -> Any:
+    from .core import Flows
+
+    ext = getattr(app, "flows", None)
+    return ext if isinstance(ext, Flows) else None
+
+
+def _error_text(exc: Any) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _is_eager(task: Any) -> bool:
+    request = getattr(task, "request", None)
+    return bool(getattr(request, "is_eager", False))
+
+
+def _safely(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except Exception:
+        logger.exception("celery-flows: recording %s failed; recovery will reconcile it", what)
+
+
+def on_task_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    request = getattr(sender, "request", None)
+    run = guard.active.pop(str(getattr(request, "id", "")), None)
+    if run is None or run.flows.app is not getattr(sender, "app", None):
+        return
+    _safely("a success", run.flows.record, run.id, run.node_id, run.attempt, "succeeded",
+            result=result)
+
+
+def on_task_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
+                    **_: Any) -> None:
+    run = guard.active.pop(task_id, None) if task_id else None
+    if run is not None:
+        _safely("a failure", run.flows.record, run.id, run.node_id, run.attempt, "failed",
+                error=_error_text(exception))
+        return
+    ext = _flows_of(getattr(sender, "app", None))
+    ref = parse_task_id(task_id)
+    if ext is None or ref is None or _is_eager(sender):
+        return
+    if isinstance(exception, WorkerLostError):
+        _safely("a lost worker", ext.record_lost, ref, _error_text(exception))
+        return
+    # Reported by the main process: hard time limit, Reject(requeue=False)...
+    _safely("a failure", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
+            error=_error_text(exception))
+
+
+def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any
+                  ) -> None:
+    run = guard.active.pop(str(getattr(request, "id", "")), None)
+    if run is None:
+        return
+    _safely("a retry", run.flows.record, run.id, run.node_id, run.attempt, "retrying",
+            error=_error_text(reason))
+
+
+def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
+                    expired: bool = False, **_: Any) -> None:
+    ext = _flows_of(getattr(sender, "app", None))
+    ref = parse_task_id(getattr(request, "id", None))
+    if ext is None or ref is None:
+        return
+    why = "expired" if expired else ("terminated" if terminated else "revoked")
+    _safely("a revocation", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
+            error=f"TaskRevokedError: the task message was {why}")
+
+
+def on_task_unknown(sender: Any = None, name: str | None = None, id: str | None = None,
+                    **_: Any) -> None:
+    ext = _flows_of(getattr(sender, "app", None))
+    ref = parse_task_id(id)
+    if ext is None or ref is None:
+        return
+    _safely("an unknown task", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
+            error=f"NotRegistered: task {name!r} is not registered on the worker that "
+                  "received it; import its module in the worker")
+
+
+def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any
+                     ) -> None:
+    ext = _flows_of(getattr(sender, "app", None))
+    headers = getattr(message, "headers", None) or {}
+    ref = parse_task_id(headers.get("id"))
+    if ext is None or ref is None:
+        return
+    _safely("a rejected message", ext.record, ref.flow_id, ref.node_id, ref.attempt,
+            "failed", error=f"Rejected: the worker rejected the message ({_error_text(exc)})")
+
+
+_RECEIVERS = (
+    (signals.task_success, on_task_success),
+    (signals.task_failure, on_task_failure),
+    (signals.task_retry, on_task_retry),
+    (signals.task_revoked, on_task_revoked),
+    (signals.task_unknown, on_task_unknown),
+    (signals.task_rejected, on_task_rejected),
+)
+
+
+def connect() -> None:
+    for signal, receiver in _RECEIVERS:
+        signal.connect(receiver, weak=False, dispatch_uid=f"celery_flows.{receiver.__name__}")

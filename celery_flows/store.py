@@ -1,0 +1,222 @@
+"""The only Python caller of the Lua transitions, and the registry's read side.
+
+Each transition in ``lua/`` is loaded once per client with ``_lib.lua`` in front of it
+(shared helpers; no include preprocessor). Negative return codes map to exceptions in
+:data:`ERRORS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .config import FlowsConfig
+from .errors import FlowNotFoundError, FlowsError, FlowVersionError
+from .keys import Keys
+from .models import as_list
+
+LUA_DIR = Path(__file__).with_name("lua")
+
+ERRORS: dict[int, tuple[type[FlowsError], str]] = {
+    -1: (FlowNotFoundError, "flow {fid!r} does not exist (never created, or expired)"),
+    -2: (FlowVersionError, "flow {fid!r} has a record format this version of celery-flows "
+                           "does not understand; upgrade celery-flows on this process"),
+    -4: (FlowNotFoundError, "flow {fid!r} has no such node"),
+}
+
+
+def check_code(code: int, fid: str) -> None:
+    if code in ERRORS:
+        exc, msg = ERRORS[code]
+        raise exc(msg.format(fid=fid))
+
+
+def to_redis_py_url(url: str) -> str:
+    """kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix://``."""
+    if url.startswith("redis+socket://"):
+        parsed = urlparse(url)
+        query = parse_qs(parsed.query)
+        db = query.get("virtual_host", query.get("db", ["0"]))[0] or "0"
+        return f"unix://{parsed.path}?db={db}"
+    return url
+
+
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Store:
+    def __init__(self, config: FlowsConfig) -> None:
+        self.config = config
+        self.keys = Keys(config.key_prefix)
+        self._pid = os.getpid()
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 8)
+        url = to_redis_py_url(self.config.redis_url)
+        if self.config.redis_cluster:
+            from redis.cluster import RedisCluster
+
+            return RedisCluster.from_url(url, retry=retry)  # type: ignore[return-value]
+        return redis.Redis.from_url(
+            url,
+            retry=retry,
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            health_check_interval=30,
+        )
+
+    @cached_property
+    def _scripts(self) -> dict[str, Any]:
+        lib = (LUA_DIR / "_lib.lua").read_text()
+        return {
+            p.stem: self.client.register_script(lib + "\n" + p.read_text())
+            for p in sorted(LUA_DIR.glob("*.lua"))
+            if not p.name.startswith("_")
+        }
+
+    def run(self, name: str, fid: str, args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=self.keys.flow(fid), args=list(args))
+
+    # -- transitions ------------------------------------------------------------------
+
+    def create(self, fid: str, meta: dict[str, str], digest: str,
+               nodes: list[tuple[str, dict[str, Any], bytes]]) -> int:
+        argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
+        for nid, rec, blob in nodes:
+            argv += [nid, json.dumps(rec), blob]
+        return int(self.run("create", fid, argv))
+
+    def create_many(self, flows: list[tuple[str, dict[str, str], str,
+                                            list[tuple[str, dict[str, Any], bytes]]]]
+                    ) -> list[int]:
+        """Create several flows in one MULTI/EXEC (single Redis: all-or-nothing to
+        readers); the caller compensates on a conflict code."""
+        if not flows:
+            return []
+        script = self._scripts["create"]
+        pipe = self.client.pipeline(transaction=not self.config.redis_cluster)
+        for fid, meta, digest, nodes in flows:
+            argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
+            for nid, rec, blob in nodes:
+                argv += [nid, json.dumps(rec), blob]
+            script(keys=self.keys.flow(fid), args=argv, client=pipe)
+        return [int(c) for c in pipe.execute()]
+
+    def delete_flows(self, fids: list[str]) -> None:
+        for fid in fids:
+            self.client.delete(*self.keys.flow(fid))
+            self.client.zrem(self.keys.index, fid)
+
+    def claim(self, fid: str, lease: float, limit: int) -> tuple[int, int, str, list[Any]]:
+        out = self.run("claim", fid, [lease, limit])
+        return int(out[0]), int(out[1]), _s(out[2]), out[3:]
+
+    def published(self, fid: str, items: list[tuple[str, int, str]]) -> int:
+        argv: list[Any] = []
+        for nid, attempt, queue in items:
+            argv += [nid, attempt, queue]
+        return int(self.run("published", fid, argv))
+
+    def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
+              worker: str) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+        out = self.run("start", fid, [nid, attempt, start_key, task_id, worker])
+        code = int(out[0])
+        if code != 1:
+            return code, {}, None
+        ctx = json.loads(out[1]) if out[1] else {}
+        overlay = json.loads(out[2]) if out[2] else None
+        return code, ctx, overlay or None
+
+    def complete(self, fid: str, nid: str, attempt: int, outcome: str,
+                 result: bytes = b"", error: str = "") -> tuple[int, int, str]:
+        out = self.run("complete", fid, [nid, attempt, outcome, result, error])
+        return int(out[0]), int(out[1]), _s(out[2])
+
+    def recover(self, fid: str, nid: str, attempt: int, max_recoveries: int, error: str
+                ) -> tuple[int, int, str]:
+        out = self.run("recover", fid, [nid, attempt, max_recoveries, error])
+        return int(out[0]), int(out[1]), _s(out[2])
+
+    def progress(self, fid: str, nid: str, attempt: int, pct: float | None, msg: str) -> int:
+        return int(self.run("progress", fid, [nid, attempt, "" if pct is None else pct, msg]))
+
+    # -- the dispatch outbox index (a global key: its own slot) -----------------------
+
+    def mark_dirty(self, fid: str) -> str:
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+        self.client.zadd(self.keys.dispatch, {token: time.time()})
+        return token
+
+    def clear_dirty(self, token: str) -> None:
+        self.client.zrem(self.keys.dispatch, token)
+
+    def stale_dirty(self, older_than: float, limit: int = 200) -> list[str]:
+        raw = self.client.zrangebyscore(self.keys.dispatch, "-inf", time.time() - older_than,
+                                        start=0, num=limit)
+        return [_s(m) for m in raw]
+
+    def index_add(self, fid: str, created: float) -> None:
+        self.client.zadd(self.keys.index, {fid: created}, nx=True)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def time(self) -> float:
+        secs, micros = self.client.time()
+        return secs + micros / 1e6
+
+    def meta(self, fid: str) -> dict[str, str] | None:
+        raw = self.client.hgetall(self.keys.meta(fid))
+        if not raw:
+            return None
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def require_meta(self, fid: str) -> dict[str, str]:
+        meta = self.meta(fid)
+        if meta is None:
+            check_code(-1, fid)
+        assert meta is not None
+        if not meta.get("v", "").startswith("1."):
+            check_code(-2, fid)
+        return meta
+
+    def nodes(self, fid: str) -> dict[str, dict[str, Any]]:
+        raw = self.client.hgetall(self.keys.nodes(fid))
+        out = {_s(k): json.loads(v) for k, v in raw.items()}
+        for rec in out.values():
+            for name in ("after", "deps_of", "removed", "task_ids", "starts", "progress",
+                         "history"):
+                rec[name] = as_list(rec.get(name))
+        return out
+
+    def node(self, fid: str, nid: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self.keys.nodes(fid), nid)
+        return json.loads(raw) if raw else None
+
+    def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
+        key = self.keys.results(fid)
+        if ids is None:
+            return {_s(k): _b(v) for k, v in self.client.hgetall(key).items()}
+        if not ids:
+            return {}
+        values = self.client.hmget(key, ids)
+        return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    def flow_ids(self, limit: int | None = None) -> list[str]:
+        end = -1 if limit is None else limit - 1
+        return [_s(m) for m in self.client.zrevrange(self.keys.index, 0, end)]

@@ -1,0 +1,115 @@
+"""The Flows app the tests run on workers. Broker, backend and registry come from
+``FLOWS_TEST_BROKER``; task bodies log their executions to Redis so tests can count
+them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from celery_flows import Flows, current_flow
+from celery_flows.store import to_redis_py_url
+
+BROKER_URL = os.environ["FLOWS_TEST_BROKER"]
+
+app = Celery("proj", broker=BROKER_URL, backend=BROKER_URL)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=True,
+    worker_prefetch_multiplier=1,
+    task_acks_late=os.environ.get("FLOWS_TEST_ACKS_LATE") == "1",
+    broker_transport_options={"visibility_timeout": float(
+        os.environ.get("FLOWS_TEST_VISIBILITY", "3600"))},
+)
+flows = Flows(app)
+
+_log = redis.Redis.from_url(to_redis_py_url(BROKER_URL))
+
+
+def _mark(tag: str = "") -> None:
+    if current_flow:
+        _log.rpush("runs", f"{current_flow.id}|{current_flow.node_id}|{current_flow.attempt}"
+                   f"{tag}")
+
+
+@flows.task
+def add(x: int, y: int) -> int:
+    _mark()
+    return x + y
+
+
+@flows.task
+def mul(x: int, y: int) -> int:
+    _mark()
+    return x * y
+
+
+@flows.task
+def tsum(values: list[int]) -> int:
+    _mark()
+    return sum(v for v in values if v is not None)
+
+
+@flows.task
+def ident(x: Any) -> Any:
+    _mark()
+    return x
+
+
+@flows.task
+def collect(*args: Any) -> list[Any]:
+    _mark()
+    return list(args)
+
+
+@flows.task
+def ctx_value(key: str) -> Any:
+    _mark()
+    return current_flow.context.get(key)
+
+
+@flows.task
+def deps() -> dict[str, Any]:
+    _mark()
+    return current_flow.results()
+
+
+@flows.task
+def boom(msg: str = "boom") -> None:
+    _mark()
+    raise ValueError(msg)
+
+
+@flows.task
+def sleepy(seconds: float, value: Any = None) -> Any:
+    _mark()
+    time.sleep(seconds)
+    return value
+
+
+@app.task
+def plain_add(x: int, y: int) -> int:
+    _mark()
+    return x + y
+
+
+@flows.task(queue="other")
+def on_other(x: Any) -> Any:
+    _mark()
+    return x
+
+
+@flows.task
+def big(n: int) -> str:
+    _mark()
+    return "x" * n
+
+
+@flows.task
+def unserialisable() -> object:
+    _mark()
+    return object()
