@@ -31,6 +31,21 @@ _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "p
                "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
 
 
+def _route_calls(task: Any, queue: str | None, priority: int | None) -> None:
+    """Default queue/priority for ordinary calls of a decorated task (explicit call
+    options still win)."""
+    original = task.apply_async
+
+    def apply_async(args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        if queue is not None:
+            options.setdefault("queue", queue)
+        if priority is not None:
+            options.setdefault("priority", priority)
+        return original(args, kwargs, **options)
+
+    task.apply_async = apply_async
+
+
 class Flows:
     """Attach celery-flows to a Celery app: ``flows = Flows(app)`` (also ``app.flows``)."""
 
@@ -68,19 +83,21 @@ class Flows:
 
     # -- tasks -------------------------------------------------------------------------
 
-    def task(self, *args: Any, flow_rate_limit: str | None = None,
-             flow_failure_policy: str | None = None, flow_trigger_rule: str | None = None,
-             flow_max_recoveries: int | None = None, **options: Any) -> Any:
+    def task(self, *args: Any, queue: str | None = None, priority: int | None = None,
+             flow_rate_limit: str | None = None, flow_failure_policy: str | None = None,
+             flow_trigger_rule: str | None = None, flow_max_recoveries: int | None = None,
+             **options: Any) -> Any:
         """``app.task`` plus flow defaults for the nodes of this task.
 
-        ``queue=`` and ``priority=`` keep their Celery meaning and are also the node
-        defaults; ``flow_rate_limit`` is a cluster-wide limit for flow releases
-        (Celery's own ``rate_limit=`` stays per worker).
+        ``queue=`` and ``priority=`` are the node defaults and also apply to calls of the
+        task outside flows (without Celery's deprecated task attributes);
+        ``flow_rate_limit`` is a cluster-wide limit for flow releases (Celery's own
+        ``rate_limit=`` stays per worker).
         """
         defaults = _check_node_opts(
             "<task defaults>",
-            queue=options.get("queue"),
-            priority=options.get("priority"),
+            queue=queue,
+            priority=priority,
             failure_policy=flow_failure_policy,
             trigger_rule=flow_trigger_rule,
             max_recoveries=flow_max_recoveries,
@@ -91,10 +108,10 @@ class Flows:
 
         def attach(task: Any) -> Any:
             task.flows_defaults = defaults
+            if queue is not None or priority is not None:
+                _route_calls(task, queue, priority)
             return task
 
-        if len(args) == 1 and callable(args[0]) and not options and not defaults:
-            return attach(self.app.task(args[0]))
         if len(args) == 1 and callable(args[0]):
             return attach(self.app.task(**options)(args[0]))
 
@@ -108,8 +125,9 @@ class Flows:
         if rec.get("queue"):
             return str(rec["queue"])
         task = self.app.tasks.get(task_name)
-        if task is not None and getattr(task, "queue", None):
-            return str(task.queue)
+        defaults = getattr(task, "flows_defaults", None) or {}
+        if defaults.get("queue"):
+            return str(defaults["queue"])
         route = self.app.amqp.router.route({}, task_name, args, kwargs)
         queue = route.get("queue")
         return str(getattr(queue, "name", queue) or self.app.conf.task_default_queue)

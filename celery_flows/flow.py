@@ -8,6 +8,7 @@ validates everything before a single key is written.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -24,6 +25,7 @@ from .models import (
     link,
     new_record,
     ref_ids,
+    rename_ref,
 )
 
 if TYPE_CHECKING:
@@ -132,7 +134,7 @@ class Flow:
         sig: Signature | Flow,
         *,
         id: str | None = None,
-        after: list[AfterSpec] | tuple[AfterSpec, ...] | AfterSpec | None = None,
+        after: Sequence[AfterSpec] | AfterSpec | None = None,
         queue: str | None = None,
         priority: int | None = None,
         rate_limit: str | None = None,
@@ -182,7 +184,7 @@ class Flow:
         return Node(self, id)
 
     def add_external(
-        self, id: str, *, after: list[AfterSpec] | AfterSpec | None = None,
+        self, id: str, *, after: Sequence[AfterSpec] | AfterSpec | None = None,
         timeout: float = 3600, failure_policy: str | None = None,
         trigger_rule: str | None = None,
     ) -> Node:
@@ -200,7 +202,7 @@ class Flow:
 
     def add_sensor(
         self, sig: Signature, *, id: str | None = None,
-        after: list[AfterSpec] | AfterSpec | None = None,
+        after: Sequence[AfterSpec] | AfterSpec | None = None,
         poke_interval: float = 10, timeout: float = 600, queue: str | None = None,
         failure_policy: str | None = None, trigger_rule: str | None = None,
     ) -> Node:
@@ -222,6 +224,14 @@ class Flow:
         deps = self._resolve_after(id, after)
         self._entries[id] = _Entry(id, "sensor", sig, deps, None, opts)
         return Node(self, id)
+
+    def _add_shaped(self, sig: Signature, *, after: Sequence[str], input: Ref,
+                    id: str | None = None) -> Node:
+        """Add a task whose input shape is given explicitly (used by from_canvas):
+        ``input`` is a ref over entry ids of this flow, ``None`` for no input."""
+        node = self.add(sig, id=id, after=[*after] or None)
+        self._entries[node.id].opts["input"] = input
+        return node
 
     @classmethod
     def from_canvas(cls, canvas: Signature, name: str | None = None, **options: Any) -> Flow:
@@ -308,6 +318,8 @@ class Flow:
         self._flatten(app, config, "", records, calls, {}, None, stack=[])
         check_acyclic(records)
         link(records)
+        for seq, rec in enumerate(records.values()):
+            rec["seq"] = seq
         return CompiledFlow(
             id=fid,
             name=self.name,
@@ -405,8 +417,13 @@ class Flow:
                 rate = opts.get("rate", defaults.get("rate"))
                 if rate is not None:
                     _check_rate(rate, config, f"node {nid!r} rate_limit")
-                if entry.children is not None:
-                    input_ref: Ref = [prefix + c for c in entry.children]
+                if "input" in opts:
+                    # an explicit input shape (Flow.from_canvas): refs name entries
+                    rename: dict[str, Ref] = {e: prefix + e for e in self._entries}
+                    rename.update({e: sub_out for e, (_f, sub_out) in subs.items()})
+                    input_ref: Ref = rename_ref(opts.pop("input"), rename)
+                elif entry.children is not None:
+                    input_ref = [prefix + c for c in entry.children]
                     if len(entry.after) > len(entry.children):
                         input_ref = input_parts
                 else:

@@ -197,7 +197,9 @@ class Store:
 
     def nodes(self, fid: str) -> dict[str, dict[str, Any]]:
         raw = self.client.hgetall(self.keys.nodes(fid))
-        out = {_s(k): json.loads(v) for k, v in raw.items()}
+        decoded = sorted(((json.loads(v), _s(k)) for k, v in raw.items()),
+                         key=lambda item: (item[0].get("seq", 0), item[1]))
+        out = {nid: rec for rec, nid in decoded}
         for rec in out.values():
             for name in ("after", "deps_of", "removed", "task_ids", "starts", "progress",
                          "history"):

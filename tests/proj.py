@@ -1,4 +1,6 @@
-"""The Flows app the tests run on workers. Broker, backend and registry come from
+"""The Flows app the tests run on workers (tasks are ``shared=False``: every test
+imports this module afresh, and shared tasks would be re-registered on earlier apps).
+ Broker, backend and registry come from
 ``FLOWS_TEST_BROKER``; task bodies log their executions to Redis so tests can count
 them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
 
@@ -22,8 +24,11 @@ app.conf.update(
     worker_hijack_root_logger=True,
     worker_prefetch_multiplier=1,
     task_acks_late=os.environ.get("FLOWS_TEST_ACKS_LATE") == "1",
-    broker_transport_options={"visibility_timeout": float(
-        os.environ.get("FLOWS_TEST_VISIBILITY", "3600"))},
+    broker_transport_options={
+        "visibility_timeout": float(os.environ.get("FLOWS_TEST_VISIBILITY", "3600")),
+        "unacked_restore_interval": float(os.environ.get("FLOWS_TEST_RESTORE_INTERVAL", "1")),
+    },
+    flows_max_result_bytes=int(os.environ.get("FLOWS_TEST_MAX_RESULT", "1048576")),
 )
 flows = Flows(app)
 
@@ -36,80 +41,80 @@ def _mark(tag: str = "") -> None:
                    f"{tag}")
 
 
-@flows.task
+@flows.task(shared=False)
 def add(x: int, y: int) -> int:
     _mark()
     return x + y
 
 
-@flows.task
+@flows.task(shared=False)
 def mul(x: int, y: int) -> int:
     _mark()
     return x * y
 
 
-@flows.task
+@flows.task(shared=False)
 def tsum(values: list[int]) -> int:
     _mark()
     return sum(v for v in values if v is not None)
 
 
-@flows.task
+@flows.task(shared=False)
 def ident(x: Any) -> Any:
     _mark()
     return x
 
 
-@flows.task
+@flows.task(shared=False)
 def collect(*args: Any) -> list[Any]:
     _mark()
     return list(args)
 
 
-@flows.task
+@flows.task(shared=False)
 def ctx_value(key: str) -> Any:
     _mark()
     return current_flow.context.get(key)
 
 
-@flows.task
+@flows.task(shared=False)
 def deps() -> dict[str, Any]:
     _mark()
     return current_flow.results()
 
 
-@flows.task
+@flows.task(shared=False)
 def boom(msg: str = "boom") -> None:
     _mark()
     raise ValueError(msg)
 
 
-@flows.task
+@flows.task(shared=False)
 def sleepy(seconds: float, value: Any = None) -> Any:
     _mark()
     time.sleep(seconds)
     return value
 
 
-@app.task
+@app.task(shared=False)
 def plain_add(x: int, y: int) -> int:
     _mark()
     return x + y
 
 
-@flows.task(queue="other")
+@flows.task(queue="other", shared=False)
 def on_other(x: Any) -> Any:
     _mark()
     return x
 
 
-@flows.task
+@flows.task(shared=False)
 def big(n: int) -> str:
     _mark()
     return "x" * n
 
 
-@flows.task
+@flows.task(shared=False)
 def unserialisable() -> object:
     _mark()
     return object()

@@ -1,0 +1,1 @@
+"""Benchmarks of celery-flows against plain Celery: ``python benchmarks/run.py``."""

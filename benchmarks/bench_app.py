@@ -1,0 +1,36 @@
+"""The app both sides of the benchmark run on: one Celery app with celery-flows attached,
+so plain canvas messages and flow nodes go through the same worker processes.
+
+The tasks are plain ``@app.task`` tasks (flows accept them as nodes) and as cheap as a
+task can be, so what is measured is the orchestration, not the work. Broker, result
+backend and flow registry share the Redis named by ``BENCH_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from celery_flows import Flows
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://localhost:6379/0")
+
+app = Celery("bench", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(
+    broker_connection_retry_on_startup=True,
+    # Finished benchmark flows need not outlive the run.
+    flows_retention=3600,
+    result_expires=3600,
+)
+flows = Flows(app)
+
+
+@app.task
+def inc(x: int) -> int:
+    return x + 1
+
+
+@app.task
+def tsum(values: list[int]) -> int:
+    return sum(values)
