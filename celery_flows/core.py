@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .codec import Codec
 from .config import FlowsConfig
-from .dispatch import Dispatcher
+from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .errors import FlowDefinitionError, FlowStateError
 from .flow import CompiledFlow, Flow, _check_node_opts, _check_rate
 from .handle import FlowHandle
@@ -170,6 +170,7 @@ class Flows:
             "webhook": compiled.options["webhook"] or "",
             "fail_fast": "1" if compiled.options["fail_fast"] else "0",
             "paused": "0",
+            "channel": self.store.keys.channel(compiled.id),
         }
         return compiled, meta, digest.hexdigest(), nodes
 
@@ -179,9 +180,7 @@ class Flows:
         compiled, meta, digest, nodes = self._prepare(flow)
         fid = compiled.id
         store = self.store
-        store.index_add(fid, store.time())
-        token = store.mark_dirty(fid)
-        code = store.create(fid, meta, digest, nodes)
+        token, code = store.create_marked(fid, meta, digest, nodes)
         if code == -3:
             store.clear_dirty(token)
             raise FlowStateError(
@@ -275,25 +274,26 @@ class Flows:
             code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
             check_code(code, fid)
             return code, state
-        token = store.mark_dirty(fid)
-        code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+        token, (code, _released, state), claim = store.complete_and_claim(
+            fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH
+        )
         if code < 0:
             store.clear_dirty(token)
             check_code(code, fid)
-        self.dispatcher.release(fid, token)
+        self.dispatcher.release(fid, token, claim)
         return code, state
 
     def record_lost(self, ref: Any, error: str) -> int:
         """The worker running ``ref``'s attempt died: recover the node."""
         store = self.store
-        token = store.mark_dirty(ref.flow_id)
-        code, _released, _state = store.recover(
-            ref.flow_id, ref.node_id, ref.attempt, self.config.max_recoveries, error
+        token, (code, _released, _state), claim = store.recover_and_claim(
+            ref.flow_id, ref.node_id, ref.attempt, self.config.max_recoveries, error,
+            CLAIM_LEASE, BATCH,
         )
         if code < 0:
             store.clear_dirty(token)
             check_code(code, ref.flow_id)
-        self.dispatcher.release(ref.flow_id, token)
+        self.dispatcher.release(ref.flow_id, token, claim)
         return code
 
     def _dependency_results(self, fid: str, nid: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .models import Ref, as_list
+from .store import Claim
 
 if TYPE_CHECKING:
     from .core import Flows
@@ -78,24 +79,35 @@ class Dispatcher:
         self.flows = flows
         self.app = flows.app
 
-    def drain(self, fid: str) -> bool:
-        """Publish everything claimable in the flow's outbox. True when nothing is left
-        that another process still holds a claim on."""
+    def drain(self, fid: str, token: str | None = None, claim: Claim | None = None) -> None:
+        """Publish everything claimable in the flow's outbox, starting with ``claim`` if
+        the caller already made one. The dirty marker ``token`` is cleared once nothing
+        is left that another process still holds a claim on; otherwise it stays for the
+        sweeper."""
         store = self.flows.store
         while True:
-            code, left, nonce, entries = store.claim(fid, CLAIM_LEASE, BATCH)
-            if code != 0:
-                return True
-            if not entries:
-                return left == 0
+            if claim is None:
+                claim = store.claim(fid, CLAIM_LEASE, BATCH)
+            if claim.code != 0:
+                # gone, paused or cancelled: resume/retry mark the flow dirty themselves
+                if token is not None:
+                    store.published(fid, [], clear_token=token)
+                return
             sent: list[tuple[str, int, str]] = []
+            short = len(claim.entries) < BATCH
             try:
-                with self.app.producer_or_acquire() as producer:
-                    for entry in entries:
-                        sent.append(self._publish(fid, nonce, entry, producer))
-            finally:
-                if sent:
-                    store.published(fid, sent)
+                if claim.entries:
+                    with self.app.producer_or_acquire() as producer:
+                        for entry in claim.entries:
+                            sent.append(self._publish(fid, claim.nonce, entry, producer))
+            except BaseException:
+                store.published(fid, sent)
+                raise
+            if short:
+                store.published(fid, sent, clear_token=token if claim.left == 0 else None)
+                return
+            store.published(fid, sent)
+            claim = None
 
     def prepare(self, fid: str, nonce: str, entry: list[Any]) -> Prepared:
         """Decode a claimed outbox entry into the call to make."""
@@ -139,13 +151,12 @@ class Dispatcher:
         sig.apply_async(**options)
         return call.node_id, call.attempt, call.queue
 
-    def release(self, fid: str, token: str | None = None) -> None:
-        """Drain and, when nothing is left behind, clear the dirty marker ``token``."""
+    def release(self, fid: str, token: str | None = None, claim: Claim | None = None
+                ) -> None:
+        """:meth:`drain`, logging instead of raising: a failed publish is retried by the
+        sweeper of a ``--flows`` worker once the dirty marker is old enough."""
         try:
-            done = self.drain(fid)
+            self.drain(fid, token, claim)
         except Exception:
             logger.exception("celery-flows: publishing ready nodes of flow %s failed; the "
                              "sweeper of a --flows worker will retry", fid)
-            return
-        if done and token is not None:
-            self.flows.store.clear_dirty(token)

@@ -33,21 +33,33 @@ class FlowHandle:
         meta = self.flows.store.require_meta(self.id)
         return FlowState(meta["state"])
 
-    def wait(self, timeout: float | None = None, interval: float = 0.05) -> FlowState:
+    def wait(self, timeout: float | None = None, interval: float = 1.0) -> FlowState:
         """Block until the flow is terminal and return its state; never raises for
-        failed or cancelled flows. FlowTimeoutError on timeout."""
+        failed or cancelled flows. FlowTimeoutError on timeout.
+
+        Wakes on the flow's "done" notification; ``interval`` bounds how long it trusts
+        the subscription before reading the state again.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(interval, 0.01)
-        while True:
-            state = self.state()
-            if state.terminal:
-                return state
-            if deadline is not None and time.monotonic() >= deadline:
-                raise FlowTimeoutError(
-                    f"flow {self.id!r} is still {state.value} after {timeout} s"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, max(interval, 0.01))
+        store = self.flows.store
+        pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(store.keys.channel(self.id))
+            while True:
+                state = self.state()
+                if state.terminal:
+                    return state
+                wait_for = interval
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise FlowTimeoutError(
+                            f"flow {self.id!r} is still {state.value} after {timeout} s"
+                        )
+                    wait_for = min(wait_for, remaining)
+                pubsub.get_message(timeout=max(wait_for, 0.001))
+        finally:
+            pubsub.close()
 
     def results(self) -> dict[str, Any]:
         """{node id: result} of the succeeded nodes."""

@@ -11,6 +11,10 @@ transition touches a single Redis Cluster slot::
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
                                       publishing (0 = now; a claim pushes it forward)
 
+Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``)::
+
+    <prefix>:{<fid>}:done      the new state is published when the flow ends
+
 Global keys, one slot each, never touched by a flow script::
 
     <prefix>:index             zset   flow id -> creation time (``flows list``)
@@ -43,6 +47,9 @@ class Keys:
 
     def results(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:results"
+
+    def channel(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:done"
 
     @property
     def index(self) -> str:

@@ -11,10 +11,10 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlparse
 
 import redis
@@ -60,6 +60,19 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class Claim(NamedTuple):
+    """What claim.lua returned: see its header."""
+
+    code: int
+    left: int
+    nonce: str
+    entries: list[Any]
+
+    @classmethod
+    def of(cls, out: list[Any]) -> Claim:
+        return cls(int(out[0]), int(out[1]), _s(out[2]), list(out[3:]))
+
+
 class Store:
     def __init__(self, config: FlowsConfig) -> None:
         self.config = config
@@ -93,6 +106,23 @@ class Store:
     def run(self, name: str, fid: str, args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=self.keys.flow(fid), args=list(args))
 
+    def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any]) -> None:
+        keys = self.keys.flow(fid)
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+
+    def _execute(self, build: Callable[[Any], None]) -> list[Any]:
+        """One round trip for several commands (scripts by SHA). Every step is
+        idempotent, so after NOSCRIPT (a restarted Redis) the whole batch is re-sent."""
+        for _ in range(3):
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                for script in self._scripts.values():
+                    self.client.script_load(script.script)
+        raise redis.exceptions.NoScriptError("scripts could not be loaded")
+
     # -- transitions ------------------------------------------------------------------
 
     def create(self, fid: str, meta: dict[str, str], digest: str,
@@ -123,15 +153,68 @@ class Store:
             self.client.delete(*self.keys.flow(fid))
             self.client.zrem(self.keys.index, fid)
 
-    def claim(self, fid: str, lease: float, limit: int) -> tuple[int, int, str, list[Any]]:
-        out = self.run("claim", fid, [lease, limit])
-        return int(out[0]), int(out[1]), _s(out[2]), out[3:]
+    def claim(self, fid: str, lease: float, limit: int) -> Claim:
+        return Claim.of(self.run("claim", fid, [lease, limit]))
 
-    def published(self, fid: str, items: list[tuple[str, int, str]]) -> int:
+    def published(self, fid: str, items: list[tuple[str, int, str]],
+                  clear_token: str | None = None) -> None:
+        """Acknowledge published nodes and, in the same round trip, clear a dirty marker."""
         argv: list[Any] = []
         for nid, attempt, queue in items:
             argv += [nid, attempt, queue]
-        return int(self.run("published", fid, argv))
+
+        def build(pipe: Any) -> None:
+            if argv:
+                self._queue(pipe, "published", fid, argv)
+            if clear_token is not None:
+                pipe.zrem(self.keys.dispatch, clear_token)
+
+        if argv or clear_token is not None:
+            self._execute(build)
+
+    def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
+                           result: bytes, error: str, lease: float, limit: int
+                           ) -> tuple[str, tuple[int, int, str], Claim]:
+        """Mark the flow dirty, record the outcome and claim what it made ready, in one
+        round trip (in this order on the server)."""
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error])
+            self._queue(pipe, "claim", fid, [lease, limit])
+
+        _z, done, claim = self._execute(build)
+        return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
+
+    def recover_and_claim(self, fid: str, nid: str, attempt: int, max_recoveries: int,
+                          error: str, lease: float, limit: int
+                          ) -> tuple[str, tuple[int, int, str], Claim]:
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            self._queue(pipe, "recover", fid, [nid, attempt, max_recoveries, error])
+            self._queue(pipe, "claim", fid, [lease, limit])
+
+        _z, done, claim = self._execute(build)
+        return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
+
+    def create_marked(self, fid: str, meta: dict[str, str], digest: str,
+                      nodes: list[tuple[str, dict[str, Any], bytes]]) -> tuple[str, int]:
+        """Index the flow, mark it dirty and create it, in one round trip."""
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+        argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
+        for nid, rec, blob in nodes:
+            argv += [nid, json.dumps(rec), blob]
+        now = time.time()
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.index, {fid: now}, nx=True)
+            pipe.zadd(self.keys.dispatch, {token: now})
+            self._queue(pipe, "create", fid, argv)
+
+        return token, int(self._execute(build)[-1])
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
               worker: str) -> tuple[int, dict[str, Any], dict[str, Any] | None]:

@@ -99,6 +99,8 @@ local function set_flow_state(now)
       redis.call('HSET', META, 'finished_at', now)
       local ttl = tonumber(redis.call('HGET', META, 'retention'))
       for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+      local channel = redis.call('HGET', META, 'channel')
+      if channel then redis.call('PUBLISH', channel, new) end
     elseif st == 'succeeded' or st == 'failed' then
       redis.call('HDEL', META, 'finished_at')
       for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end

@@ -5,7 +5,8 @@
   ARGV[2]  maximum number of entries
   Returns: {code, left, nonce, entry...}
     code 0 ok | 1 flow paused or cancelled, nothing claimed | -1 no such flow | -2 version
-    left   outbox entries not claimable now (claimed by someone, not yet published)
+    left   outbox entries claimed by another process and not yet published (counted
+           before this claim)
     nonce  the flow's nonce (part of every task id)
     entry  {node id, record JSON, args blob|nil, dependency edge kinds JSON, {result|nil...}}
 ]]
@@ -14,8 +15,9 @@ if ok < 0 then return {ok, 0, ''} end
 local st = redis.call('HGET', META, 'state')
 if st == 'cancelled' or redis.call('HGET', META, 'paused') == '1' then return {1, 0, ''} end
 local now = now_ts()
+local left = redis.call('ZCOUNT', READY, '(' .. now, '+inf')
 local ids = redis.call('ZRANGEBYSCORE', READY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {0, 0, redis.call('HGET', META, 'nonce')}
+local out = {0, left, redis.call('HGET', META, 'nonce')}
 for _, id in ipairs(ids) do
   local rec = load(id)
   if not rec or rec.state ~= 'scheduled' then
@@ -34,5 +36,4 @@ for _, id in ipairs(ids) do
                      cjson.encode(kinds), results}
   end
 end
-if #ids == 0 then out[2] = redis.call('ZCARD', READY) end
 return out
