@@ -180,22 +180,23 @@ class Flows:
         compiled, meta, digest, nodes = self._prepare(flow)
         fid = compiled.id
         store = self.store
-        token, code = store.create_marked(fid, meta, digest, nodes)
-        if code == -3:
+        eager = bool(self.app.conf.task_always_eager)
+        token, code, claim = store.create_marked(
+            fid, meta, digest, nodes, None if eager else (CLAIM_LEASE, BATCH)
+        )
+        if eager:
+            if code == 1:
+                from .eager import run_eager
+
+                run_eager(self, fid)
             store.clear_dirty(token)
+        else:
+            # also for an existing flow: whatever its outbox holds is due anyway
+            self.dispatcher.release(fid, token, claim)
+        if code == -3:
             raise FlowStateError(
                 f"flow {fid!r} already exists with a different definition; use a new id"
             )
-        if code == 0:
-            store.clear_dirty(token)
-            return FlowHandle(self, fid)
-        if self.app.conf.task_always_eager:
-            from .eager import run_eager
-
-            run_eager(self, fid)
-            store.clear_dirty(token)
-        else:
-            self.dispatcher.release(fid, token)
         return FlowHandle(self, fid)
 
     def add_bulk(self, flows: list[Flow]) -> list[FlowHandle]:

@@ -201,8 +201,11 @@ class Store:
         return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
 
     def create_marked(self, fid: str, meta: dict[str, str], digest: str,
-                      nodes: list[tuple[str, dict[str, Any], bytes]]) -> tuple[str, int]:
-        """Index the flow, mark it dirty and create it, in one round trip."""
+                      nodes: list[tuple[str, dict[str, Any], bytes]],
+                      claim: tuple[float, int] | None = None
+                      ) -> tuple[str, int, Claim | None]:
+        """Index the flow, mark it dirty, create it and (given ``(lease, limit)``) claim
+        its roots, in one round trip."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
         argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
         for nid, rec, blob in nodes:
@@ -213,8 +216,11 @@ class Store:
             pipe.zadd(self.keys.index, {fid: now}, nx=True)
             pipe.zadd(self.keys.dispatch, {token: now})
             self._queue(pipe, "create", fid, argv)
+            if claim is not None:
+                self._queue(pipe, "claim", fid, list(claim))
 
-        return token, int(self._execute(build)[-1])
+        out = self._execute(build)
+        return token, int(out[2]), Claim.of(out[3]) if claim is not None else None
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
               worker: str) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
