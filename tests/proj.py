@@ -118,3 +118,42 @@ def big(n: int) -> str:
 def unserialisable() -> object:
     _mark()
     return object()
+
+
+# -- outcomes without a plain success/failure signal (tests/test_outcomes.py) ----------
+
+
+@app.task(bind=True, shared=False, max_retries=3, default_retry_delay=0.1)
+def flaky(self: Any, fail_times: int) -> int:
+    _mark()
+    if self.request.retries < fail_times:
+        raise self.retry(exc=RuntimeError(f"try {self.request.retries}"))
+    return self.request.retries
+
+
+@app.task(shared=False)
+def ignorer() -> None:
+    _mark()
+    from celery.exceptions import Ignore
+
+    raise Ignore()
+
+
+@app.task(bind=True, shared=False)
+def replacer(self: Any, x: int) -> Any:
+    _mark("|replaced")
+    return self.replace(add.s(x, 100))
+
+
+@flows.task(shared=False)
+def reporter(steps: int) -> str:
+    for i in range(steps):
+        current_flow.progress(100 * (i + 1) / steps, f"step {i + 1}")
+    _mark()
+    return "reported"
+
+
+@app.task(shared=False, time_limit=1)
+def overrun() -> None:
+    _mark()
+    time.sleep(10)
