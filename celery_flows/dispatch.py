@@ -49,7 +49,7 @@ def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> An
     dependency gives None, a removed one is dropped from lists."""
     if isinstance(ref, str):
         return None if kinds.get(ref) == "removed" else values.get(ref)
-    if isinstance(ref, dict):
+    if isinstance(ref, dict) and "map" in ref:  # cjson turns an empty list into {}
         return {
             k: resolve_input(r, values, kinds)
             for k, r in ref["map"].items()

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 def _waiting_for(rec: dict[str, Any], nodes: dict[str, dict[str, Any]],
-                 meta: dict[str, str]) -> str | None:
+                 meta: dict[str, str], now: float) -> str | None:
     state = rec["state"]
     if state == NodeState.PENDING.value:
         open_deps = [d for d in rec["after"]
@@ -25,7 +25,8 @@ def _waiting_for(rec: dict[str, Any], nodes: dict[str, dict[str, Any]],
         return "release: in the outbox, to be published by this process or a --flows worker"
     if state == NodeState.QUEUED.value:
         since = rec.get("queued_at")
-        when = f" since {since:.3f}" if isinstance(since, (int, float)) else ""
+        when = (f" (queued {max(now - since, 0):.1f}s ago)"
+                if isinstance(since, (int, float)) else "")
         return f"a worker consuming queue {rec.get('queue')!r}{when}"
     if state == NodeState.RETRYING.value:
         return f"its Celery retry (retries so far: {rec.get('retries', 0)})"
@@ -37,6 +38,7 @@ def _waiting_for(rec: dict[str, Any], nodes: dict[str, dict[str, Any]],
 def describe(flows: Flows, fid: str) -> dict[str, Any]:
     meta = flows.store.require_meta(fid)
     nodes = flows.store.nodes(fid)
+    now = flows.store.time()
     out_nodes: dict[str, Any] = {}
     for nid, rec in nodes.items():
         progress = [
@@ -56,7 +58,7 @@ def describe(flows: Flows, fid: str) -> dict[str, Any]:
             "finished_at": rec.get("finished_at"),
             "error": rec.get("error"),
             "progress": progress,
-            "waiting_for": _waiting_for(rec, nodes, meta),
+            "waiting_for": _waiting_for(rec, nodes, meta, now),
             "skip_reason": rec.get("skip_reason"),
             "task": rec.get("task"),
         }
@@ -66,6 +68,7 @@ def describe(flows: Flows, fid: str) -> dict[str, Any]:
         "state": meta.get("state"),
         "created_at": float(meta["created_at"]) if meta.get("created_at") else None,
         "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
+        "now": now,
         "nodes": out_nodes,
     }
 
@@ -88,11 +91,16 @@ def render_tree(doc: dict[str, Any]) -> str:
         counts[n["state"]] = counts.get(n["state"], 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     lines = [f"flow {doc['name']} [{doc['id']}]  {doc['state'].upper()}  ({summary})"]
-    width = max((len(n) for n in nodes), default=4)
+    depth: dict[str, int] = {}
+    for nid in nodes:  # definition order puts a node's first dependency before it
+        parent = nodes[nid]["after"][0] if nodes[nid]["after"] else None
+        depth[nid] = depth.get(parent, -1) + 1 if parent in depth else 0
+    width = max((3 * depth[n] + len(n) for n in nodes), default=4)
 
     def line(nid: str, prefix: str, last: bool) -> str:
         n = nodes[nid]
-        parts = [f"{prefix}{'└─ ' if last else '├─ '}{nid:<{width}}  {n['state']:<9}"]
+        label = f"{prefix}{'└─ ' if last else '├─ '}{nid}"
+        parts = [f"{label:<{width + 3}}  {n['state']:<9}"]
         if n["queue"]:
             parts.append(f"queue={n['queue']}")
         if n["attempts"] > 1 or n["recoveries"] or n["retries"]:
