@@ -24,12 +24,13 @@ Celery's behaviour wins:
   and ``kwargs``); the body receives the list of header results, ``[]`` for an empty
   header and ``[r]`` for a one-task header. An immutable chord passes its input on to
   nobody but still runs after it.
-- ``.si()`` and ``xmap``/``xstarmap`` (immutable by construction) receive nothing.
+- ``.si()`` signatures receive nothing.
 
 Refused with :class:`FlowDefinitionError`: ``countdown``, ``eta``, ``link``,
 ``link_error`` and ``task_id`` on any element (an already frozen or applied canvas
-carries Celery's task ids, so pass a fresh one), ``chunks`` (Celery runs it as a task
-that spawns a group; use ``chunks(...).group()``), and canvases without any task.
+carries Celery's task ids, so pass a fresh one); ``xmap``, ``xstarmap`` and ``chunks``,
+which run Celery's built-in ``celery.*`` tasks, which flows does not guard or record
+(use a group of task signatures); canvases without any task.
 """
 
 from __future__ import annotations
@@ -111,11 +112,6 @@ class _Converter:
         """``alone``: ``sig`` is the whole canvas (a group applied on its own keeps its
         nested groups in order)."""
         _check_options(sig)
-        if isinstance(sig, chunks):
-            raise FlowDefinitionError(
-                f"{sig!r}: chunks cannot be a flow node (Celery runs it as a task that "
-                "starts a group); use chunks(...).group() instead"
-            )
         if isinstance(sig, _chain):
             return self._chain(sig, after, inc)
         if isinstance(sig, _chord):
@@ -125,6 +121,13 @@ class _Converter:
         return self._task(sig, after, inc)
 
     def _task(self, sig: Signature, after: list[str], inc: _Incoming) -> CanvasOutput:
+        if isinstance(sig, (chunks, _basemap)) or str(sig.task).startswith("celery."):
+            # The attempt guard leaves Celery's built-in tasks alone, so such a node
+            # would never record an outcome and its flow would never finish.
+            raise FlowDefinitionError(
+                f"canvas element {sig!r} runs Celery's built-in task {sig.task!r}, which "
+                "cannot be a flow node; use a group of task signatures instead"
+            )
         # Signature._merge: an immutable signature ignores partial args and kwargs,
         # not options; partial args go before the signature's own.
         if sig.immutable:
@@ -135,9 +138,6 @@ class _Converter:
             ref = inc.ref
             args = (*inc.args, *sig.args)
             kwargs = {**sig.kwargs, **inc.kwargs}
-        if isinstance(sig, _basemap):
-            # xmap/xstarmap keep a lazy iterator; the stored call must be plain data.
-            kwargs["it"] = list(kwargs.get("it") or ())
         options = {k: v for k, v in {**sig.options, **inc.options}.items()
                    if k not in _INTERNAL}
         plain = Signature(sig.task, args, kwargs, options=options,

@@ -35,8 +35,12 @@ class FlowRun:
 
     @property
     def cancelled(self) -> bool:
+        """True once the flow is cancelled (or fail_fast stopped it)."""
         meta = self.flows.store.meta(self.id)
-        return meta is None or meta.get("state") == "cancelled"
+        if meta is None or meta.get("state") == "cancelled":
+            return True
+        rec = self.flows.store.node(self.id, self.node_id)
+        return rec is None or rec.get("state") == "cancelled"
 
 
 _current: contextvars.ContextVar[FlowRun | None] = contextvars.ContextVar(

@@ -173,7 +173,8 @@ class Store:
             self._execute(build)
 
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
-                           result: bytes, error: str, lease: float, limit: int
+                           result: bytes, error: str, lease: float, limit: int,
+                           external: bool = False
                            ) -> tuple[str, tuple[int, int, str], Claim]:
         """Mark the flow dirty, record the outcome and claim what it made ready, in one
         round trip (in this order on the server)."""
@@ -181,7 +182,8 @@ class Store:
 
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
-            self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error])
+            self._queue(pipe, "complete", fid,
+                        [nid, attempt, outcome, result, error, "1" if external else ""])
             self._queue(pipe, "claim", fid, [lease, limit])
 
         _z, done, claim = self._execute(build)
@@ -234,13 +236,38 @@ class Store:
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
                  result: bytes = b"", error: str = "") -> tuple[int, int, str]:
-        out = self.run("complete", fid, [nid, attempt, outcome, result, error])
+        out = self.run("complete", fid, [nid, attempt, outcome, result, error, ""])
         return int(out[0]), int(out[1]), _s(out[2])
 
     def recover(self, fid: str, nid: str, attempt: int, max_recoveries: int, error: str
                 ) -> tuple[int, int, str]:
         out = self.run("recover", fid, [nid, attempt, max_recoveries, error])
         return int(out[0]), int(out[1]), _s(out[2])
+
+    def change(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool,
+               claim: tuple[float, int] | None = None
+               ) -> tuple[int, str, str, list[Any], str | None, Claim | None]:
+        """Run a change transition (see the headers of cancel.lua, pause.lua, retry.lua,
+        remove_dependency.lua, ignore_failure.lua, add_node.lua). Unless ``dry_run``,
+        the flow is marked dirty first and (given ``(lease, limit)``) claimed after, in
+        the same round trip. Returns (code, report-or-reason, state, extra, token, claim).
+        """
+        argv = [*args, "1" if dry_run else ""]
+        if dry_run:
+            out = self.run(name, fid, argv)
+            return int(out[0]), _s(out[1]), _s(out[2]), list(out[3:]), None, None
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            self._queue(pipe, name, fid, argv)
+            if claim is not None:
+                self._queue(pipe, "claim", fid, list(claim))
+
+        res = self._execute(build)
+        out = res[1]
+        return (int(out[0]), _s(out[1]), _s(out[2]), list(out[3:]), token,
+                Claim.of(res[2]) if claim is not None else None)
 
     def progress(self, fid: str, nid: str, attempt: int, pct: float | None, msg: str) -> int:
         return int(self.run("progress", fid, [nid, attempt, "" if pct is None else pct, msg]))

@@ -3,24 +3,29 @@
   Every flow script receives the same five keys (see keys.py):
     KEYS[1] meta     KEYS[2] nodes    KEYS[3] args    KEYS[4] results    KEYS[5] ready
   Nothing here builds a key: fields only.
+
+  Writes go through a write-back cache (load/save, mget/mset, ready_add/ready_rem,
+  later) and reach Redis only in flush(). A transition called with dry_run skips
+  flush() and returns REPORT: what it would have released, skipped and cancelled.
 ]]
 local META, NODES, ARGS, RESULTS, READY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 
 local TERMINAL = {succeeded = true, failed = true, skipped = true, cancelled = true}
+
+local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
+local MCACHE, MDIRTY = {}, {}
+local READY_OPS = {}
+local LATER = {}
+local REPORT = {released = {}, skipped = {}, cancelled = {}, reopened = {}}
 
 local function now_ts()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function load(id)
-  local raw = redis.call('HGET', NODES, id)
-  if not raw then return nil end
-  return cjson.decode(raw)
-end
-
-local function save(id, rec)
-  redis.call('HSET', NODES, id, cjson.encode(rec))
+local function val(x)
+  if x == cjson.null then return nil end
+  return x
 end
 
 local function list(v)
@@ -33,16 +38,81 @@ local function contains(t, x)
   return false
 end
 
+local function load(id)
+  local rec = CACHE[id]
+  if rec == nil then
+    local raw = redis.call('HGET', NODES, id)
+    rec = raw and cjson.decode(raw) or false
+    CACHE[id] = rec
+  end
+  return rec or nil
+end
+
+local function save(id, rec)
+  CACHE[id] = rec
+  if not DIRTY[id] then
+    DIRTY[id] = true
+    DIRTY_ORDER[#DIRTY_ORDER + 1] = id
+  end
+end
+
+local function mget(field)
+  local v = MCACHE[field]
+  if v == nil then
+    v = redis.call('HGET', META, field) or false
+    MCACHE[field] = v
+  end
+  return v or nil
+end
+
+local function mset(field, value)
+  MCACHE[field] = tostring(value)
+  MDIRTY[field] = true
+end
+
+local function mincr(field, n)
+  mset(field, (tonumber(mget(field)) or 0) + n)
+end
+
+local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', id, score} end
+local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', id} end
+local function later(fn) LATER[#LATER + 1] = fn end
+
+local function flush()
+  for _, id in ipairs(DIRTY_ORDER) do
+    redis.call('HSET', NODES, id, cjson.encode(CACHE[id]))
+  end
+  for field, _ in pairs(MDIRTY) do
+    if MCACHE[field] == false then
+      redis.call('HDEL', META, field)
+    else
+      redis.call('HSET', META, field, MCACHE[field])
+    end
+  end
+  for _, op in ipairs(READY_OPS) do
+    if op[1] == 'ZADD' then
+      redis.call('ZADD', READY, op[3], op[2])
+    else
+      redis.call('ZREM', READY, op[2])
+    end
+  end
+  for _, fn in ipairs(LATER) do fn() end
+end
+
+local function report_json()
+  local r = {}
+  for k, v in pairs(REPORT) do
+    r[k] = v
+    if #v == 0 then r[k] = nil end
+  end
+  return cjson.encode(r)
+end
+
 local function history(rec, entry)
   local h = list(rec.history)
   h[#h + 1] = entry
   while #h > 20 do table.remove(h, 1) end
   rec.history = h
-end
-
-local function val(x)
-  if x == cjson.null then return nil end
-  return x
 end
 
 -- Policy to an edge kind: fail -> failed, ignore -> ok, remove -> removed
@@ -80,36 +150,47 @@ local function rule_passes(rule, kinds)
   return ok == n -- all_success
 end
 
+-- Whether a failure of this node makes the flow fail (a failure under "fail").
+local function fails_flow(rec)
+  return rec.state == 'failed' and not rec.ignored and rec.policy == 'fail'
+    and (val(rec.fpol) or 'fail') == 'fail'
+end
+
 local function set_flow_state(now)
-  local st = redis.call('HGET', META, 'state')
+  local st = mget('state')
   if st == 'cancelled' then return st end
-  local total = tonumber(redis.call('HGET', META, 'total'))
-  local done = tonumber(redis.call('HGET', META, 'done'))
+  local total = tonumber(mget('total'))
+  local done = tonumber(mget('done'))
   local new
   if done < total then
-    if redis.call('HGET', META, 'paused') == '1' then new = 'paused' else new = 'running' end
-  elseif tonumber(redis.call('HGET', META, 'nfail')) > 0 then
+    if mget('paused') == '1' then new = 'paused' else new = 'running' end
+  elseif tonumber(mget('nfail')) > 0 then
     new = 'failed'
   else
     new = 'succeeded'
   end
   if new ~= st then
-    redis.call('HSET', META, 'state', new)
+    mset('state', new)
     if new == 'succeeded' or new == 'failed' then
-      redis.call('HSET', META, 'finished_at', now)
-      local ttl = tonumber(redis.call('HGET', META, 'retention'))
-      for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
-      local channel = redis.call('HGET', META, 'channel')
-      if channel then redis.call('PUBLISH', channel, new) end
+      mset('finished_at', now)
+      later(function()
+        local ttl = tonumber(redis.call('HGET', META, 'retention'))
+        for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+        local channel = redis.call('HGET', META, 'channel')
+        if channel then redis.call('PUBLISH', channel, new) end
+      end)
     elseif st == 'succeeded' or st == 'failed' then
-      redis.call('HDEL', META, 'finished_at')
-      for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+      MCACHE['finished_at'] = false
+      MDIRTY['finished_at'] = true
+      later(function()
+        for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+      end)
     end
   end
   return new
 end
 
--- Make a pending node ready: it goes to the outbox (state scheduled).
+-- Make a node ready: it goes to the outbox (state scheduled) as a new attempt.
 local function make_ready(id, rec, now)
   rec.state = 'scheduled'
   rec.attempt = rec.attempt + 1
@@ -117,70 +198,190 @@ local function make_ready(id, rec, now)
   rec.starts = {}
   rec.retries = 0
   save(id, rec)
-  redis.call('ZADD', READY, 0, id)
+  ready_add(id, 0)
+  REPORT.released[#REPORT.released + 1] = id
 end
 
--- Mark a node terminal: account for it and settle every dependent whose last
--- remaining edge this was, cascading skips iteratively. Returns nodes made ready.
-local function settle(id, rec, now)
-  local released = 0
-  local queue = {{id, rec}}
-  local qi = 1
-  while qi <= #queue do
-    local nid, nrec = queue[qi][1], queue[qi][2]
-    qi = qi + 1
-    redis.call('HINCRBY', META, 'done', 1)
-    if nrec.state == 'failed' and not nrec.ignored and nrec.policy == 'fail'
-        and (nrec.fpol or 'fail') == 'fail' then
-      redis.call('HINCRBY', META, 'nfail', 1)
-      nrec.counted_fail = true
-      save(nid, nrec)
+-- Edge kinds of a node's remaining (not removed) dependencies; nil if one is not
+-- terminal yet.
+local function edge_kinds(rec)
+  local kinds, any_failed = {}, false
+  for _, did in ipairs(list(rec.after)) do
+    if not contains(rec.removed, did) then
+      local dep = load(did)
+      if not TERMINAL[dep.state] then return nil, false end
+      local k = edge_kind(dep)
+      if k ~= 'removed' then
+        kinds[#kinds + 1] = k
+        if k == 'failed' then any_failed = true end
+      end
     end
-    for _, cid in ipairs(list(nrec.deps_of)) do
-      local child = load(cid)
-      if child and child.state == 'pending' then
-        child.waiting = child.waiting - 1
-        if child.waiting <= 0 then
-          local kinds, any_failed = {}, false
-          for _, did in ipairs(list(child.after)) do
-            if not contains(child.removed, did) then
-              local dep = (did == nid) and nrec or load(did)
-              local k = edge_kind(dep)
-              if k ~= 'removed' then
-                kinds[#kinds + 1] = k
-                if k == 'failed' then any_failed = true end
-              end
-            end
-          end
-          if rule_passes(child.rule, kinds) then
-            if child.kind == 'external' then
-              child.state = 'awaiting'
-              child.attempt = child.attempt + 1
-              child.ready_at = now
-              save(cid, child)
-            else
-              make_ready(cid, child, now)
-              released = released + 1
-            end
-          else
-            child.state = 'skipped'
-            child.skip_reason = any_failed and 'upstream_failed' or 'trigger_rule'
-            child.finished_at = now
-            save(cid, child)
-            queue[#queue + 1] = {cid, child}
-          end
-        else
+  end
+  return kinds, any_failed
+end
+
+-- A pending node whose remaining edges are all terminal: release it or skip it.
+-- Returns true when it was skipped (it is then terminal and must be settled).
+local function evaluate(id, rec, now)
+  local kinds, any_failed = edge_kinds(rec)
+  if kinds == nil then return false end
+  if rule_passes(rec.rule, kinds) then
+    if rec.kind == 'external' then
+      rec.state = 'awaiting'
+      rec.attempt = rec.attempt + 1
+      rec.ready_at = now
+      save(id, rec)
+      REPORT.released[#REPORT.released + 1] = id
+    else
+      make_ready(id, rec, now)
+    end
+    return false
+  end
+  rec.state = 'skipped'
+  rec.skip_reason = any_failed and 'upstream_failed' or 'trigger_rule'
+  rec.finished_at = now
+  save(id, rec)
+  REPORT.skipped[#REPORT.skipped + 1] = id
+  return true
+end
+
+local function cancel_all(now, reason)
+  local ids = redis.call('HKEYS', NODES)
+  local n = 0
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    if not TERMINAL[rec.state] then
+      rec.prev_state = rec.state
+      rec.state = 'cancelled'
+      rec.cancel_reason = reason
+      rec.finished_at = now
+      save(id, rec)
+      ready_rem(id)
+      REPORT.cancelled[#REPORT.cancelled + 1] = id
+      n = n + 1
+    end
+  end
+  mincr('done', n)
+end
+
+-- Nodes just became terminal: account for them and settle every dependent whose last
+-- remaining edge this was. Iterative: skips cascade through a work list, not recursion.
+local function settle_all(ids, now)
+  local queue, qi, stopped = {}, 1, false
+  for _, id in ipairs(ids) do queue[#queue + 1] = id end
+  while qi <= #queue do
+    local id = queue[qi]
+    qi = qi + 1
+    local rec = load(id)
+    mincr('done', 1)
+    if fails_flow(rec) and not rec.counted_fail then
+      mincr('nfail', 1)
+      rec.counted_fail = true
+      save(id, rec)
+      if mget('fail_fast') == '1' and not stopped then
+        stopped = true
+        cancel_all(now, 'fail_fast')
+      end
+    end
+    if not stopped then
+      for _, cid in ipairs(list(rec.deps_of)) do
+        local child = load(cid)
+        if child and child.state == 'pending' and not contains(child.removed, id) then
+          child.waiting = child.waiting - 1
           save(cid, child)
+          if child.waiting <= 0 and evaluate(cid, child, now) then
+            queue[#queue + 1] = cid
+          end
         end
       end
     end
   end
-  return released
+end
+
+local function settle(id, now) settle_all({id}, now) end
+
+-- Evaluate pending nodes with nothing left to wait for, settling the ones skipped.
+local function evaluate_all(ids, now)
+  local skipped = {}
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    if rec.state == 'pending' and evaluate(id, rec, now) then skipped[#skipped + 1] = id end
+  end
+  settle_all(skipped, now)
+end
+
+-- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
+-- recount what each waits for. Returns the reopened nodes with nothing left to wait for.
+local function reopen(ids, now)
+  local set = {}
+  for _, id in ipairs(ids) do set[id] = true end
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    mincr('done', -1)
+    if rec.counted_fail then
+      mincr('nfail', -1)
+      rec.counted_fail = false
+    end
+    if rec.state == 'failed' or rec.state == 'cancelled' then
+      history(rec, {attempt = rec.attempt, outcome = 'reopened', at = now})
+    end
+    rec.state = 'pending'
+    rec.skip_reason = cjson.null
+    rec.cancel_reason = cjson.null
+    rec.error = cjson.null
+    rec.finished_at = cjson.null
+    rec.started_at = cjson.null
+    rec.queued_at = cjson.null
+    rec.retries = 0
+    rec.starts = {}
+    save(id, rec)
+    REPORT.reopened[#REPORT.reopened + 1] = id
+    later(function() redis.call('HDEL', RESULTS, id) end)
+  end
+  local ready = {}
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    local waiting = 0
+    for _, did in ipairs(list(rec.after)) do
+      if not contains(rec.removed, did) and (set[did] or not TERMINAL[load(did).state]) then
+        waiting = waiting + 1
+      end
+    end
+    rec.waiting = waiting
+    save(id, rec)
+    if waiting == 0 then ready[#ready + 1] = id end
+  end
+  return ready
+end
+
+-- Nodes skipped as upstream_failed downstream of `roots`, through such skips.
+local function upstream_failed_closure(roots)
+  local out, seen, queue = {}, {}, {}
+  for _, id in ipairs(roots) do queue[#queue + 1] = id end
+  local qi = 1
+  while qi <= #queue do
+    local rec = load(queue[qi])
+    qi = qi + 1
+    for _, cid in ipairs(list(rec.deps_of)) do
+      local child = load(cid)
+      if not seen[cid] and child.state == 'skipped' and child.skip_reason == 'upstream_failed' then
+        seen[cid] = true
+        out[#out + 1] = cid
+        queue[#queue + 1] = cid
+      end
+    end
+  end
+  return out
 end
 
 local function flow_ok()
-  local v = redis.call('HGET', META, 'v')
+  local v = mget('v')
   if not v then return -1 end
   if tonumber(string.match(v, '^(%d+)')) ~= 1 then return -2 end
   return 0
+end
+
+local function flow_finished()
+  local st = mget('state')
+  return st == 'succeeded' or st == 'failed' or st == 'cancelled'
 end

@@ -3,11 +3,13 @@
   KEYS: meta nodes args results ready
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
+  ARGV[6] '1' for an external node's signal (its state is awaiting), else ''
   Returns: {code, released, flow state}
     1 recorded | 0 late or duplicate report, kept in the node's history only
     -1 no such flow | -2 version | -4 no such node
   Emits: the node -> succeeded|failed|retrying; dependents whose edges are all terminal
-         -> scheduled (outbox), awaiting, or skipped (cascading); flow state refreshed.
+         -> scheduled (outbox), awaiting, or skipped (cascading; fail_fast cancels the
+         rest); flow state refreshed.
 ]]
 local ok = flow_ok()
 if ok < 0 then return {ok, 0, ''} end
@@ -16,30 +18,41 @@ local rec = load(id)
 if not rec then return {-4, 0, ''} end
 local now = now_ts()
 local err = ARGV[5]
-if rec.attempt ~= attempt or TERMINAL[rec.state] or rec.state == 'pending'
-    or rec.state == 'awaiting' then
+local external = ARGV[6] == '1'
+local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
+if external then
+  open = open and rec.state == 'awaiting'
+else
+  open = open and rec.state ~= 'awaiting'
+end
+if not open then
   history(rec, {attempt = attempt, outcome = outcome, at = now, late = true,
                 error = (err ~= '' and err or nil)})
   save(id, rec)
-  return {0, 0, redis.call('HGET', META, 'state')}
+  flush()
+  return {0, 0, mget('state')}
 end
 if outcome == 'retrying' then
   rec.state = 'retrying'
   rec.retries = (rec.retries or 0) + 1
   rec.error = err
   save(id, rec)
-  return {1, 0, redis.call('HGET', META, 'state')}
+  flush()
+  return {1, 0, mget('state')}
 end
 rec.state = outcome
 rec.finished_at = now
+if val(rec.started_at) == nil then rec.started_at = now end
 if outcome == 'succeeded' then
   rec.error = cjson.null
-  redis.call('HSET', RESULTS, id, ARGV[4])
+  later(function() redis.call('HSET', RESULTS, id, ARGV[4]) end)
 else
   rec.error = err
 end
 history(rec, {attempt = attempt, outcome = outcome, at = now,
               error = (err ~= '' and err or nil)})
 save(id, rec)
-local released = settle(id, rec, now)
-return {1, released, set_flow_state(now)}
+settle(id, now)
+local state = set_flow_state(now)
+flush()
+return {1, #REPORT.released, state}

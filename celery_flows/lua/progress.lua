@@ -14,4 +14,5 @@ p[#p + 1] = {pct = tonumber(ARGV[3]), msg = ARGV[4], at = now_ts()}
 while #p > 10 do table.remove(p, 1) end
 rec.progress = p
 save(ARGV[1], rec)
+flush()
 return 1

@@ -19,7 +19,8 @@ for i = 1, #ARGV, 3 do
     if val(rec.queued_at) == nil then rec.queued_at = now end
     rec.queue = queue
     save(id, rec)
-    if rec.state ~= 'scheduled' then redis.call('ZREM', READY, id) end
+    if rec.state ~= 'scheduled' then ready_rem(id) end
   end
 end
+flush()
 return moved

@@ -12,7 +12,7 @@ if ok < 0 then return {ok, 0, ''} end
 local id, attempt = ARGV[1], tonumber(ARGV[2])
 local rec = load(id)
 if not rec then return {-4, 0, ''} end
-local st = redis.call('HGET', META, 'state')
+local st = mget('state')
 if st == 'cancelled' or rec.attempt ~= attempt or TERMINAL[rec.state]
     or rec.state == 'pending' or rec.state == 'awaiting' or rec.state == 'scheduled' then
   return {0, 0, st}
@@ -27,8 +27,11 @@ if rec.recoveries > max_rec then
   rec.error = 'WorkerLostError: ' .. ARGV[4] .. ' (recovered ' .. (rec.recoveries - 1) ..
     ' times, max_recoveries=' .. max_rec .. ')'
   save(id, rec)
-  local released = settle(id, rec, now)
-  return {1, released, set_flow_state(now)}
+  settle(id, now)
+  local state = set_flow_state(now)
+  flush()
+  return {1, #REPORT.released, state}
 end
 make_ready(id, rec, now)
+flush()
 return {2, 1, st}

@@ -13,7 +13,7 @@ if ok < 0 then return {ok} end
 local id, attempt, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local rec = load(id)
 if not rec then return {-4} end
-if redis.call('HGET', META, 'state') == 'cancelled' or TERMINAL[rec.state] then return {3} end
+if mget('state') == 'cancelled' or TERMINAL[rec.state] then return {3} end
 if rec.attempt ~= attempt then return {2} end
 if rec.state == 'pending' or rec.state == 'awaiting' then return {2} end
 if contains(rec.starts, key) then return {0} end
@@ -31,5 +31,6 @@ if not contains(rec.task_ids, ARGV[4]) then
   rec.task_ids = t
 end
 save(id, rec)
-redis.call('ZREM', READY, id)
-return {1, redis.call('HGET', META, 'context'), cjson.encode(rec.ctx)}
+ready_rem(id)
+flush()
+return {1, mget('context'), cjson.encode(rec.ctx)}

@@ -1,0 +1,44 @@
+--[[
+  add_node: add a node to a running (or paused) flow.
+  KEYS: meta nodes args results ready
+  ARGV[1] node id  ARGV[2] record JSON (after filled in; waiting is computed here)
+  ARGV[3] args blob ('' = none)  ARGV[4] '1' for a dry run
+  Returns: {code, report JSON | reason, flow state}
+    1 done | -5 refused (finished flow, id taken, unknown dependency) | -1 no flow
+    -2 version
+  Emits: the new node -> pending, or straight to scheduled/skipped when its
+         dependencies are already terminal.
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok, '', ''} end
+local id = ARGV[1]
+if flow_finished() then
+  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
+end
+if load(id) then return {-5, 'node id ' .. id .. ' is already used', mget('state')} end
+local rec = cjson.decode(ARGV[2])
+local waiting = 0
+for _, did in ipairs(list(rec.after)) do
+  local dep = load(did)
+  if not dep then return {-5, 'unknown dependency ' .. did, mget('state')} end
+  if not TERMINAL[dep.state] then waiting = waiting + 1 end
+end
+local now = now_ts()
+for _, did in ipairs(list(rec.after)) do
+  local dep = load(did)
+  local d = list(dep.deps_of)
+  d[#d + 1] = id
+  dep.deps_of = d
+  save(did, dep)
+end
+rec.waiting = waiting
+rec.seq = tonumber(mget('seq')) or 0
+mincr('seq', 1)
+mincr('total', 1)
+save(id, rec)
+if ARGV[3] ~= '' then later(function() redis.call('HSET', ARGS, id, ARGV[3]) end) end
+if waiting == 0 then evaluate_all({id}, now) end
+local state = set_flow_state(now)
+if ARGV[4] == '1' then return {1, report_json(), state} end
+flush()
+return {1, report_json(), state}

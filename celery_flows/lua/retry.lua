@@ -1,0 +1,35 @@
+--[[
+  retry: run again the nodes that failed under "fail" (and those fail_fast cancelled),
+  with the nodes skipped as upstream_failed because of them, as new attempts.
+  Everything else, succeeded nodes included, is untouched.
+  KEYS: meta nodes args results ready
+  ARGV[1] '1' for a dry run
+  Returns: {code, report JSON | reason, flow state}
+    1 done | -5 refused (cancelled, or no failure under "fail") | -1 no flow | -2 version
+  Emits: those nodes -> pending (reopened), then scheduled/skipped as their edges allow;
+         a failed flow -> running.
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok, '', ''} end
+local st = mget('state')
+if st == 'cancelled' then return {-5, 'a cancelled flow cannot be retried', st} end
+local now = now_ts()
+local roots = {}
+for _, id in ipairs(redis.call('HKEYS', NODES)) do
+  local rec = load(id)
+  if (rec.state == 'failed' and rec.counted_fail)
+      or (rec.state == 'cancelled' and rec.cancel_reason == 'fail_fast') then
+    roots[#roots + 1] = id
+  end
+end
+if #roots == 0 then
+  return {-5, 'nothing to retry: no node failed under failure_policy "fail"', st}
+end
+local ids = {}
+for _, id in ipairs(roots) do ids[#ids + 1] = id end
+for _, id in ipairs(upstream_failed_closure(roots)) do ids[#ids + 1] = id end
+evaluate_all(reopen(ids, now), now)
+local state = set_flow_state(now)
+if ARGV[1] == '1' then return {1, report_json(), state} end
+flush()
+return {1, report_json(), state}
