@@ -61,3 +61,107 @@ def inspect(ctx: click.Context, flow_id: str, as_json: bool, watch: bool) -> Non
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         click.echo(render_tree(doc))
+
+
+def _change_command(name: str, doc: str, terminate: bool = False) -> None:
+    @flows.command(name=name, help=doc)
+    @click.argument("flow_id")
+    @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
+    @click.pass_context
+    def command(ctx: click.Context, flow_id: str, dry_run: bool, **kwargs: Any) -> None:
+        ext = _flows(ctx)
+        try:
+            report = getattr(ext, name)(flow_id, dry_run=dry_run, **kwargs)
+        except FlowsError as exc:
+            _fail(exc)
+            return
+        _print_report(report)
+
+    if terminate:
+        click.option("--terminate", is_flag=True,
+                     help="Also revoke running tasks with terminate=True (best effort, "
+                          "prefork only).")(command)
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    prefix = "would be " if report.get("dry_run") else ""
+    for key in ("released", "skipped", "cancelled", "reopened", "terminated"):
+        items = report.get(key) or []
+        if items:
+            click.echo(f"{prefix}{key}: {', '.join(items)}")
+    click.echo(f"flow state: {report.get('state')}")
+
+
+_change_command("cancel", "Cancel a flow: nothing is released after it.", terminate=True)
+_change_command("pause", "Pause a flow: ready nodes wait until resume.")
+_change_command("resume", "Resume a paused flow.")
+_change_command("retry", "Re-run the nodes that failed under 'fail' and what they blocked.")
+
+
+@flows.command()
+@click.argument("flow_id")
+@click.argument("node_id")
+@click.option("--result", "result_json", default=None, help="The node's result, as JSON.")
+@click.option("--error", default=None, help="Fail the node with this message.")
+@click.pass_context
+def signal(ctx: click.Context, flow_id: str, node_id: str, result_json: str | None,
+           error: str | None) -> None:
+    """Complete an external node (or fail it with --error)."""
+    if result_json is not None and error is not None:
+        raise click.UsageError("give --result or --error, not both")
+    result = None
+    if result_json is not None:
+        try:
+            result = json.loads(result_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--result") from None
+    ext = _flows(ctx)
+    try:
+        state = ext.signal(flow_id, node_id, result=result, error=error)
+    except FlowsError as exc:
+        _fail(exc)
+        return
+    click.echo(f"flow state: {state}")
+
+
+@flows.command(name="list")
+@click.option("--state", "state_filter", default=None, help="Only flows in this state.")
+@click.option("--name", "name_filter", default=None, help="Only flows with this name.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.pass_context
+def list_flows(ctx: click.Context, state_filter: str | None, name_filter: str | None,
+               limit: int) -> None:
+    """List flows, newest first."""
+    ext = _flows(ctx)
+    shown = 0
+    for fid in ext.store.flow_ids():
+        meta = ext.store.meta(fid)
+        if meta is None:
+            continue
+        if state_filter and meta.get("state") != state_filter:
+            continue
+        if name_filter and meta.get("name") != name_filter:
+            continue
+        click.echo(f"{fid}\t{meta.get('name')}\t{meta.get('state')}\t"
+                   f"{meta.get('done')}/{meta.get('total')} nodes finished")
+        shown += 1
+        if shown >= limit:
+            break
+
+
+@flows.command()
+@click.argument("flow_id")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid",
+              show_default=True)
+@click.pass_context
+def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
+    """Print the flow's graph with node states."""
+    from .inspect import describe, to_dot, to_mermaid
+
+    ext = _flows(ctx)
+    try:
+        doc = describe(ext, flow_id)
+    except FlowsError as exc:
+        _fail(exc)
+        return
+    click.echo(to_mermaid(doc) if fmt == "mermaid" else to_dot(doc))

@@ -12,6 +12,9 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import redis
+from kombu.exceptions import OperationalError
+
 from .models import Ref, as_list
 from .store import Claim
 
@@ -23,6 +26,20 @@ logger = logging.getLogger(__name__)
 SEP = "~"
 CLAIM_LEASE = 15.0  # seconds before another process may publish an unacknowledged claim
 BATCH = 200
+
+
+# Errors that say nothing about the node itself: leave it claimed for the sweeper.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OperationalError, ConnectionError, TimeoutError, redis.RedisError,
+)
+
+
+def _entry_id(entry: list[Any]) -> str:
+    return entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
+
+
+def _entry_attempt(entry: list[Any]) -> int:
+    return int(json.loads(entry[1])["attempt"])
 
 
 class TaskRef(NamedTuple):
@@ -94,16 +111,29 @@ class Dispatcher:
                     store.published(fid, [], clear_token=token)
                 return
             sent: list[tuple[str, int, str]] = []
+            refused: list[tuple[str, int, str]] = []
             short = len(claim.entries) < BATCH
             try:
                 if claim.entries:
                     with self.app.producer_or_acquire() as producer:
                         for entry in claim.entries:
-                            sent.append(self._publish(fid, claim.nonce, entry, producer))
+                            try:
+                                sent.append(self._publish(fid, claim.nonce, entry, producer))
+                            except TRANSIENT:
+                                raise
+                            except Exception as exc:
+                                # the call itself is wrong (arguments, serialisation...):
+                                # fail the node rather than retry it forever
+                                refused.append((_entry_id(entry), _entry_attempt(entry),
+                                                f"{type(exc).__name__}: {exc}"))
             except BaseException:
                 store.published(fid, sent)
                 raise
-            if short:
+            for nid, attempt, error in refused:
+                logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
+                             nid, fid, error)
+                store.complete(fid, nid, attempt, "failed", b"", error)
+            if short and not refused:
                 store.published(fid, sent, clear_token=token if claim.left == 0 else None)
                 return
             store.published(fid, sent)

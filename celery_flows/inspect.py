@@ -145,3 +145,29 @@ def watch(flows: Flows, fid: str, echo: Any, interval: float = 1.0) -> dict[str,
         if doc["state"] in ("succeeded", "failed", "cancelled"):
             return doc
         time.sleep(interval)
+
+
+def to_mermaid(doc: dict[str, Any]) -> str:
+    ids = {nid: f"n{i}" for i, nid in enumerate(doc["nodes"])}
+    lines = ["flowchart TD"]
+    for nid, n in doc["nodes"].items():
+        lines.append(f'    {ids[nid]}["{nid}<br/>{n["state"]}"]:::{n["state"]}')
+    for nid, n in doc["nodes"].items():
+        for dep in n["after"]:
+            lines.append(f"    {ids[dep]} --> {ids[nid]}")
+    colours = {"succeeded": "#c8e6c9", "failed": "#ffcdd2", "running": "#bbdefb",
+               "skipped": "#eeeeee", "cancelled": "#e0e0e0", "queued": "#fff9c4"}
+    for state, colour in colours.items():
+        lines.append(f"    classDef {state} fill:{colour}")
+    return "\n".join(lines)
+
+
+def to_dot(doc: dict[str, Any]) -> str:
+    lines = [f'digraph "{doc["id"]}" {{', "    rankdir=TB;"]
+    for nid, n in doc["nodes"].items():
+        lines.append(f'    "{nid}" [label="{nid}\\n{n["state"]}"];')
+    for nid, n in doc["nodes"].items():
+        for dep in n["after"]:
+            lines.append(f'    "{dep}" -> "{nid}";')
+    lines.append("}")
+    return "\n".join(lines)

@@ -157,3 +157,44 @@ def reporter(steps: int) -> str:
 def overrun() -> None:
     _mark()
     time.sleep(10)
+
+
+# -- failure handling and runtime changes (tests/test_changes.py) ----------------------
+
+
+@app.task(shared=False)
+def fail_until(flag: str, value: Any = "ok") -> Any:
+    """Fails until the Redis key ``flag`` exists."""
+    _mark()
+    if not _log.exists(flag):
+        raise RuntimeError(f"{flag} not set")
+    return value
+
+
+@app.task(shared=False)
+def cooperative(seconds: float) -> str:
+    """Runs until the flow is cancelled (then says so) or ``seconds`` pass."""
+    _mark()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if current_flow.cancelled:
+            _log.rpush("saw_cancel", current_flow.node_id)
+            return "stopped"
+        time.sleep(0.05)
+    return "finished"
+
+
+@app.task(shared=False)
+def wait_for_key(key: str, timeout: float = 20) -> str:
+    """Blocks until the Redis key ``key`` exists (lets a test hold a node running)."""
+    _mark()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not _log.exists(key):
+        time.sleep(0.02)
+    return key
+
+
+@app.task(shared=False)
+def reads_failures() -> dict[str, str]:
+    _mark()
+    return current_flow.failures()

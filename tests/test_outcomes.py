@@ -27,6 +27,7 @@ def test_retries_replace_ignore_unknown_time_limit_and_progress(
     f.add(producer_only.s(), id="unknown")
     f.add(proj.overrun.s(), id="overrun")
     f.add(proj.reporter.s(3), id="reporter")
+    f.add(proj.add.s(1, 2, 3), id="bad-args")
     handle = proj.flows.submit(f)
     assert handle.wait(timeout=60) == FlowState.FAILED
     doc = handle.inspect()["nodes"]
@@ -44,6 +45,9 @@ def test_retries_replace_ignore_unknown_time_limit_and_progress(
     assert doc["unknown"]["error"].startswith("NotRegistered")
     assert doc["overrun"]["state"] == "failed"
     assert "TimeLimitExceeded" in doc["overrun"]["error"]
+    # a call Celery refuses to send fails its node instead of hanging the flow
+    assert doc["bad-args"]["state"] == "failed"
+    assert doc["bad-args"]["error"].startswith("TypeError")
     milestones = doc["reporter"]["progress"]
     assert [m["message"] for m in milestones] == ["step 1", "step 2", "step 3"]
     assert milestones[-1]["percent"] == 100
