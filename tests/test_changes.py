@@ -222,7 +222,7 @@ def test_retry_reruns_only_failed_and_blocked_nodes(
     f = Flow("retryable")
     a = f.add(proj.add.si(1, 1), id="a")
     b = f.add(proj.fail_until.si("fixed", "b-ok"), id="b", after=[a])
-    c = f.add(proj.ident.s(), id="c", after=[b])
+    f.add(proj.ident.s(), id="c", after=[b])
     f.add(proj.add.si(2, 2), id="d", after=[a])
     f.add(proj.ident.si("handler"), id="handler", after=[b], trigger_rule="all_done")
     handle = proj.flows.submit(f)
