@@ -399,7 +399,7 @@ class Flows:
 
     def record(self, fid: str, nid: str, attempt: int, outcome: str, *,
                result: Any = None, error: str = "", release: bool = True,
-               external: bool = False) -> tuple[int, str]:
+               external: bool = False, task_id: str | None = None) -> tuple[int, str]:
         """Record an attempt's outcome and publish what it made ready (unless the
         caller drains the outbox itself, as the eager driver does)."""
         blob = b""
@@ -416,15 +416,20 @@ class Flows:
                              "(a path or key) instead of the data")
                     outcome, blob = "failed", b""
         store = self.store
+        from . import recovery
+
+        drop = (recovery.INSTANCE, task_id) if recovery.INSTANCE and task_id else None
         if outcome == "retrying":
             code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+            if drop:
+                store.lease_drop(*drop)
             return code, state
         if not release:
             code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
             check_code(code, fid)
             return code, state
         token, (code, _released, state), claim = store.complete_and_claim(
-            fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external
+            fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop
         )
         if code < 0:
             store.clear_dirty(token)
@@ -432,12 +437,13 @@ class Flows:
         self.dispatcher.release(fid, token, claim)
         return code, state
 
-    def record_lost(self, ref: Any, error: str) -> int:
-        """The worker running ``ref``'s attempt died: recover the node."""
+    def record_lost(self, ref: Any, error: str, lost_instance: str = "") -> int:
+        """The worker running ``ref``'s attempt died: recover the node (a new attempt,
+        or WorkerLostError once its recoveries are used up)."""
         store = self.store
         token, (code, _released, _state), claim = store.recover_and_claim(
             ref.flow_id, ref.node_id, ref.attempt, self.config.max_recoveries, error,
-            CLAIM_LEASE, BATCH,
+            lost_instance, CLAIM_LEASE, BATCH,
         )
         if code < 0:
             store.clear_dirty(token)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Reject
 
-from . import context
+from . import context, recovery
 from .context import FlowRun
 from .dispatch import parse_task_id
 
@@ -54,7 +54,8 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
         worker = request.hostname or socket.gethostname()
         try:
             code, ctx, overlay = flows.store.start(
-                ref.flow_id, ref.node_id, ref.attempt, start_key, request.id, worker
+                ref.flow_id, ref.node_id, ref.attempt, start_key, request.id, worker,
+                recovery.INSTANCE or "",
             )
         except Exception as exc:
             # The registry is unreachable: give the message back rather than run a body
@@ -72,7 +73,12 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
         try:
             return original(*args, **kwargs)
         except Ignore as exc:
-            if str(exc) != REPLACED_MESSAGE:
+            if str(exc) == REPLACED_MESSAGE:
+                # the replacement carries the attempt on; whoever starts it leases it
+                if recovery.INSTANCE:
+                    flows.store.run("handoff", ref.flow_id,
+                                    [ref.node_id, ref.attempt, recovery.INSTANCE])
+            else:
                 _fail(run_, "Ignore: the task raised Ignore(); a flow node must succeed or "
                       f"fail ({exc})")
             active.pop(request.id, None)

@@ -21,7 +21,14 @@ Global keys, one slot each, never touched by a flow script::
     <prefix>:dispatch          zset   flow id -> time a process began a transition that
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period
-    <prefix>:workers           zset   worker hostname -> last heartbeat
+    <prefix>:workers           zset   worker instance -> last heartbeat (Redis TIME)
+    <prefix>:workerinfo        hash   worker instance -> JSON (hostname, pid, manager, ...)
+    <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
+                                      worker instance holds (received, not yet recorded)
+    <prefix>:recovering:<inst> string lock while one manager recovers a lost instance
+
+A worker instance is ``<hostname>|<pid>|<random>``: a restarted worker with the same
+hostname is a new instance, so its predecessor's leases still expire.
 """
 
 from __future__ import annotations
@@ -62,3 +69,13 @@ class Keys:
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
+
+    @property
+    def worker_info(self) -> str:
+        return f"{self.prefix}:workerinfo"
+
+    def leases(self, instance: str) -> str:
+        return f"{self.prefix}:leases:{instance}"
+
+    def recovering(self, instance: str) -> str:
+        return f"{self.prefix}:recovering:{instance}"

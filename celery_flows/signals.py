@@ -56,7 +56,7 @@ def on_task_success(sender: Any = None, result: Any = None, **_: Any) -> None:
     if run is None or run.flows.app is not getattr(sender, "app", None):
         return
     _safely("a success", run.flows.record, run.id, run.node_id, run.attempt, "succeeded",
-            result=result)
+            result=result, task_id=run.task_id)
 
 
 def on_task_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
@@ -64,18 +64,38 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: A
     run = guard.active.pop(task_id, None) if task_id else None
     if run is not None:
         _safely("a failure", run.flows.record, run.id, run.node_id, run.attempt, "failed",
-                error=_error_text(exception))
+                error=_error_text(exception), task_id=run.task_id)
         return
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(task_id)
     if ext is None or ref is None or _is_eager(sender):
         return
     if isinstance(exception, WorkerLostError):
-        _safely("a lost worker", ext.record_lost, ref, _error_text(exception))
+        _safely("a lost worker", _pool_child_lost, ext, ref, task_id, _error_text(exception))
         return
     # Reported by the main process: hard time limit, Reject(requeue=False)...
     _safely("a failure", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
-            error=_error_text(exception))
+            error=_error_text(exception), task_id=task_id)
+
+
+def _pool_child_lost(ext: Any, ref: Any, task_id: str, error: str) -> None:
+    """A pool child died running a node: recovered, unless the result backend already
+    has the outcome (the child died after storing it, inside the completion path)."""
+    from . import recovery
+
+    stored = recovery.backend_outcome(ext, task_id)
+    if stored is not None:
+        outcome, value = stored
+        if outcome == "succeeded":
+            ext.record(ref.flow_id, ref.node_id, ref.attempt, outcome, result=value,
+                       task_id=task_id)
+        else:
+            ext.record(ref.flow_id, ref.node_id, ref.attempt, outcome, error=value,
+                       task_id=task_id)
+        return
+    ext.record_lost(ref, error, lost_instance=recovery.INSTANCE or "")
+    if recovery.INSTANCE:
+        ext.store.lease_drop(recovery.INSTANCE, task_id)
 
 
 def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any
@@ -84,7 +104,7 @@ def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, *
     if run is None:
         return
     _safely("a retry", run.flows.record, run.id, run.node_id, run.attempt, "retrying",
-            error=_error_text(reason))
+            error=_error_text(reason), task_id=run.task_id)
 
 
 def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = False,
@@ -95,7 +115,7 @@ def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = 
         return
     why = "expired" if expired else ("terminated" if terminated else "revoked")
     _safely("a revocation", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
-            error=f"TaskRevokedError: the task message was {why}")
+            error=f"TaskRevokedError: the task message was {why}", task_id=request.id)
 
 
 def on_task_unknown(sender: Any = None, name: str | None = None, id: str | None = None,
@@ -107,6 +127,18 @@ def on_task_unknown(sender: Any = None, name: str | None = None, id: str | None 
     _safely("an unknown task", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
             error=f"NotRegistered: task {name!r} is not registered on the worker that "
                   "received it; import its module in the worker")
+
+
+def on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """The lease starts when a worker receives a flow message."""
+    from . import recovery
+
+    task_id = getattr(request, "id", None)
+    if recovery.INSTANCE is None or parse_task_id(task_id) is None:
+        return
+    ext = _flows_of(getattr(sender, "app", None))
+    if ext is not None:
+        _safely("a lease", ext.store.lease_add, recovery.INSTANCE, task_id)
 
 
 def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any
@@ -127,6 +159,7 @@ _RECEIVERS = (
     (signals.task_revoked, on_task_revoked),
     (signals.task_unknown, on_task_unknown),
     (signals.task_rejected, on_task_rejected),
+    (signals.task_received, on_task_received),
 )
 
 

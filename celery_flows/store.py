@@ -101,6 +101,10 @@ class Store:
             p.stem: self.client.register_script(lib + "\n" + p.read_text())
             for p in sorted(LUA_DIR.glob("*.lua"))
             if not p.name.startswith("_")
+        } | {
+            # scripts on global keys: no flow library
+            p.stem: self.client.register_script(p.read_text())
+            for p in sorted((LUA_DIR / "global").glob("*.lua"))
         }
 
     def run(self, name: str, fid: str, args: Sequence[Any]) -> Any:
@@ -174,10 +178,10 @@ class Store:
 
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
                            result: bytes, error: str, lease: float, limit: int,
-                           external: bool = False
+                           external: bool = False, drop_lease: tuple[str, str] | None = None
                            ) -> tuple[str, tuple[int, int, str], Claim]:
-        """Mark the flow dirty, record the outcome and claim what it made ready, in one
-        round trip (in this order on the server)."""
+        """Mark the flow dirty, record the outcome, claim what it made ready and drop
+        the recording worker's lease, in one round trip (in this order on the server)."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
@@ -185,18 +189,22 @@ class Store:
             self._queue(pipe, "complete", fid,
                         [nid, attempt, outcome, result, error, "1" if external else ""])
             self._queue(pipe, "claim", fid, [lease, limit])
+            if drop_lease is not None:
+                pipe.zrem(self.keys.leases(drop_lease[0]), drop_lease[1])
 
-        _z, done, claim = self._execute(build)
+        out = self._execute(build)
+        done, claim = out[1], out[2]
         return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
 
     def recover_and_claim(self, fid: str, nid: str, attempt: int, max_recoveries: int,
-                          error: str, lease: float, limit: int
+                          error: str, lost_instance: str, lease: float, limit: int
                           ) -> tuple[str, tuple[int, int, str], Claim]:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
-            self._queue(pipe, "recover", fid, [nid, attempt, max_recoveries, error])
+            self._queue(pipe, "recover", fid,
+                        [nid, attempt, max_recoveries, error, lost_instance])
             self._queue(pipe, "claim", fid, [lease, limit])
 
         _z, done, claim = self._execute(build)
@@ -225,8 +233,8 @@ class Store:
         return token, int(out[2]), Claim.of(out[3]) if claim is not None else None
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
-              worker: str) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-        out = self.run("start", fid, [nid, attempt, start_key, task_id, worker])
+              worker: str, instance: str = "") -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+        out = self.run("start", fid, [nid, attempt, start_key, task_id, worker, instance])
         code = int(out[0])
         if code != 1:
             return code, {}, None
@@ -237,11 +245,6 @@ class Store:
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
                  result: bytes = b"", error: str = "") -> tuple[int, int, str]:
         out = self.run("complete", fid, [nid, attempt, outcome, result, error, ""])
-        return int(out[0]), int(out[1]), _s(out[2])
-
-    def recover(self, fid: str, nid: str, attempt: int, max_recoveries: int, error: str
-                ) -> tuple[int, int, str]:
-        out = self.run("recover", fid, [nid, attempt, max_recoveries, error])
         return int(out[0]), int(out[1]), _s(out[2])
 
     def change(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool,
@@ -286,6 +289,44 @@ class Store:
         raw = self.client.zrangebyscore(self.keys.dispatch, "-inf", time.time() - older_than,
                                         start=0, num=limit)
         return [_s(m) for m in raw]
+
+    # -- workers and leases (global keys) --------------------------------------------
+
+    def heartbeat(self, instance: str, info: dict[str, Any]) -> float:
+        keys = [self.keys.workers, self.keys.worker_info]
+        return float(_s(self._scripts["heartbeat"](keys=keys, args=[instance, json.dumps(info)])))
+
+    def lease_add(self, instance: str, task_id: str) -> None:
+        self.client.zadd(self.keys.leases(instance), {task_id: time.time()})
+
+    def lease_drop(self, instance: str, task_id: str) -> None:
+        self.client.zrem(self.keys.leases(instance), task_id)
+
+    def leases(self, instance: str, older_than: float | None = None) -> list[str]:
+        top = "+inf" if older_than is None else time.time() - older_than
+        return [_s(m) for m in self.client.zrangebyscore(self.keys.leases(instance), "-inf", top)]
+
+    def lost_instances(self, lease_timeout: float) -> list[str]:
+        now = self.time()
+        raw = self.client.zrangebyscore(self.keys.workers, "-inf", now - lease_timeout)
+        return [_s(m) for m in raw]
+
+    def workers(self) -> dict[str, tuple[float, dict[str, Any]]]:
+        beats: list[Any] = list(self.client.zrange(self.keys.workers, 0, -1, withscores=True))
+        info = self.client.hgetall(self.keys.worker_info)
+        decoded = {_s(k): json.loads(v) for k, v in info.items()}
+        return {_s(pair[0]): (float(pair[1]), decoded.get(_s(pair[0]), {})) for pair in beats}
+
+    def forget_instance(self, instance: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.keys.leases(instance))
+        pipe.zrem(self.keys.workers, instance)
+        pipe.hdel(self.keys.worker_info, instance)
+        pipe.delete(self.keys.recovering(instance))
+        pipe.execute()
+
+    def lock_instance(self, instance: str, seconds: int = 60) -> bool:
+        return bool(self.client.set(self.keys.recovering(instance), "1", nx=True, ex=seconds))
 
     def index_add(self, fid: str, created: float) -> None:
         self.client.zadd(self.keys.index, {fid: created}, nx=True)

@@ -1,10 +1,12 @@
 """Worker integration: the ``--flows`` option and the bootstep every worker of a Flows
 app runs.
 
-Every worker installs the attempt guard (before the consumer builds its tracers) and
-checks the registry's Redis. With ``--flows`` (or ``CELERY_WORKER_FLOWS=1``) it also
-runs the flow manager's services in a thread: the outbox sweeper, which publishes
-nodes whose releasing process died between recording an outcome and publishing.
+Every worker installs the attempt guard (before the consumer builds its tracers),
+checks the registry's Redis, and runs a thread that heartbeats its instance and
+reconciles its own leases (see :mod:`celery_flows.recovery`). With ``--flows`` (or
+``CELERY_WORKER_FLOWS=1``) it also runs the flow manager's services in another thread:
+the outbox sweeper, which publishes nodes whose releasing process died between
+recording an outcome and publishing, and the recovery of lost workers' nodes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from celery import bootsteps
 
-from . import guard
+from . import guard, recovery
 from .errors import FlowsConfigError
 
 if TYPE_CHECKING:
@@ -58,30 +60,61 @@ class FlowsStep(bootsteps.StartStopStep):
         self.ext: Flows = parent.app.flows
         self.manager = bool(flows) or _env_flag()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.ext.config  # noqa: B018 - validate configuration at worker start
         check_redis(self.ext)
         guard.install(self.ext)
+        # before the pool forks: children report under the same instance
+        self.instance = recovery.new_instance(getattr(parent, "hostname", "") or "")
+        self.reconciler = recovery.Reconciler(self.ext, self.instance)
 
     def start(self, parent: Any) -> None:
-        if not self.manager:
-            return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="celery-flows-manager",
-                                        daemon=True)
-        self._thread.start()
-        logger.info("celery-flows: manager services started")
+        self._beat()
+        self._spawn("celery-flows-heartbeat", self._heartbeat_loop)
+        if self.manager:
+            self._spawn("celery-flows-manager", self._manager_loop)
+            logger.info("celery-flows: manager services started")
 
     def stop(self, parent: Any) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        # Messages this worker received but will not run go back to the broker: their
+        # leases go. Leases of bodies still finishing stay until their outcome.
+        try:
+            held = self.reconciler.held_task_ids()
+            for task_id in self.ext.store.leases(self.instance):
+                if task_id not in held:
+                    self.ext.store.lease_drop(self.instance, task_id)
+        except Exception:
+            logger.exception("celery-flows: could not release leases at shutdown")
 
-    def _loop(self) -> None:
+    def _spawn(self, name: str, target: Any) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _beat(self) -> None:
+        info = {"hostname": self.instance.split("|", 1)[0], "pid": os.getpid(),
+                "manager": self.manager}
+        self.ext.store.heartbeat(self.instance, info)
+
+    def _heartbeat_loop(self) -> None:
+        interval = recovery.heartbeat_interval(self.ext)
+        while not self._stop.wait(interval):
+            try:
+                self._beat()
+                self.reconciler.run()
+            except Exception:
+                logger.exception("celery-flows: heartbeat failed; retrying")
+
+    def _manager_loop(self) -> None:
         while not self._stop.wait(SWEEP_INTERVAL):
             try:
                 sweep(self.ext)
+                recovery.recover_lost_workers(self.ext)
             except Exception:
                 logger.exception("celery-flows: sweep failed; retrying")
 

@@ -197,6 +197,7 @@ local function make_ready(id, rec, now)
   rec.ready_at = now
   rec.starts = {}
   rec.retries = 0
+  rec.lease = cjson.null
   save(id, rec)
   ready_add(id, 0)
   REPORT.released[#REPORT.released + 1] = id
@@ -334,6 +335,7 @@ local function reopen(ids, now)
     rec.queued_at = cjson.null
     rec.retries = 0
     rec.starts = {}
+    rec.lease = cjson.null
     save(id, rec)
     REPORT.reopened[#REPORT.reopened + 1] = id
     later(function() redis.call('HDEL', RESULTS, id) end)

@@ -3,6 +3,7 @@
   it with WorkerLostError once its recoveries are used up.
   KEYS: meta nodes args results ready
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] default max recoveries  ARGV[4] error text
+  ARGV[5] the lost worker instance: a node another instance started is not its to recover
   Returns: {code, released, flow state}
     2 re-released as a new attempt | 1 failed (recoveries exhausted)
     0 not current (stale, finished, or not yet started) | -1 no flow | -2 version | -4 no node
@@ -17,6 +18,7 @@ if st == 'cancelled' or rec.attempt ~= attempt or TERMINAL[rec.state]
     or rec.state == 'pending' or rec.state == 'awaiting' or rec.state == 'scheduled' then
   return {0, 0, st}
 end
+if ARGV[5] ~= '' and val(rec.lease) and rec.lease ~= ARGV[5] then return {0, 0, st} end
 local now = now_ts()
 rec.recoveries = (rec.recoveries or 0) + 1
 history(rec, {attempt = attempt, outcome = 'lost', at = now, error = ARGV[4]})

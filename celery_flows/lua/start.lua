@@ -2,7 +2,7 @@
   start: the attempt guard, run by the worker right before a node's body.
   KEYS: meta nodes args results ready
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] start key "<retries>:<replace nesting>"
-  ARGV[4] task id  ARGV[5] worker hostname
+  ARGV[4] task id  ARGV[5] worker hostname  ARGV[6] worker instance (lease holder)
   Returns: {code, flow context JSON, node context overlay JSON}
     1 run the body | 0 duplicate delivery of a start already made | 2 stale attempt
     3 node terminal or flow cancelled | -1 no such flow | -2 version | -4 no such node
@@ -25,6 +25,7 @@ rec.state = 'running'
 if val(rec.started_at) == nil then rec.started_at = now end
 if val(rec.queued_at) == nil then rec.queued_at = now end
 rec.worker = ARGV[5]
+rec.lease = ARGV[6]
 if not contains(rec.task_ids, ARGV[4]) then
   local t = list(rec.task_ids)
   t[#t + 1] = ARGV[4]
