@@ -133,6 +133,8 @@ def backend_outcome(ext: Flows, task_id: str) -> tuple[str, Any] | None:
         return "succeeded", meta.get("result")
     if status == states.FAILURE:
         exc = meta.get("result")
+        if type(exc).__name__ == "WorkerLostError":
+            return None  # Celery's own record of the loss, not the body's outcome
         return "failed", f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) \
             else f"FAILURE: {exc!r}"
     return None

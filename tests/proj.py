@@ -7,11 +7,13 @@ them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
 import redis
 from celery import Celery
+from celery.signals import task_success
 
 from celery_flows import Flows, current_flow
 from celery_flows.store import to_redis_py_url
@@ -19,6 +21,7 @@ from celery_flows.store import to_redis_py_url
 BROKER_URL = os.environ["FLOWS_TEST_BROKER"]
 
 app = Celery("proj", broker=BROKER_URL, backend=BROKER_URL)
+_log = redis.Redis.from_url(to_redis_py_url(BROKER_URL))
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=True,
@@ -29,10 +32,22 @@ app.conf.update(
         "unacked_restore_interval": float(os.environ.get("FLOWS_TEST_RESTORE_INTERVAL", "1")),
     },
     flows_max_result_bytes=int(os.environ.get("FLOWS_TEST_MAX_RESULT", "1048576")),
+    flows_lease_timeout=float(os.environ.get("FLOWS_TEST_LEASE", "60")),
 )
+
+
+def _die_inside_completion(sender: Any = None, **_: Any) -> None:
+    """Test hook: kill the pool child inside the completion path of ``die_in_completion``
+    (after the result is stored, before celery-flows records it), once."""
+    if getattr(sender, "name", None) == "tests.proj.die_in_completion" and \
+            _log.set("died-in-completion", 1, nx=True):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# connected before Flows(app): runs before the celery-flows receivers
+task_success.connect(_die_inside_completion, weak=False, dispatch_uid="tests.proj.die")
 flows = Flows(app)
 
-_log = redis.Redis.from_url(to_redis_py_url(BROKER_URL))
 
 
 def _mark(tag: str = "") -> None:
@@ -198,3 +213,31 @@ def wait_for_key(key: str, timeout: float = 20) -> str:
 def reads_failures() -> dict[str, str]:
     _mark()
     return current_flow.failures()
+
+
+# -- reliability (tests/test_reliability.py) -------------------------------------------
+
+
+@app.task(shared=False)
+def die_in_completion(x: int) -> int:
+    _mark()
+    return x * 2
+
+
+@app.task(shared=False)
+def pid_sleep(seconds: float, value: Any = None) -> Any:
+    """Publishes its pid (key ``pid:<node>``) so a test can kill this pool child."""
+    _mark()
+    _log.set(f"pid:{current_flow.node_id}", os.getpid())
+    time.sleep(seconds)
+    return value
+
+
+@app.task(shared=False)
+def step(values: Any = None, pause: float = 0.05) -> int:
+    """A node of the chaos flows: sums its inputs plus one."""
+    _mark()
+    time.sleep(pause)
+    if isinstance(values, list):
+        return 1 + sum(v for v in values if isinstance(v, int))
+    return 1 + (values if isinstance(values, int) else 0)

@@ -198,6 +198,9 @@ local function make_ready(id, rec, now)
   rec.starts = {}
   rec.retries = 0
   rec.lease = cjson.null
+  rec.queued_at = cjson.null
+  rec.started_at = cjson.null
+  rec.finished_at = cjson.null
   save(id, rec)
   ready_add(id, 0)
   REPORT.released[#REPORT.released + 1] = id

@@ -1,0 +1,203 @@
+"""Reliability under faults (SPEC section 9): processes really killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from celery_flows import Flow, FlowState
+from tests.conftest import ImportApp, RedisDB, WorkerFactory
+from tests.harness import RedisServer
+from tests.test_engine import FLOWS, run_counts
+
+LEASE = 3.0
+
+
+def node_doc(handle: Any, nid: str) -> dict[str, Any]:
+    return handle.inspect()["nodes"][nid]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_outcome_per_attempt(handle: Any) -> None:
+    """Every attempt of every node has at most one recorded (non-late) outcome, and the
+    node's final state is that of its last attempt."""
+    for nid, rec in handle.flows.store.nodes(handle.id).items():
+        recorded = Counter(h["attempt"] for h in rec["history"]
+                           if not h.get("late") and h["outcome"] in ("succeeded", "failed"))
+        assert all(n == 1 for n in recorded.values()), (nid, rec["history"])
+        if rec["state"] == "succeeded":
+            assert recorded[rec["attempt"]] == 1, (nid, rec["history"])
+
+
+def test_worker_killed_with_running_nodes_is_recovered_within_the_lease(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"FLOWS_TEST_LEASE": str(LEASE)}
+    monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
+    proj = import_app("tests.proj")
+    doomed = worker_factory("tests.proj", env=env, concurrency=2)
+    f = Flow("victim")
+    a = f.add(proj.pid_sleep.si(30, "a"), id="a")
+    b = f.add(proj.pid_sleep.si(30, "b"), id="b")
+    f.add(proj.collect.s(), id="join", after=[a, b])
+    handle = proj.flows.submit(f)
+    wait_for(lambda: set(handle.node_states().values()) >= {"running"} and
+             all(node_doc(handle, n)["state"] == "running" for n in "ab"), 20, "a, b running")
+    # shorter bodies for the new attempts
+    redis_db.client.set("short", 1)
+    doomed.kill9()
+    killed_at = time.time()
+    worker_factory("tests.proj", env=env, extra_args=FLOWS, concurrency=2)
+    wait_for(lambda: all(node_doc(handle, n)["attempts"] == 2 for n in "ab"),
+             LEASE + 15, "recovery of a and b")
+    recovered_in = max(node_doc(handle, n)["started_at"] or 0 for n in "ab") - killed_at
+    print(f"\nrecovered {recovered_in:.2f} s after kill -9 (lease timeout {LEASE} s)")
+    assert recovered_in < LEASE + 5
+    proj.flows.cancel(handle.id, terminate=True)
+
+
+def test_pool_child_killed_mid_task_is_recovered_as_a_new_attempt(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    f = Flow("child-killed")
+    a = f.add(proj.pid_sleep.si(2, "done"), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    wait_for(lambda: redis_db.client.get("pid:a") is not None, 20, "a to start")
+    os.kill(int(redis_db.client.get("pid:a") or 0), signal.SIGKILL)
+    assert handle.wait(timeout=40) == FlowState.SUCCEEDED
+    a_doc = node_doc(handle, "a")
+    assert a_doc["attempts"] == 2 and a_doc["recoveries"] == 1
+    assert handle.results() == {"a": "done", "b": "done"}
+    assert run_counts(redis_db, handle.id) == {"a": 2, "b": 1}
+    one_outcome_per_attempt(handle)
+
+
+def test_pool_child_killed_inside_the_completion_path(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The body succeeded and its result is stored; the child dies in the task_success
+    receivers before celery-flows records it. The outcome is recovered (from the result
+    backend) or the node re-runs; either way the flow finishes and nothing is lost."""
+    env = {"FLOWS_TEST_LEASE": str(LEASE)}
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=env)
+    f = Flow("completion-killed")
+    a = f.add(proj.die_in_completion.si(21), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert redis_db.client.get("died-in-completion") == b"1"
+    assert handle.results() == {"a": 42, "b": 42}
+    assert run_counts(redis_db, handle.id)["b"] == 1
+    one_outcome_per_attempt(handle)
+
+
+def test_acks_late_thousands_of_nodes_run_exactly_once(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"FLOWS_TEST_ACKS_LATE": "1"}
+    monkeypatch.setenv("FLOWS_TEST_ACKS_LATE", "1")
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=env)
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=env)
+    flows_ = []
+    for i in range(20):
+        f = Flow("bulk", id=f"bulk-{i}")
+        root = f.add(proj.add.si(i, 0), id="root")
+        mids = [f.add(proj.add.s(j), id=f"m{j}", after=[root]) for j in range(100)]
+        f.add(proj.tsum.s(), id="sink", after=mids)
+        flows_.append(f)
+    handles = proj.flows.add_bulk(flows_)
+    for i, h in enumerate(handles):
+        assert h.wait(timeout=180) == FlowState.SUCCEEDED
+        assert h.results()["sink"] == sum(i + j for j in range(100))
+    total = Counter(r.rsplit("|", 1)[0] for r in
+                    (x.decode() for x in redis_db.client.lrange("runs", 0, -1)))
+    assert len(total) == 20 * 102
+    assert set(total.values()) == {1}
+
+
+@pytest.fixture
+def aof_redis() -> Iterator[RedisServer]:
+    server = RedisServer(["--appendonly", "yes", "--appendfsync", "always"])
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_chaos_kills_and_a_redis_restart_lose_nothing(
+    import_app: ImportApp, worker_factory: WorkerFactory, aof_redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = aof_redis.celery_url(0)
+    env = {"FLOWS_TEST_LEASE": "2", "FLOWS_TEST_VISIBILITY": "6",
+           "FLOWS_TEST_RESTORE_INTERVAL": "0.2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj", broker_url=url)
+    rng = random.Random(42)
+
+    def start_worker() -> Any:
+        return worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=env,
+                              broker_url=url, ready_timeout=60)
+
+    workers = [start_worker(), start_worker()]
+    handles = []
+    for i in range(30):
+        f = Flow("chaos", id=f"chaos-{i}")
+        first = [f.add(proj.step.si(i, rng.choice([0.05, 0.2])), id=f"l0-{k}")
+                 for k in range(3)]
+        second = [f.add(proj.step.s(0.1), id=f"l1-{k}", after=first) for k in range(2)]
+        third = f.add(proj.step.s(0.05), id="l2", after=second)
+        f.add(proj.step.s(0.05), id="l3", after=[third, first[0]])
+        handles.append(proj.flows.submit(f))
+    deadline = time.monotonic() + 25
+    kills = 0
+    restarted_redis = False
+    while time.monotonic() < deadline and not all(h.state().terminal for h in handles):
+        time.sleep(rng.uniform(0.8, 1.6))
+        victim = workers.pop(rng.randrange(len(workers)))
+        if rng.random() < 0.5 and victim.child_pids():
+            os.kill(rng.choice(victim.child_pids()), signal.SIGKILL)  # one pool child
+            workers.append(victim)
+        else:
+            victim.kill9()
+            workers.append(start_worker())
+        kills += 1
+        if not restarted_redis and kills == 4:
+            aof_redis.restart()
+            restarted_redis = True
+    assert restarted_redis or all(h.state().terminal for h in handles)
+    for h in handles:
+        assert h.wait(timeout=120) == FlowState.SUCCEEDED, h.inspect()
+        one_outcome_per_attempt(h)
+    runs = Counter(r.decode().rsplit("|", 1)[0] for r in
+                   aof_redis.client(0).lrange("runs", 0, -1))
+    for h in handles:
+        for nid in h.node_states():
+            assert runs[f"{h.id}|{nid}"] >= 1, (h.id, nid)
+    print(f"\nchaos: {kills} kills, redis restarted: {restarted_redis}, "
+          f"re-runs: {sum(n - 1 for n in runs.values())} of {len(runs)} nodes")
