@@ -183,12 +183,9 @@ class _Converter:
         # chord's own args unless the chord is immutable; chord kwargs['kwargs'] are
         # partial kwargs of the header; the chord's options reach header and body.
         options = {**_own_options(chord), **inc.options}
-        if chord.immutable:
-            header_inc = _Incoming(None, tuple(chord.args),
-                                   {**chord.kwargs.get("kwargs", {}), **inc.kwargs}, options)
-        else:
-            header_inc = _Incoming(inc.ref, (*inc.args, *chord.args),
-                                   {**chord.kwargs.get("kwargs", {}), **inc.kwargs}, options)
+        ref, args = (None, ()) if chord.immutable else (inc.ref, inc.args)
+        header_inc = _Incoming(ref, (*args, *chord.args),
+                               {**(chord.kwargs.get("kwargs") or {}), **inc.kwargs}, options)
         header = chord.tasks
         if isinstance(header, (group, _chain)):
             header = header.tasks
