@@ -28,7 +28,7 @@ __all__ = ["Flows"]
 
 # Definition fields that make two submits of the same flow id "identical".
 _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "policy", "epol",
-               "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
+               "fpol", "rule", "max_rec", "timeout", "poke", "ctx", "opts")
 
 
 def _route_calls(task: Any, queue: str | None, priority: int | None) -> None:

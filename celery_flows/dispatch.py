@@ -89,6 +89,7 @@ class Prepared(NamedTuple):
     queue: str
     priority: int | None
     task_id: str
+    options: dict[str, Any]
 
 
 class Dispatcher:
@@ -165,12 +166,14 @@ class Dispatcher:
             queue=self.flows.route_queue(rec, task_name, args, kwargs),
             priority=rec.get("priority"),
             task_id=task_id_for(fid, nid, rec["attempt"], nonce),
+            options=dict(rec.get("opts") or {}),
         )
 
     def _publish(self, fid: str, nonce: str, entry: list[Any], producer: Any
                  ) -> tuple[str, int, str]:
         call = self.prepare(fid, nonce, entry)
         options: dict[str, Any] = {
+            **call.options,
             "task_id": call.task_id,
             "queue": call.queue,
             "producer": producer,

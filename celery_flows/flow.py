@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = ["Flow", "Node"]
 
 FORBIDDEN_SIG_OPTIONS = ("countdown", "eta", "link", "link_error", "task_id")
+# signature options (``sig.set(...)``) sent with the node's message as given
+PASSTHROUGH_OPTIONS = ("time_limit", "soft_time_limit", "expires", "headers", "routing_key",
+                       "exchange", "ignore_result", "serializer", "compression")
 _UNSET: Any = object()
 
 
@@ -303,6 +306,11 @@ class Flow:
             )
         if not sig.task:
             raise FlowDefinitionError(f"{label}: signature has no task name")
+        if str(sig.task).startswith("celery."):
+            raise FlowDefinitionError(
+                f"{label}: Celery's built-in task {sig.task!r} cannot be a flow node; "
+                "wrap the work in a task of your own"
+            )
 
     # -- compiling ------------------------------------------------------------------
 
@@ -428,15 +436,21 @@ class Flow:
                         input_ref = input_parts
                 else:
                     input_ref = _input_of(input_parts, entry, is_root, outer)
+                if input_ref is None and is_root and outer and "input" in entry.opts:
+                    # a from_canvas flow used as a sub-flow: its first tasks take the
+                    # sub-flow node's input, as roots of any sub-flow do
+                    input_ref = outer["input"]
                 if sig.immutable:
                     input_ref = None
+                sig_opts = dict(sig.options)
                 rec = new_record(
                     task=task_name,
                     kind=entry.kind,
                     after=flat_after,
                     input=input_ref,
-                    queue=opts.get("queue", defaults.get("queue")),
-                    priority=opts.get("priority", defaults.get("priority")),
+                    queue=opts.get("queue", sig_opts.get("queue") or defaults.get("queue")),
+                    priority=opts.get("priority", sig_opts.get("priority",
+                                                             defaults.get("priority"))),
                     rate=rate,
                     policy=opts.get("policy", defaults.get("policy", "fail")),
                     rule=opts.get("rule", defaults.get("rule", "all_success")),
@@ -444,6 +458,10 @@ class Flow:
                     timeout=opts.get("timeout"),
                     poke=opts.get("poke"),
                 )
+                passthrough = {k: v for k, v in sig_opts.items() if k in PASSTHROUGH_OPTIONS}
+                if passthrough:
+                    _check_json(passthrough, f"node {nid!r} signature options")
+                    rec["opts"] = passthrough
                 calls[nid] = (tuple(sig.args), dict(sig.kwargs))
             if ctx:
                 rec["ctx"] = ctx

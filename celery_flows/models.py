@@ -12,6 +12,7 @@ deps_of  dependents (filled in by :func:`link`)
 input    how results reach the args: a node id, a list of refs or ``{"map": {k: ref}}``
          (``None``: nothing is prepended, e.g. an immutable signature)
 queue, priority, rate, policy, rule, max_rec, timeout, poke   node options
+opts     Celery options from the signature sent as given (time_limit, expires, ...)
 epol     set on a sub-flow's final nodes only: the sub-flow node's policy, applied to
          outgoing edges when the node failed or was skipped as ``upstream_failed``
 fpol     policy deciding whether a failure fails the whole flow

@@ -98,6 +98,8 @@ def test_forbidden_signature_options_and_canvases(proj: Any) -> None:
         f.add(group(proj.add.s(1, 1), proj.ident.s(1)))
     with pytest.raises(FlowDefinitionError, match="signature"):
         f.add(lambda: 1)  # type: ignore[arg-type]
+    with pytest.raises(FlowDefinitionError, match="built-in"):
+        f.add(proj.app.signature("celery.map", args=("tests.proj.ident", [1])))
 
 
 def test_unregistered_task_in_an_imported_module_is_rejected(

@@ -146,15 +146,17 @@ def test_plain_tasks_queues_context_and_current_flow(
     c = f.add(proj.ident.s(), id="io", after=[a], queue="io", priority=3)
     d = f.add(proj.ctx_value.si("tenant"), id="ctx", after=[b, c])
     f.add(proj.deps.si(), id="deps", after=[b, c, d])
+    f.add(proj.ident.si(9).set(queue="io", time_limit=30), id="sig-opts")
     handle = proj.flows.submit(f)
     assert handle.wait(timeout=30) == FlowState.SUCCEEDED
     results = handle.results()
     assert results == {"plain": 5, "other": 5, "io": 5, "ctx": "acme",
-                       "deps": {"other": 5, "io": 5, "ctx": "acme"}}
+                       "deps": {"other": 5, "io": 5, "ctx": "acme"}, "sig-opts": 9}
     nodes = handle.inspect()["nodes"]
     assert nodes["other"]["queue"] == "other"
     assert nodes["io"]["queue"] == "io"
     assert nodes["plain"]["queue"] == "celery"
+    assert nodes["sig-opts"]["queue"] == "io"
     assert run_counts(redis_db, handle.id)["plain"] == 1
 
 
