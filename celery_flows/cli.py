@@ -165,3 +165,25 @@ def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
         _fail(exc)
         return
     click.echo(to_mermaid(doc) if fmt == "mermaid" else to_dot(doc))
+
+
+@flows.command()
+@click.pass_context
+def stats(ctx: click.Context) -> None:
+    """Flows by state, queue slots, limiter levels, live workers and their heartbeats."""
+    from .stats import collect
+
+    ext = _flows(ctx)
+    doc = collect(ext)
+    click.echo("flows: " + (", ".join(f"{k}: {v}" for k, v in sorted(doc["flows"].items()))
+                            or "none"))
+    click.echo("queue slots (flow tasks queued or running / cap):")
+    for queue, (used, cap) in sorted(doc["queues"].items()):
+        click.echo(f"  {queue}: {used}/{cap}")
+    click.echo("rate limiters (seconds until the next release; waiting nodes):")
+    for limiter, (ahead, waiting) in sorted(doc["limiters"].items()):
+        click.echo(f"  {limiter}: {ahead:.2f}s, {waiting} waiting")
+    click.echo("workers (last heartbeat):")
+    for instance, (age, info) in sorted(doc["workers"].items()):
+        role = " --flows" if info.get("manager") else ""
+        click.echo(f"  {instance}: {age:.1f}s ago{role}")

@@ -22,7 +22,7 @@ class FlowRun:
     attempt: int
     task_id: str
     context: dict[str, Any] = field(default_factory=dict)
-    outcome_recorded: bool = False
+    retry_recorded: bool = False
 
     def results(self) -> dict[str, Any]:
         return self.flows._dependency_results(self.id, self.node_id)

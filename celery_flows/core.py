@@ -17,6 +17,7 @@ from .errors import FlowDefinitionError, FlowStateError
 from .flow import CompiledFlow, Flow, _check_node_opts, _check_rate
 from .handle import FlowHandle
 from .models import FORMAT_VERSION
+from .ratelimit import Router
 from .store import Store, check_code
 
 if TYPE_CHECKING:
@@ -63,6 +64,14 @@ class Flows:
     def __repr__(self) -> str:
         return f"<Flows of app {self.app.main!r}>"
 
+    def close(self) -> None:
+        """Close the registry's Redis connections (they reopen on next use)."""
+        store = self.__dict__.get("store")
+        if store is not None and "client" in store.__dict__:
+            store.client.close()
+            del store.__dict__["client"]
+            store.__dict__.pop("_scripts", None)
+
     # -- lazily built parts ----------------------------------------------------------
 
     @cached_property
@@ -80,6 +89,10 @@ class Flows:
     @cached_property
     def dispatcher(self) -> Dispatcher:
         return Dispatcher(self)
+
+    @cached_property
+    def router(self) -> Router:
+        return Router(self)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -399,7 +412,8 @@ class Flows:
 
     def record(self, fid: str, nid: str, attempt: int, outcome: str, *,
                result: Any = None, error: str = "", release: bool = True,
-               external: bool = False, task_id: str | None = None) -> tuple[int, str]:
+               external: bool = False, task_id: str | None = None,
+               retry_delay: float | None = None) -> tuple[int, str]:
         """Record an attempt's outcome and publish what it made ready (unless the
         caller drains the outbox itself, as the eager driver does)."""
         blob = b""
@@ -420,20 +434,25 @@ class Flows:
 
         drop = (recovery.INSTANCE, task_id) if recovery.INSTANCE and task_id else None
         if outcome == "retrying":
-            code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+            code, _released, state, _queue = store.complete(
+                fid, nid, attempt, outcome, blob, error, retry_delay
+            )
             if drop:
                 store.lease_drop(*drop)
             return code, state
         if not release:
-            code, _released, state = store.complete(fid, nid, attempt, outcome, blob, error)
+            code, _released, state, _queue = store.complete(fid, nid, attempt, outcome, blob,
+                                                            error)
             check_code(code, fid)
             return code, state
-        token, (code, _released, state), claim = store.complete_and_claim(
+        token, (code, _released, state, queue), claim = store.complete_and_claim(
             fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop
         )
         if code < 0:
             store.clear_dirty(token)
             check_code(code, fid)
+        if code == 1 and task_id:
+            self.router.release_slot(queue, task_id)
         self.dispatcher.release(fid, token, claim)
         return code, state
 

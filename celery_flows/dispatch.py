@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import redis
 from kombu.exceptions import OperationalError
 
 from .models import Ref, as_list
+from .ratelimit import member_for, order_key
 from .store import Claim
 
 if TYPE_CHECKING:
@@ -90,6 +92,9 @@ class Prepared(NamedTuple):
     priority: int | None
     task_id: str
     options: dict[str, Any]
+    rec: dict[str, Any]
+    path: int
+    retries: int
 
 
 class Dispatcher:
@@ -111,7 +116,7 @@ class Dispatcher:
                 if token is not None:
                     store.published(fid, [], clear_token=token)
                 return
-            sent: list[tuple[str, int, str]] = []
+            sent: list[tuple[str, int, str, str]] = []
             refused: list[tuple[str, int, str]] = []
             short = len(claim.entries) < BATCH
             try:
@@ -119,7 +124,10 @@ class Dispatcher:
                     with self.app.producer_or_acquire() as producer:
                         for entry in claim.entries:
                             try:
-                                sent.append(self._publish(fid, claim.nonce, entry, producer))
+                                call = self.prepare(fid, claim.nonce, entry)
+                                if not self._admitted(fid, claim.flow_rate, call):
+                                    continue
+                                sent.append(self._send(call, producer))
                             except TRANSIENT:
                                 raise
                             except Exception as exc:
@@ -167,11 +175,52 @@ class Dispatcher:
             priority=rec.get("priority"),
             task_id=task_id_for(fid, nid, rec["attempt"], nonce),
             options=dict(rec.get("opts") or {}),
+            rec=rec,
+            path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
+            retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,
         )
 
-    def _publish(self, fid: str, nonce: str, entry: list[Any], producer: Any
-                 ) -> tuple[str, int, str]:
-        call = self.prepare(fid, nonce, entry)
+    def _admitted(self, fid: str, flow_rate: str, call: Prepared, member: str | None = None
+                  ) -> bool:
+        """Pass the node through its limiters; a refused node is held in its flow."""
+        router = self.flows.router
+        limiters = router.limiters(fid, flow_rate, call.rec, call.queue)
+        if not limiters:
+            return True
+        if member is None:
+            priority = call.priority
+            if priority is None:
+                priority = self.app.conf.task_default_priority
+            ready_at = call.rec.get("retry_at") or call.rec.get("ready_at") or time.time()
+            member = member_for(order_key(call.path, priority, float(ready_at)), fid,
+                                call.node_id, call.attempt)
+        ok, wait, limiter_id = router.admit(limiters, member, call.task_id)
+        if not ok:
+            self.flows.store.hold(fid, call.node_id, call.attempt, member, limiter_id, wait)
+        return ok
+
+    def release_one(self, fid: str, nid: str, attempt: int, member: str, limiter_id: str
+                    ) -> tuple[str, float]:
+        """Releaser: try to send one held node. ("published"|"held"|"stale", wait)."""
+        store = self.flows.store
+        token = store.mark_dirty(fid)
+        claim = store.claim(fid, CLAIM_LEASE, 1, [nid])
+        entry = claim.entries[0] if claim.code == 0 and claim.entries else None
+        if entry is None or _entry_attempt(entry) != attempt:
+            store.published(fid, [], clear_token=token)
+            return "stale", 0.0
+        call = self.prepare(fid, claim.nonce, entry)
+        if not self._admitted(fid, claim.flow_rate, call, member):
+            store.published(fid, [], clear_token=token)
+            held = store.node(fid, nid) or {}
+            until = (held.get("held") or {}).get("until")
+            return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+        with self.app.producer_or_acquire() as producer:
+            sent = self._send(call, producer)
+        store.published(fid, [sent], clear_token=token)
+        return "published", 0.0
+
+    def _send(self, call: Prepared, producer: Any) -> tuple[str, int, str, str]:
         options: dict[str, Any] = {
             **call.options,
             "task_id": call.task_id,
@@ -180,9 +229,11 @@ class Dispatcher:
         }
         if call.priority is not None:
             options["priority"] = call.priority
+        if call.retries:
+            options["retries"] = call.retries  # a retry held in Redis, not by Celery
         sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
         sig.apply_async(**options)
-        return call.node_id, call.attempt, call.queue
+        return call.node_id, call.attempt, call.queue, call.task_id
 
     def release(self, fid: str, token: str | None = None, claim: Claim | None = None
                 ) -> None:

@@ -23,12 +23,13 @@ if TYPE_CHECKING:
 def run_eager(flows: Flows, fid: str) -> None:
     store = flows.store
     while True:
-        code, _left, nonce, entries = store.claim(fid, CLAIM_LEASE, BATCH)
+        code, _left, nonce, _rate, entries = store.claim(fid, CLAIM_LEASE, BATCH)
         if code != 0 or not entries:
             return
         for entry in entries:
             call = flows.dispatcher.prepare(fid, nonce, entry)
-            store.published(fid, [(call.node_id, call.attempt, call.queue)])
+            store.published(fid, [(call.node_id, call.attempt, call.queue, call.task_id)],
+                            track=False)
             started, ctx, overlay = store.start(
                 fid, call.node_id, call.attempt, "0:0", call.task_id, "eager"
             )

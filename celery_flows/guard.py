@@ -13,9 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, Reject, Retry
 
 from . import context, recovery
 from .context import FlowRun
@@ -40,6 +41,7 @@ def install(flows: Flows) -> None:
             continue
         original = task.run
         task.run = _guarded(flows, task, original)
+        task.retry = _held_retry(flows, task, task.retry)
         task._flows_guarded = True
 
 
@@ -91,6 +93,47 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
             context.leave(token)
 
     return run
+
+
+def _held_retry(flows: Flows, task: Any, original: Any) -> Any:
+    """``self.retry()`` of a flow node: instead of Celery re-sending the message with a
+    countdown (held in worker memory, redelivered after the visibility timeout), the
+    node waits in Redis as ``retrying`` and is released again through its limits."""
+
+    @functools.wraps(original)
+    def retry(args: Any = None, kwargs: Any = None, exc: Any = None, throw: bool = True,
+              eta: Any = None, countdown: Any = None, max_retries: Any = None,
+              **options: Any) -> Any:
+        request = task.request
+        run_ = active.get(request.id) if request.id else None
+        if run_ is None or request.is_eager or request.called_directly:
+            return original(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
+                            countdown=countdown, max_retries=max_retries, **options)
+        retries = request.retries or 0
+        limit = task.max_retries if max_retries is None else max_retries
+        if limit is not None and retries >= limit:
+            # same as Celery: the original exception, or MaxRetriesExceededError
+            if exc is not None:
+                raise exc
+            raise task.MaxRetriesExceededError(
+                f"Can't retry {task.name}[{request.id}] args:{request.args} "
+                f"kwargs:{request.kwargs}"
+            )
+        if countdown is None and eta is not None:
+            now = datetime.now(eta.tzinfo) if getattr(eta, "tzinfo", None) else datetime.now()
+            countdown = (eta - now).total_seconds()
+        if countdown is None:
+            countdown = task.default_retry_delay
+        delay = max(float(countdown or 0), 0.0)
+        error = f"{type(exc).__name__}: {exc}" if exc is not None else f"Retry in {delay}s"
+        flows.record(run_.id, run_.node_id, run_.attempt, "retrying", error=error,
+                     task_id=request.id, retry_delay=delay)
+        run_.retry_recorded = True
+        if not throw:
+            return None
+        raise Retry(exc=exc, when=delay)
+
+    return retry
 
 
 def _fail(run_: FlowRun, error: str) -> None:

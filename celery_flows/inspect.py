@@ -19,6 +19,18 @@ def _waiting_for(rec: dict[str, Any], nodes: dict[str, dict[str, Any]],
                      if d not in rec["removed"]
                      and NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
         return "dependencies: " + ", ".join(open_deps) if open_deps else "evaluation"
+    if state in (NodeState.SCHEDULED.value, NodeState.RETRYING.value) and rec.get("held"):
+        held = rec["held"]
+        until = held.get("until")
+        if isinstance(until, (int, float)):
+            when = f"next release in {max(until - now, 0):.2f}s"
+        elif str(held.get("by", "")).startswith("queue:"):
+            when = "until a slot frees"
+        else:
+            when = "behind nodes released first"
+        return f"{held.get('by')} ({when}), released by a --flows worker"
+    if state == NodeState.RETRYING.value and isinstance(rec.get("retry_at"), (int, float)):
+        return f"its retry, due in {max(rec['retry_at'] - now, 0):.2f}s"
     if state == NodeState.SCHEDULED.value:
         if meta.get("paused") == "1":
             return "resume: the flow is paused"

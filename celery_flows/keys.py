@@ -21,11 +21,23 @@ Global keys, one slot each, never touched by a flow script::
     <prefix>:dispatch          zset   flow id -> time a process began a transition that
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period
+    <prefix>:queued            zset   task id -> publish time, until a worker starts it
+    <prefix>:timers            zset   "<flow id>|<token>" -> when that flow's outbox holds
+                                      something due (a retry held in Redis)
     <prefix>:workers           zset   worker instance -> last heartbeat (Redis TIME)
     <prefix>:workerinfo        hash   worker instance -> JSON (hostname, pid, manager, ...)
     <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
                                       worker instance holds (received, not yet recorded)
     <prefix>:recovering:<inst> string lock while one manager recovers a lost instance
+
+Scheduling keys share the hash tag ``{sched}`` so that admit.lua checks every limit of
+a node in one atomic step (one slot on Redis Cluster)::
+
+    <prefix>:{sched}:state:<limiter>  rate limiter: theoretical arrival time (GCRA);
+                                      queue cap ("queue:<name>"): zset task id -> time
+    <prefix>:{sched}:wait:<limiter>   zset, all scores 0: members sort by order key,
+                                      "<order>|<flow>|<node>|<attempt>"
+    <prefix>:{sched}:waits            set of limiter ids that have waiting nodes
 
 A worker instance is ``<hostname>|<pid>|<random>``: a restarted worker with the same
 hostname is a new instance, so its predecessor's leases still expire.
@@ -67,12 +79,30 @@ class Keys:
         return f"{self.prefix}:dispatch"
 
     @property
+    def timers(self) -> str:
+        return f"{self.prefix}:timers"
+
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
+
+    @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
     @property
     def worker_info(self) -> str:
         return f"{self.prefix}:workerinfo"
+
+    def limiter_state(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:state:{limiter_id}"
+
+    def wait_queue(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:wait:{limiter_id}"
+
+    @property
+    def waits(self) -> str:
+        return f"{self.prefix}:{{sched}}:waits"
 
     def leases(self, instance: str) -> str:
         return f"{self.prefix}:leases:{instance}"

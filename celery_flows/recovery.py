@@ -177,3 +177,57 @@ def recover_lost_workers(ext: Flows) -> int:
             store.forget_instance(instance)
             logger.warning("celery-flows: recovered the leases of lost worker %s", instance)
     return recovered
+
+
+def _broker_queue_length(ext: Flows, queue: str) -> int | None:
+    """Messages waiting in a Redis broker queue (all priority sub-queues); None when the
+    broker is not Redis."""
+    app = ext.app
+    try:
+        with app.connection_for_write() as conn:
+            channel = conn.default_channel
+            client = getattr(channel, "client", None)
+            if client is None or not hasattr(channel, "_q_for_pri"):
+                return None
+            names = {channel._q_for_pri(queue, pri) for pri in channel.priority_steps}
+            return int(sum(client.llen(name) for name in names))
+    except Exception:
+        return None
+
+
+def rescue_stranded(ext: Flows) -> int:
+    """Manager service: a published node that no worker received nor started within
+    ``flows_lease_timeout``, while its broker queue is empty, lost its message: publish
+    it again (same attempt; a late original is a duplicate the guard acks)."""
+    store = ext.store
+    keys = store.keys
+    stale = store.client.zrangebyscore(keys.queued, "-inf",
+                                       time.time() - ext.config.lease_timeout, start=0, num=200)
+    if not stale:
+        return 0
+    live = [inst for inst, (beat, _info) in store.workers().items()]
+    rescued = 0
+    lengths: dict[str, int | None] = {}
+    for raw in stale:
+        task_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+        ref = parse_task_id(task_id)
+        rec = store.node(ref.flow_id, ref.node_id) if ref else None
+        if (ref is None or rec is None or rec.get("attempt") != ref.attempt
+                or rec.get("state") != NodeState.QUEUED.value or rec.get("lease")):
+            store.client.zrem(keys.queued, task_id)
+            continue
+        if any(store.client.zscore(keys.leases(inst), task_id) is not None for inst in live):
+            continue  # a worker holds it (prefetched); its lease covers it
+        queue = str(rec.get("queue") or ext.app.conf.task_default_queue)
+        if queue not in lengths:
+            lengths[queue] = _broker_queue_length(ext, queue)
+        if lengths[queue] != 0:
+            continue  # still possibly waiting in the broker (or not a Redis broker)
+        token = store.mark_dirty(ref.flow_id)
+        if int(store.run("requeue", ref.flow_id, [ref.node_id, ref.attempt])) == 1:
+            logger.warning("celery-flows: %s was published %s s ago and never received; "
+                           "publishing it again", task_id, ext.config.lease_timeout)
+            rescued += 1
+        store.client.zrem(keys.queued, task_id)
+        ext.dispatcher.release(ref.flow_id, token)
+    return rescued

@@ -101,8 +101,8 @@ def _pool_child_lost(ext: Any, ref: Any, task_id: str, error: str) -> None:
 def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None, **_: Any
                   ) -> None:
     run = guard.active.pop(str(getattr(request, "id", "")), None)
-    if run is None:
-        return
+    if run is None or run.retry_recorded:
+        return  # held in Redis by the guard's retry(): already recorded
     _safely("a retry", run.flows.record, run.id, run.node_id, run.attempt, "retrying",
             error=_error_text(reason), task_id=run.task_id)
 

@@ -66,11 +66,12 @@ class Claim(NamedTuple):
     code: int
     left: int
     nonce: str
+    flow_rate: str
     entries: list[Any]
 
     @classmethod
     def of(cls, out: list[Any]) -> Claim:
-        return cls(int(out[0]), int(out[1]), _s(out[2]), list(out[3:]))
+        return cls(int(out[0]), int(out[1]), _s(out[2]), _s(out[3]), list(out[4:]))
 
 
 class Store:
@@ -109,6 +110,27 @@ class Store:
 
     def run(self, name: str, fid: str, args: Sequence[Any]) -> Any:
         return self._scripts[name](keys=self.keys.flow(fid), args=list(args))
+
+    def run_global(self, name: str, keys: list[str], args: Sequence[Any]) -> Any:
+        return self._scripts[name](keys=keys, args=list(args))
+
+    def drop_empty_wait(self, limiter_id: str) -> None:
+        """Forget a limiter in the waits index once its queue is empty (checked in one
+        transaction so a member added meanwhile keeps it listed)."""
+        key, index = self.keys.wait_queue(limiter_id), self.keys.waits
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(key)
+                if pipe.zcard(key) == 0:
+                    pipe.multi()
+                    pipe.srem(index, limiter_id)
+                    pipe.execute()
+            except redis.WatchError:
+                pass
+
+    def hold(self, fid: str, nid: str, attempt: int, member: str, limiter_id: str,
+             wait: float) -> int:
+        return int(self.run("hold", fid, [nid, attempt, member, limiter_id, wait]))
 
     def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any]) -> None:
         keys = self.keys.flow(fid)
@@ -157,19 +179,28 @@ class Store:
             self.client.delete(*self.keys.flow(fid))
             self.client.zrem(self.keys.index, fid)
 
-    def claim(self, fid: str, lease: float, limit: int) -> Claim:
-        return Claim.of(self.run("claim", fid, [lease, limit]))
+    def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = ()) -> Claim:
+        return Claim.of(self.run("claim", fid, [lease, limit, self.want_paths, *node_ids]))
 
-    def published(self, fid: str, items: list[tuple[str, int, str]],
-                  clear_token: str | None = None) -> None:
-        """Acknowledge published nodes and, in the same round trip, clear a dirty marker."""
+    @property
+    def want_paths(self) -> str:
+        """Ask claim.lua for longest paths when any shared limit may hold nodes."""
+        return "1" if self.config.rate_limits or self.config.queue_limits else ""
+
+    def published(self, fid: str, items: list[tuple[str, int, str, str]],
+                  clear_token: str | None = None, track: bool = True) -> None:
+        """Acknowledge published nodes, track their messages until a worker starts them
+        (see recovery.rescue_stranded) and clear a dirty marker, in one round trip."""
         argv: list[Any] = []
-        for nid, attempt, queue in items:
+        for nid, attempt, queue, _task_id in items:
             argv += [nid, attempt, queue]
+        now = time.time()
 
         def build(pipe: Any) -> None:
             if argv:
                 self._queue(pipe, "published", fid, argv)
+                if track:
+                    pipe.zadd(self.keys.queued, {item[3]: now for item in items})
             if clear_token is not None:
                 pipe.zrem(self.keys.dispatch, clear_token)
 
@@ -179,7 +210,7 @@ class Store:
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
                            result: bytes, error: str, lease: float, limit: int,
                            external: bool = False, drop_lease: tuple[str, str] | None = None
-                           ) -> tuple[str, tuple[int, int, str], Claim]:
+                           ) -> tuple[str, tuple[int, int, str, str], Claim]:
         """Mark the flow dirty, record the outcome, claim what it made ready and drop
         the recording worker's lease, in one round trip (in this order on the server)."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
@@ -187,14 +218,14 @@ class Store:
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
             self._queue(pipe, "complete", fid,
-                        [nid, attempt, outcome, result, error, "1" if external else ""])
-            self._queue(pipe, "claim", fid, [lease, limit])
+                        [nid, attempt, outcome, result, error, "1" if external else "", ""])
+            self._queue(pipe, "claim", fid, [lease, limit, self.want_paths])
             if drop_lease is not None:
                 pipe.zrem(self.keys.leases(drop_lease[0]), drop_lease[1])
 
         out = self._execute(build)
         done, claim = out[1], out[2]
-        return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
+        return token, (int(done[0]), int(done[1]), _s(done[2]), _s(done[3])), Claim.of(claim)
 
     def recover_and_claim(self, fid: str, nid: str, attempt: int, max_recoveries: int,
                           error: str, lost_instance: str, lease: float, limit: int
@@ -205,7 +236,7 @@ class Store:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
             self._queue(pipe, "recover", fid,
                         [nid, attempt, max_recoveries, error, lost_instance])
-            self._queue(pipe, "claim", fid, [lease, limit])
+            self._queue(pipe, "claim", fid, [lease, limit, self.want_paths])
 
         _z, done, claim = self._execute(build)
         return token, (int(done[0]), int(done[1]), _s(done[2])), Claim.of(claim)
@@ -227,14 +258,18 @@ class Store:
             pipe.zadd(self.keys.dispatch, {token: now})
             self._queue(pipe, "create", fid, argv)
             if claim is not None:
-                self._queue(pipe, "claim", fid, list(claim))
+                self._queue(pipe, "claim", fid, [*claim, self.want_paths])
 
         out = self._execute(build)
         return token, int(out[2]), Claim.of(out[3]) if claim is not None else None
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
               worker: str, instance: str = "") -> tuple[int, dict[str, Any], dict[str, Any] | None]:
-        out = self.run("start", fid, [nid, attempt, start_key, task_id, worker, instance])
+        def build(pipe: Any) -> None:
+            self._queue(pipe, "start", fid, [nid, attempt, start_key, task_id, worker, instance])
+            pipe.zrem(self.keys.queued, task_id)
+
+        out = self._execute(build)[0]
         code = int(out[0])
         if code != 1:
             return code, {}, None
@@ -243,9 +278,28 @@ class Store:
         return code, ctx, overlay or None
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
-                 result: bytes = b"", error: str = "") -> tuple[int, int, str]:
-        out = self.run("complete", fid, [nid, attempt, outcome, result, error, ""])
-        return int(out[0]), int(out[1]), _s(out[2])
+                 result: bytes = b"", error: str = "", retry_delay: float | None = None
+                 ) -> tuple[int, int, str, str]:
+        """Record an outcome. A retry held in Redis (``retry_delay``) also sets a timer
+        for the releaser, in the same round trip."""
+        delay: Any = "" if retry_delay is None else max(float(retry_delay), 0.0)
+
+        def build(pipe: Any) -> None:
+            self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error, "", delay])
+            if delay != "":
+                due = time.time() + float(delay)
+                pipe.zadd(self.keys.timers, {f"{fid}|{uuid.uuid4().hex[:12]}": due})
+
+        out = self._execute(build)[0]
+        return int(out[0]), int(out[1]), _s(out[2]), _s(out[3])
+
+    def due_timers(self, limit: int = 100) -> tuple[list[str], float | None]:
+        """Timers due now, and when the next one is due."""
+        now = time.time()
+        due = [_s(m) for m in self.client.zrangebyscore(self.keys.timers, "-inf", now,
+                                                          start=0, num=limit)]
+        nxt = self.client.zrange(self.keys.timers, 0, 0, withscores=True)
+        return due, (float(nxt[0][1]) if nxt else None)
 
     def change(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool,
                claim: tuple[float, int] | None = None
@@ -265,7 +319,7 @@ class Store:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
             self._queue(pipe, name, fid, argv)
             if claim is not None:
-                self._queue(pipe, "claim", fid, list(claim))
+                self._queue(pipe, "claim", fid, [*claim, self.want_paths])
 
         res = self._execute(build)
         out = res[1]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from celery import bootsteps
 
-from . import guard, recovery
+from . import guard, ratelimit, recovery
 from .errors import FlowsConfigError
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ class FlowsStep(bootsteps.StartStopStep):
         self._spawn("celery-flows-heartbeat", self._heartbeat_loop)
         if self.manager:
             self._spawn("celery-flows-manager", self._manager_loop)
+            self._spawn("celery-flows-releaser", self._releaser_loop)
             logger.info("celery-flows: manager services started")
 
     def stop(self, parent: Any) -> None:
@@ -111,12 +112,28 @@ class FlowsStep(bootsteps.StartStopStep):
                 logger.exception("celery-flows: heartbeat failed; retrying")
 
     def _manager_loop(self) -> None:
+        rounds = 0
         while not self._stop.wait(SWEEP_INTERVAL):
+            rounds += 1
             try:
                 sweep(self.ext)
                 recovery.recover_lost_workers(self.ext)
+                if rounds % 2 == 0:
+                    recovery.rescue_stranded(self.ext)
+                if rounds % 2 == 0 and self.ext.config.queue_limits:
+                    ratelimit.collect_slots(self.ext)
             except Exception:
                 logger.exception("celery-flows: sweep failed; retrying")
+
+    def _releaser_loop(self) -> None:
+        """Admit held nodes as soon as their limiters allow (see ratelimit.py)."""
+        pause = 0.05
+        while not self._stop.wait(pause):
+            try:
+                pause = min(ratelimit.release_held(self.ext), ratelimit.fire_timers(self.ext))
+            except Exception:
+                logger.exception("celery-flows: releasing held nodes failed; retrying")
+                pause = 1.0
 
 
 def sweep(ext: Flows) -> int:

@@ -16,6 +16,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import gc
 import importlib
 import itertools
 import sys
@@ -110,13 +111,40 @@ def import_app(
 
     yield _import
 
+    # AsyncResults left by the test unsubscribe from the result backend when collected:
+    # collect them now, while their app is open, then close the backend's connections.
+    _SEEN_APPS.extend(getattr(mod, "app", None) for mod in imported)
+    gc.collect()
+    for seen in _SEEN_APPS:
+        _close_result_backend(seen)
     for mod in reversed(imported):
         app: Any = getattr(mod, "app", None)
+        flows: Any = getattr(app, "flows", None)
+        if flows is not None:
+            flows.close()
+        log_client: Any = getattr(mod, "_log", None)
+        if log_client is not None:
+            log_client.close()
         if app is not None:
             app.close()
         # The next test imports it again with its own broker URL.
         if sys.modules.get(mod.__name__) is mod:
             del sys.modules[mod.__name__]
+
+
+# apps of earlier tests: their leftover AsyncResults may be collected later
+_SEEN_APPS: list[Any] = []
+
+
+def _close_result_backend(app: Any) -> None:
+    backend = getattr(getattr(app, "_local", None), "backend", None)
+    consumer = getattr(backend, "result_consumer", None)
+    pubsub = getattr(consumer, "_pubsub", None)
+    if pubsub is not None:
+        pubsub.close()
+    client = getattr(backend, "client", None)
+    if client is not None:
+        client.close()
 
 
 @pytest.fixture

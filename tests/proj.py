@@ -6,6 +6,7 @@ them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -33,6 +34,8 @@ app.conf.update(
     },
     flows_max_result_bytes=int(os.environ.get("FLOWS_TEST_MAX_RESULT", "1048576")),
     flows_lease_timeout=float(os.environ.get("FLOWS_TEST_LEASE", "60")),
+    flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
+    flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
 )
 
 
@@ -241,3 +244,26 @@ def step(values: Any = None, pause: float = 0.05) -> int:
     if isinstance(values, list):
         return 1 + sum(v for v in values if isinstance(v, int))
     return 1 + (values if isinstance(values, int) else 0)
+
+
+# -- rate limits and queue caps (tests/test_limits.py) ---------------------------------
+
+
+@app.task(shared=False)
+def occupy(seconds: float, value: Any = None) -> Any:
+    """Tracks how many of these run at once: each start pushes the count to ``levels``."""
+    _mark()
+    _log.rpush("levels", _log.incr("running"))
+    try:
+        time.sleep(seconds)
+    finally:
+        _log.decr("running")
+    return value
+
+
+@app.task(bind=True, shared=False, max_retries=5)
+def flaky_limited(self: Any, fail_times: int) -> int:
+    _mark()
+    if self.request.retries < fail_times:
+        raise self.retry(exc=RuntimeError(f"try {self.request.retries}"), countdown=0.05)
+    return self.request.retries

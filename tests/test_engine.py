@@ -124,7 +124,7 @@ def test_ready_nodes_are_published_even_if_the_recorder_dies_before_publishing(
     handle = proj.flows.submit(f)
     store = proj.flows.store
     store.mark_dirty(handle.id)
-    code, released, _state = store.complete(
+    code, released, _state, _queue = store.complete(
         handle.id, "a", 1, "succeeded", proj.flows.codec.dump_result(2)
     )
     assert (code, released) == (1, 1)
@@ -275,8 +275,9 @@ def test_add_bulk_creates_all_or_nothing(
     assert redis_db.client.zrange(proj.flows.store.keys.index, 0, -1) == index_before
 
 
-def _cli(*args: str, broker: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FLOWS_TEST_BROKER": broker, "PYTHONPATH": str(ROOT)}
+def _cli(*args: str, broker: str, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env or {}), "FLOWS_TEST_BROKER": broker, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", "tests.proj", "flows", *args],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,

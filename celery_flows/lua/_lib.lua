@@ -201,6 +201,8 @@ local function make_ready(id, rec, now)
   rec.queued_at = cjson.null
   rec.started_at = cjson.null
   rec.finished_at = cjson.null
+  rec.held = cjson.null
+  rec.retry_at = cjson.null
   save(id, rec)
   ready_add(id, 0)
   REPORT.released[#REPORT.released + 1] = id
@@ -339,6 +341,8 @@ local function reopen(ids, now)
     rec.retries = 0
     rec.starts = {}
     rec.lease = cjson.null
+    rec.held = cjson.null
+    rec.retry_at = cjson.null
     save(id, rec)
     REPORT.reopened[#REPORT.reopened + 1] = id
     later(function() redis.call('HDEL', RESULTS, id) end)

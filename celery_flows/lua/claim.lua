@@ -1,26 +1,64 @@
 --[[
-  claim: take up to ARGV[2] outbox entries for publishing.
+  claim: take outbox entries for publishing.
   KEYS: meta nodes args results ready
   ARGV[1]  claim lease, seconds: an unacknowledged claim may be taken again after it
   ARGV[2]  maximum number of entries
-  Returns: {code, left, nonce, entry...}
-    code 0 ok | 1 flow paused or cancelled, nothing claimed | -1 no such flow | -2 version
+  ARGV[3]  '1': report each entry's longest path to a sink (needed to order held nodes)
+  ARGV[4..] explicit node ids (a releaser taking held nodes): claimed whatever their
+            outbox score, if still in the outbox; otherwise only due entries are claimed
+  Returns: {code, left, nonce, flow rate limit, entry...}
+    code   0 ok | 1 flow paused or cancelled, nothing claimed | -1 no such flow | -2 version
     left   outbox entries claimed by another process and not yet published (counted
-           before this claim)
+           before this claim; held entries are not counted)
     nonce  the flow's nonce (part of every task id)
-    entry  {node id, record JSON, args blob|nil, dependency edge kinds JSON, {result|nil...}}
+    entry  {node id, record JSON, args blob|nil, dependency edge kinds JSON, {result|nil...},
+            longest path in nodes to a sink (0 when not asked)}
+  Emits: claimed entries get score now + lease; entries no longer ready leave the outbox.
 ]]
+local HELD = 1e15
 local ok = flow_ok()
-if ok < 0 then return {ok, 0, ''} end
-local st = redis.call('HGET', META, 'state')
-if st == 'cancelled' or redis.call('HGET', META, 'paused') == '1' then return {1, 0, ''} end
+if ok < 0 then return {ok, 0, '', ''} end
+local st = mget('state')
+if st == 'cancelled' or mget('paused') == '1' then return {1, 0, '', ''} end
 local now = now_ts()
-local left = redis.call('ZCOUNT', READY, '(' .. now, '+inf')
-local ids = redis.call('ZRANGEBYSCORE', READY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {0, left, redis.call('HGET', META, 'nonce')}
+local left = redis.call('ZCOUNT', READY, '(' .. now, '(' .. HELD)
+local ids
+if #ARGV > 3 then
+  ids = {}
+  for i = 4, #ARGV do
+    if redis.call('ZSCORE', READY, ARGV[i]) then ids[#ids + 1] = ARGV[i] end
+  end
+else
+  ids = redis.call('ZRANGEBYSCORE', READY, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+end
+local memo = {}
+local function longest(id)
+  -- iterative post-order DFS over dependents, memoised within this call
+  local stack = {{id, 1}}
+  while #stack > 0 do
+    local top = stack[#stack]
+    local rec = load(top[1])
+    local kids = list(rec.deps_of)
+    if top[2] <= #kids then
+      local kid = kids[top[2]]
+      top[2] = top[2] + 1
+      if memo[kid] == nil then stack[#stack + 1] = {kid, 1} end
+    else
+      local best = 0
+      for _, kid in ipairs(kids) do
+        if memo[kid] and memo[kid] > best then best = memo[kid] end
+      end
+      memo[top[1]] = best + 1
+      stack[#stack] = nil
+    end
+  end
+  return memo[id]
+end
+local want_path = ARGV[3] == '1' or (mget('rate_limit') or '') ~= ''
+local out = {0, left, mget('nonce'), mget('rate_limit') or ''}
 for _, id in ipairs(ids) do
   local rec = load(id)
-  if not rec or rec.state ~= 'scheduled' then
+  if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
     redis.call('ZREM', READY, id)
   else
     redis.call('ZADD', READY, now + tonumber(ARGV[1]), id)
@@ -32,8 +70,10 @@ for _, id in ipairs(ids) do
       results[i] = false
       if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
     end
+    local path = 0
+    if want_path or val(rec.rate) then path = longest(id) end
     out[#out + 1] = {id, cjson.encode(rec), redis.call('HGET', ARGS, id),
-                     cjson.encode(kinds), results}
+                     cjson.encode(kinds), results, path}
   end
 end
 return out

@@ -4,7 +4,9 @@
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
   ARGV[6] '1' for an external node's signal (its state is awaiting), else ''
-  Returns: {code, released, flow state}
+  ARGV[7] for a retry held in Redis: seconds until it may be released again ('' when
+          Celery itself re-sent the message)
+  Returns: {code, released, flow state, the node's queue}
     1 recorded | 0 late or duplicate report, kept in the node's history only
     -1 no such flow | -2 version | -4 no such node
   Emits: the node -> succeeded|failed|retrying; dependents whose edges are all terminal
@@ -12,10 +14,10 @@
          rest); flow state refreshed.
 ]]
 local ok = flow_ok()
-if ok < 0 then return {ok, 0, ''} end
+if ok < 0 then return {ok, 0, '', ''} end
 local id, attempt, outcome = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local rec = load(id)
-if not rec then return {-4, 0, ''} end
+if not rec then return {-4, 0, '', ''} end
 local now = now_ts()
 local err = ARGV[5]
 local external = ARGV[6] == '1'
@@ -30,15 +32,20 @@ if not open then
                 error = (err ~= '' and err or nil)})
   save(id, rec)
   flush()
-  return {0, 0, mget('state')}
+  return {0, 0, mget('state'), val(rec.queue) or ''}
 end
 if outcome == 'retrying' then
   rec.state = 'retrying'
   rec.retries = (rec.retries or 0) + 1
   rec.error = err
+  local delay = tonumber(ARGV[7] or '')
+  if delay then
+    rec.retry_at = now + delay
+    ready_add(id, now + delay)
+  end
   save(id, rec)
   flush()
-  return {1, 0, mget('state')}
+  return {1, 0, mget('state'), val(rec.queue) or ''}
 end
 rec.state = outcome
 rec.finished_at = now
@@ -55,4 +62,4 @@ save(id, rec)
 settle(id, now)
 local state = set_flow_state(now)
 flush()
-return {1, #REPORT.released, state}
+return {1, #REPORT.released, state, val(rec.queue) or ''}

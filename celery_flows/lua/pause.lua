@@ -21,6 +21,13 @@ else
   mset('paused', '0')
   for _, id in ipairs(redis.call('ZRANGE', READY, 0, -1)) do
     REPORT.released[#REPORT.released + 1] = id
+    -- held nodes lost their place in the limiters' queues while paused: re-admit them
+    local rec = load(id)
+    if rec and val(rec.held) then
+      rec.held = cjson.null
+      save(id, rec)
+      ready_add(id, 0)
+    end
   end
 end
 local state = set_flow_state(now)
