@@ -91,7 +91,9 @@ class Store:
         return redis.Redis.from_url(
             url,
             retry=retry,
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            # a restarted Redis answers BUSY LOADING until its data is back
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError,
+                            redis.exceptions.BusyLoadingError],
             health_check_interval=30,
         )
 

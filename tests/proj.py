@@ -15,6 +15,8 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import task_success
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from celery_flows import Flows, current_flow
 from celery_flows.store import to_redis_py_url
@@ -22,7 +24,12 @@ from celery_flows.store import to_redis_py_url
 BROKER_URL = os.environ["FLOWS_TEST_BROKER"]
 
 app = Celery("proj", broker=BROKER_URL, backend=BROKER_URL)
-_log = redis.Redis.from_url(to_redis_py_url(BROKER_URL))
+# the bodies' own bookkeeping must survive the Redis restart of the chaos test
+_log = redis.Redis.from_url(
+    to_redis_py_url(BROKER_URL),
+    retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
+    retry_on_error=[redis.ConnectionError, redis.exceptions.BusyLoadingError],
+)
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=True,
