@@ -8,6 +8,7 @@ backend and flow registry share the Redis named by ``BENCH_REDIS_URL``.
 
 from __future__ import annotations
 
+import json
 import os
 
 from celery import Celery
@@ -22,6 +23,8 @@ app.conf.update(
     # Finished benchmark flows need not outlive the run.
     flows_retention=3600,
     result_expires=3600,
+    # benchmarks/limits.py: the limiter groups under test
+    flows_rate_limits=json.loads(os.environ.get("BENCH_RATE_LIMITS", "{}")),
 )
 flows = Flows(app)
 

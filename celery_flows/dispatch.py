@@ -116,7 +116,7 @@ class Dispatcher:
                 if token is not None:
                     store.published(fid, [], clear_token=token)
                 return
-            sent: list[tuple[str, int, str, str]] = []
+            sent: list[tuple[str, int, str, str, float | None]] = []
             refused: list[tuple[str, int, str]] = []
             short = len(claim.entries) < BATCH
             try:
@@ -125,9 +125,10 @@ class Dispatcher:
                         for entry in claim.entries:
                             try:
                                 call = self.prepare(fid, claim.nonce, entry)
-                                if not self._admitted(fid, claim.flow_rate, call):
+                                released = self._admitted(fid, claim.flow_rate, call)
+                                if released is False:
                                     continue
-                                sent.append(self._send(call, producer))
+                                sent.append(self._send(call, producer, released or None))
                             except TRANSIENT:
                                 raise
                             except Exception as exc:
@@ -180,13 +181,16 @@ class Dispatcher:
             retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,
         )
 
-    def _admitted(self, fid: str, flow_rate: str, call: Prepared, member: str | None = None
-                  ) -> bool:
-        """Pass the node through its limiters; a refused node is held in its flow."""
+    def _admitted(self, fid: str, flow_rate: str, call: Prepared, member: str | None = None,
+                  patience: float = 0.0) -> float | None | bool:
+        """Pass the node through its limiters: False when refused (the node is then held
+        in its flow), else the release time (None when no limiter applies). With
+        ``patience``, a rate limiter due within that many seconds is waited for
+        here rather than by holding the node (the releaser's precise timing)."""
         router = self.flows.router
         limiters = router.limiters(fid, flow_rate, call.rec, call.queue)
         if not limiters:
-            return True
+            return None
         if member is None:
             priority = call.priority
             if priority is None:
@@ -194,33 +198,39 @@ class Dispatcher:
             ready_at = call.rec.get("retry_at") or call.rec.get("ready_at") or time.time()
             member = member_for(order_key(call.path, priority, float(ready_at)), fid,
                                 call.node_id, call.attempt)
-        ok, wait, limiter_id = router.admit(limiters, member, call.task_id)
+        while True:
+            ok, wait, limiter_id = router.admit(limiters, member, call.task_id)
+            if ok or not 0 < wait <= patience:
+                break
+            time.sleep(wait)
         if not ok:
             self.flows.store.hold(fid, call.node_id, call.attempt, member, limiter_id, wait)
-        return ok
+            return False
+        return wait
 
     def release_one(self, fid: str, nid: str, attempt: int, member: str, limiter_id: str
                     ) -> tuple[str, float]:
         """Releaser: try to send one held node. ("published"|"held"|"stale", wait)."""
         store = self.flows.store
-        token = store.mark_dirty(fid)
-        claim = store.claim(fid, CLAIM_LEASE, 1, [nid])
+        token, claim = store.mark_and_claim(fid, CLAIM_LEASE, [nid])
         entry = claim.entries[0] if claim.code == 0 and claim.entries else None
         if entry is None or _entry_attempt(entry) != attempt:
             store.published(fid, [], clear_token=token)
             return "stale", 0.0
         call = self.prepare(fid, claim.nonce, entry)
-        if not self._admitted(fid, claim.flow_rate, call, member):
+        released = self._admitted(fid, claim.flow_rate, call, member, patience=0.05)
+        if released is False:
             store.published(fid, [], clear_token=token)
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
             return "held", max(float(until) - time.time(), 0.0) if until else 0.0
         with self.app.producer_or_acquire() as producer:
-            sent = self._send(call, producer)
+            sent = self._send(call, producer, released or None)
         store.published(fid, [sent], clear_token=token)
         return "published", 0.0
 
-    def _send(self, call: Prepared, producer: Any) -> tuple[str, int, str, str]:
+    def _send(self, call: Prepared, producer: Any, released: float | None = None
+              ) -> tuple[str, int, str, str, float | None]:
         options: dict[str, Any] = {
             **call.options,
             "task_id": call.task_id,
@@ -233,7 +243,7 @@ class Dispatcher:
             options["retries"] = call.retries  # a retry held in Redis, not by Celery
         sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
         sig.apply_async(**options)
-        return call.node_id, call.attempt, call.queue, call.task_id
+        return call.node_id, call.attempt, call.queue, call.task_id, released
 
     def release(self, fid: str, token: str | None = None, claim: Claim | None = None
                 ) -> None:

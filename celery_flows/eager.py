@@ -28,7 +28,7 @@ def run_eager(flows: Flows, fid: str) -> None:
             return
         for entry in entries:
             call = flows.dispatcher.prepare(fid, nonce, entry)
-            store.published(fid, [(call.node_id, call.attempt, call.queue, call.task_id)],
+            store.published(fid, [(call.node_id, call.attempt, call.queue, call.task_id, None)],
                             track=False)
             started, ctx, overlay = store.start(
                 fid, call.node_id, call.attempt, "0:0", call.task_id, "eager"

@@ -65,7 +65,8 @@ def describe(flows: Flows, fid: str) -> dict[str, Any]:
             "recoveries": rec.get("recoveries", 0),
             "retries": rec.get("retries", 0),
             "task_ids": rec["task_ids"],
-            "queued_at": rec.get("queued_at"),
+            "queued_at": float(rec["released_at"]) if rec.get("released_at")
+            else rec.get("queued_at"),
             "started_at": rec.get("started_at"),
             "finished_at": rec.get("finished_at"),
             "error": rec.get("error"),

@@ -184,18 +184,29 @@ class Store:
     def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = ()) -> Claim:
         return Claim.of(self.run("claim", fid, [lease, limit, self.want_paths, *node_ids]))
 
+    def mark_and_claim(self, fid: str, lease: float, node_ids: Sequence[str]
+                       ) -> tuple[str, Claim]:
+        """Mark the flow dirty and claim the given outbox entries in one round trip."""
+        token = f"{fid}|{uuid.uuid4().hex[:12]}"
+
+        def build(pipe: Any) -> None:
+            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            self._queue(pipe, "claim", fid, [lease, len(node_ids), self.want_paths, *node_ids])
+
+        return token, Claim.of(self._execute(build)[1])
+
     @property
     def want_paths(self) -> str:
         """Ask claim.lua for longest paths when any shared limit may hold nodes."""
         return "1" if self.config.rate_limits or self.config.queue_limits else ""
 
-    def published(self, fid: str, items: list[tuple[str, int, str, str]],
+    def published(self, fid: str, items: list[tuple[str, int, str, str, float | None]],
                   clear_token: str | None = None, track: bool = True) -> None:
         """Acknowledge published nodes, track their messages until a worker starts them
         (see recovery.rescue_stranded) and clear a dirty marker, in one round trip."""
         argv: list[Any] = []
-        for nid, attempt, queue, _task_id in items:
-            argv += [nid, attempt, queue]
+        for nid, attempt, queue, _task_id, released in items:
+            argv += [nid, attempt, queue, "" if released is None else repr(released)]
         now = time.time()
 
         def build(pipe: Any) -> None:

@@ -199,6 +199,7 @@ local function make_ready(id, rec, now)
   rec.retries = 0
   rec.lease = cjson.null
   rec.queued_at = cjson.null
+  rec.released_at = cjson.null
   rec.started_at = cjson.null
   rec.finished_at = cjson.null
   rec.held = cjson.null
@@ -338,6 +339,7 @@ local function reopen(ids, now)
     rec.finished_at = cjson.null
     rec.started_at = cjson.null
     rec.queued_at = cjson.null
+    rec.released_at = cjson.null
     rec.retries = 0
     rec.starts = {}
     rec.lease = cjson.null

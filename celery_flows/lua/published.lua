@@ -1,15 +1,17 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
   KEYS: meta nodes args results ready
-  ARGV: triples of node id, attempt, queue name
+  ARGV: quadruples of node id, attempt, queue name, release time ('' = now; a limited
+        node's release is the moment its limiters admitted it)
   Returns: the number of nodes moved from scheduled to queued.
   Emits:   each node leaves the outbox; scheduled|retrying -> queued (a node whose worker already
            started it stays running).
 ]]
 local now = now_ts()
 local moved = 0
-for i = 1, #ARGV, 3 do
+for i = 1, #ARGV, 4 do
   local id, attempt, queue = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local released = tonumber(ARGV[i + 3]) or now
   local rec = load(id)
   if rec and rec.attempt == attempt then
     if rec.state == 'scheduled' or rec.state == 'retrying' then
@@ -17,7 +19,11 @@ for i = 1, #ARGV, 3 do
       moved = moved + 1
     end
     rec.held = cjson.null
-    if val(rec.queued_at) == nil then rec.queued_at = now end
+    if val(rec.queued_at) == nil or ARGV[i + 3] ~= '' then rec.queued_at = released end
+    if val(rec.released_at) == nil and ARGV[i + 3] ~= '' then
+      -- cjson keeps 14 significant digits (0.1 ms); a limited node's exact release time
+      rec.released_at = ARGV[i + 3]
+    end
     rec.queue = queue
     save(id, rec)
     if rec.state ~= 'scheduled' and rec.state ~= 'retrying' then ready_rem(id) end

@@ -8,7 +8,8 @@
   ARGV[2] task id (the slot holder)   ARGV[3] number of rate limiters
   ARGV[4] queue cap (0: none)   ARGV[5..] per limiter: its id; per rate limiter then its
           interval in seconds (GCRA, no burst: releases at least one interval apart)
-  Returns: {1} admitted (rates consumed, slot taken, wait entries removed)
+  Returns: {1, the Redis time of the release} admitted (rates consumed, slot taken,
+           wait entries removed)
            {0, seconds to wait (-1: until a slot frees, 0: behind better-ordered nodes),
             limiter id} refused; the member waits in that limiter's queue
 ]]
@@ -66,4 +67,4 @@ if cap > 0 then redis.call('ZADD', KEYS[2 * n], now, task_id) end
 for i = 1, n do
   redis.call('ZREM', KEYS[2 * i + 1], member)
 end
-return {1}
+return {1, tostring(now)}
