@@ -206,3 +206,23 @@ def test_chaos_kills_and_a_redis_restart_lose_nothing(
             assert runs[f"{h.id}|{nid}"] >= 1, (h.id, nid)
     print(f"\nchaos: {kills} kills, redis restarted: {restarted_redis}, "
           f"re-runs: {sum(n - 1 for n in runs.values())} of {len(runs)} nodes")
+
+
+def test_a_message_lost_by_the_broker_is_published_again(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
+    proj = import_app("tests.proj")
+    f = Flow("lost-message")
+    a = f.add(proj.add.si(1, 1), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    assert node_doc(handle, "a")["state"] == "queued"
+    assert redis_db.client.delete("celery") == 1  # the broker loses the message
+    worker_factory("tests.proj", extra_args=FLOWS, env={"FLOWS_TEST_LEASE": str(LEASE)})
+    assert handle.wait(timeout=LEASE + 15) == FlowState.SUCCEEDED
+    rec = proj.flows.store.node(handle.id, "a")
+    assert [h["outcome"] for h in rec["history"]] == ["requeued", "succeeded"]
+    assert rec["attempt"] == 1
+    assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1}
