@@ -190,11 +190,8 @@ local function set_flow_state(now)
   return new
 end
 
--- Make a node ready: it goes to the outbox (state scheduled) as a new attempt.
-local function make_ready(id, rec, now)
-  rec.state = 'scheduled'
-  rec.attempt = rec.attempt + 1
-  rec.ready_at = now
+-- Forget everything that belongs to one attempt (its history stays).
+local function clear_attempt(rec)
   rec.starts = {}
   rec.retries = 0
   rec.lease = cjson.null
@@ -204,6 +201,14 @@ local function make_ready(id, rec, now)
   rec.finished_at = cjson.null
   rec.held = cjson.null
   rec.retry_at = cjson.null
+end
+
+-- Make a node ready: it goes to the outbox (state scheduled) as a new attempt.
+local function make_ready(id, rec, now)
+  rec.state = 'scheduled'
+  rec.attempt = rec.attempt + 1
+  rec.ready_at = now
+  clear_attempt(rec)
   save(id, rec)
   ready_add(id, 0)
   REPORT.released[#REPORT.released + 1] = id
@@ -336,15 +341,7 @@ local function reopen(ids, now)
     rec.skip_reason = cjson.null
     rec.cancel_reason = cjson.null
     rec.error = cjson.null
-    rec.finished_at = cjson.null
-    rec.started_at = cjson.null
-    rec.queued_at = cjson.null
-    rec.released_at = cjson.null
-    rec.retries = 0
-    rec.starts = {}
-    rec.lease = cjson.null
-    rec.held = cjson.null
-    rec.retry_at = cjson.null
+    clear_attempt(rec)
     save(id, rec)
     REPORT.reopened[#REPORT.reopened + 1] = id
     later(function() redis.call('HDEL', RESULTS, id) end)
