@@ -82,6 +82,9 @@ def redis_server() -> Generator[RedisServer, None, None]:
     try:
         yield server
     finally:
+        gc.collect()
+        for app in _SEEN_APPS:
+            _close_result_backend(app)
         server.cleanup()
 
 
@@ -139,6 +142,11 @@ _SEEN_APPS: list[Any] = []
 def _close_result_backend(app: Any) -> None:
     backend = getattr(getattr(app, "_local", None), "backend", None)
     consumer = getattr(backend, "result_consumer", None)
+    # results collected later (at exit, after redis-server stopped) then have nothing to
+    # unsubscribe from, instead of reconnecting to a server that is gone
+    subscribed = getattr(consumer, "subscribed_to", None)
+    if subscribed is not None:
+        subscribed.clear()
     pubsub = getattr(consumer, "_pubsub", None)
     if pubsub is not None:
         pubsub.close()
