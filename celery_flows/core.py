@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -180,7 +181,7 @@ class Flows:
             "context": json.dumps(compiled.context),
             "retention": str(self.config.retention),
             "rate_limit": compiled.options["rate_limit"] or "",
-            "webhook": compiled.options["webhook"] or "",
+            "webhook": compiled.options["webhook"] or self.config.webhook_url or "",
             "fail_fast": "1" if compiled.options["fail_fast"] else "0",
             "paused": "0",
             "channel": self.store.keys.channel(compiled.id),
@@ -303,6 +304,11 @@ class Flows:
         report, extra = self._change("cancel", flow_id, [], dry_run, release=False)
         started = json.loads(extra[0]) if extra and extra[0] else []
         report["terminated"] = started if terminate else []
+        if not dry_run:
+            meta = self.store.meta(flow_id) or {}
+            if meta.get("webhook_pending") == "1":
+                self.store.client.zadd(self.store.keys.webhooks, {flow_id: time.time()},
+                                       nx=True)
         if terminate and started and not dry_run:
             self.app.control.revoke(started, terminate=True)
         return report
@@ -445,8 +451,14 @@ class Flows:
                                                             error)
             check_code(code, fid)
             return code, state
+        falsy = False
+        if outcome == "succeeded":
+            try:
+                falsy = not result  # a sensor pokes again on a falsy result
+            except Exception:
+                falsy = False
         token, (code, _released, state, queue), claim = store.complete_and_claim(
-            fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop
+            fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop, falsy
         )
         if code < 0:
             store.clear_dirty(token)

@@ -111,6 +111,10 @@ class Dispatcher:
         while True:
             if claim is None:
                 claim = store.claim(fid, CLAIM_LEASE, BATCH)
+            if claim.next_due is not None:
+                store.set_timer(fid, claim.next_due)
+            if claim.webhook_pending:
+                store.client.zadd(store.keys.webhooks, {fid: time.time()}, nx=True)
             if claim.code != 0:
                 # gone, paused or cancelled: resume/retry mark the flow dirty themselves
                 if token is not None:

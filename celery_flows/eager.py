@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 def run_eager(flows: Flows, fid: str) -> None:
     store = flows.store
     while True:
-        code, _left, nonce, _rate, entries = store.claim(fid, CLAIM_LEASE, BATCH)
+        claim = store.claim(fid, CLAIM_LEASE, BATCH)
+        code, nonce, entries = claim.code, claim.nonce, claim.entries
         if code != 0 or not entries:
             return
         for entry in entries:

@@ -22,8 +22,10 @@ Global keys, one slot each, never touched by a flow script::
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period
     <prefix>:queued            zset   task id -> publish time, until a worker starts it
-    <prefix>:timers            zset   "<flow id>|<token>" -> when that flow's outbox holds
-                                      something due (a retry held in Redis)
+    <prefix>:timers            zset   flow id -> when its outbox holds something due (an
+                                      external node's deadline, a retry, a sensor poke)
+    <prefix>:webhooks          zset   flow id -> when to (re)try delivering its webhook
+    <prefix>:webhook-lock:<f>  string one deliverer at a time
     <prefix>:workers           zset   worker instance -> last heartbeat (Redis TIME)
     <prefix>:workerinfo        hash   worker instance -> JSON (hostname, pid, manager, ...)
     <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
@@ -81,6 +83,13 @@ class Keys:
     @property
     def timers(self) -> str:
         return f"{self.prefix}:timers"
+
+    @property
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    def webhook_lock(self, flow_id: str) -> str:
+        return f"{self.prefix}:webhook-lock:{flow_id}"
 
     @property
     def queued(self) -> str:

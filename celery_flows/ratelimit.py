@@ -158,11 +158,11 @@ def fire_timers(ext: Flows) -> float:
     Redis). Returns the seconds until the next timer (at most 1)."""
     store = ext.store
     due, nxt = store.due_timers()
-    for member in due:
-        fid = member.split("|", 1)[0]
+    for fid in due:
+        # dirty first: if this process dies now, the sweeper drains (and re-times) it
         token = store.mark_dirty(fid)
+        store.client.zrem(store.keys.timers, fid)
         ext.dispatcher.release(fid, token)
-        store.client.zrem(store.keys.timers, member)
     if nxt is None:
         return 1.0
     return max(nxt - time.time(), 0.002)

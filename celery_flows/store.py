@@ -67,11 +67,15 @@ class Claim(NamedTuple):
     left: int
     nonce: str
     flow_rate: str
+    next_due: float | None
+    webhook_pending: bool
     entries: list[Any]
 
     @classmethod
     def of(cls, out: list[Any]) -> Claim:
-        return cls(int(out[0]), int(out[1]), _s(out[2]), _s(out[3]), list(out[4:]))
+        due = _s(out[4])
+        return cls(int(out[0]), int(out[1]), _s(out[2]), _s(out[3]),
+                   float(due) if due else None, _s(out[5]) == "1", list(out[6:]))
 
 
 class Store:
@@ -222,7 +226,8 @@ class Store:
 
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
                            result: bytes, error: str, lease: float, limit: int,
-                           external: bool = False, drop_lease: tuple[str, str] | None = None
+                           external: bool = False, drop_lease: tuple[str, str] | None = None,
+                           falsy: bool = False
                            ) -> tuple[str, tuple[int, int, str, str], Claim]:
         """Mark the flow dirty, record the outcome, claim what it made ready and drop
         the recording worker's lease, in one round trip (in this order on the server)."""
@@ -231,7 +236,8 @@ class Store:
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: time.time()})
             self._queue(pipe, "complete", fid,
-                        [nid, attempt, outcome, result, error, "1" if external else "", ""])
+                        [nid, attempt, outcome, result, error, "1" if external else "", "",
+                         "0" if falsy else ""])
             self._queue(pipe, "claim", fid, [lease, limit, self.want_paths])
             if drop_lease is not None:
                 pipe.zrem(self.keys.leases(drop_lease[0]), drop_lease[1])
@@ -300,11 +306,14 @@ class Store:
         def build(pipe: Any) -> None:
             self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error, "", delay])
             if delay != "":
-                due = time.time() + float(delay)
-                pipe.zadd(self.keys.timers, {f"{fid}|{uuid.uuid4().hex[:12]}": due})
+                pipe.zadd(self.keys.timers, {fid: time.time() + float(delay)}, lt=True)
 
         out = self._execute(build)[0]
         return int(out[0]), int(out[1]), _s(out[2]), _s(out[3])
+
+    def set_timer(self, fid: str, due: float) -> None:
+        """Drain this flow's outbox at ``due`` (keeps an earlier timer)."""
+        self.client.zadd(self.keys.timers, {fid: due}, lt=True)
 
     def due_timers(self, limit: int = 100) -> tuple[list[str], float | None]:
         """Timers due now, and when the next one is due."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from celery import bootsteps
 
-from . import guard, ratelimit, recovery
+from . import guard, ratelimit, recovery, webhooks
 from .errors import FlowsConfigError
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class FlowsStep(bootsteps.StartStopStep):
         if self.manager:
             self._spawn("celery-flows-manager", self._manager_loop)
             self._spawn("celery-flows-releaser", self._releaser_loop)
+            self._spawn("celery-flows-webhooks", self._webhook_loop)
             logger.info("celery-flows: manager services started")
 
     def stop(self, parent: Any) -> None:
@@ -124,6 +125,13 @@ class FlowsStep(bootsteps.StartStopStep):
                     ratelimit.collect_slots(self.ext)
             except Exception:
                 logger.exception("celery-flows: sweep failed; retrying")
+
+    def _webhook_loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                webhooks.deliver_due(self.ext)
+            except Exception:
+                logger.exception("celery-flows: webhook delivery failed; retrying")
 
     def _releaser_loop(self) -> None:
         """Admit held nodes as soon as their limiters allow (see ratelimit.py)."""

@@ -43,6 +43,7 @@ app.conf.update(
     flows_lease_timeout=float(os.environ.get("FLOWS_TEST_LEASE", "60")),
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
+    flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,
 )
 
 
@@ -274,3 +275,14 @@ def flaky_limited(self: Any, fail_times: int) -> int:
     if self.request.retries < fail_times:
         raise self.retry(exc=RuntimeError(f"try {self.request.retries}"), countdown=0.05)
     return self.request.retries
+
+
+# -- external systems (tests/test_external.py) -----------------------------------------
+
+
+@app.task(shared=False)
+def check_key(key: str) -> Any:
+    """A sensor's check: the key's value once it exists, else None (not yet)."""
+    _mark()
+    value = _log.get(key)
+    return value.decode() if value is not None else None

@@ -173,6 +173,7 @@ local function set_flow_state(now)
     mset('state', new)
     if new == 'succeeded' or new == 'failed' then
       mset('finished_at', now)
+      if (mget('webhook') or '') ~= '' then mset('webhook_pending', '1') end
       later(function()
         local ttl = tonumber(redis.call('HGET', META, 'retention'))
         for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
@@ -209,6 +210,7 @@ local function make_ready(id, rec, now)
   rec.attempt = rec.attempt + 1
   rec.ready_at = now
   clear_attempt(rec)
+  if rec.kind == 'sensor' then rec.sensor_since = now end
   save(id, rec)
   ready_add(id, 0)
   REPORT.released[#REPORT.released + 1] = id
@@ -243,6 +245,8 @@ local function evaluate(id, rec, now)
       rec.attempt = rec.attempt + 1
       rec.ready_at = now
       save(id, rec)
+      -- in the outbox until its deadline: claim.lua fails it if no signal came by then
+      ready_add(id, now + (tonumber(val(rec.timeout)) or 3600))
       REPORT.released[#REPORT.released + 1] = id
     else
       make_ready(id, rec, now)
@@ -380,6 +384,17 @@ local function upstream_failed_closure(roots)
     end
   end
   return out
+end
+
+-- Fail a running/awaiting node from inside a transition (timeouts).
+local function fail_node(id, rec, now, err)
+  rec.state = 'failed'
+  rec.error = err
+  rec.finished_at = now
+  history(rec, {attempt = rec.attempt, outcome = 'failed', at = now, error = err})
+  save(id, rec)
+  ready_rem(id)
+  settle(id, now)
 end
 
 local function flow_ok()

@@ -24,6 +24,7 @@ end
 cancel_all(now, 'cancelled')
 mset('state', 'cancelled')
 mset('finished_at', now)
+if (mget('webhook') or '') ~= '' then mset('webhook_pending', '1') end
 local report = report_json()
 if ARGV[1] == '1' then return {1, report, 'cancelled', cjson.encode(started)} end
 later(function()

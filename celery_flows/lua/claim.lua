@@ -6,22 +6,34 @@
   ARGV[3]  '1': report each entry's longest path to a sink (needed to order held nodes)
   ARGV[4..] explicit node ids (a releaser taking held nodes): claimed whatever their
             outbox score, if still in the outbox; otherwise only due entries are claimed
-  Returns: {code, left, nonce, flow rate limit, entry...}
+  Returns: {code, left, nonce, flow rate limit, next due, webhook pending, entry...}
     code   0 ok | 1 flow paused or cancelled, nothing claimed | -1 no such flow | -2 version
     left   outbox entries claimed by another process and not yet published (counted
            before this claim; held entries are not counted)
     nonce  the flow's nonce (part of every task id)
+    next due   the earliest future time something in the outbox becomes due (an
+           external node's deadline, a held retry or sensor poke; '' if none): the caller
+           sets a timer for it
+    webhook pending  '1' when a finished flow's webhook is not delivered yet
     entry  {node id, record JSON, args blob|nil, dependency edge kinds JSON, {result|nil...},
             longest path in nodes to a sink (0 when not asked)}
-  Emits: claimed entries get score now + lease; entries no longer ready leave the outbox.
+  Emits: claimed entries get score now + lease; entries no longer ready leave the outbox;
+         an external node past its deadline fails (TimeoutError), cascading.
 ]]
 local HELD = 1e15
 local ok = flow_ok()
-if ok < 0 then return {ok, 0, '', ''} end
+if ok < 0 then return {ok, 0, '', '', '', ''} end
 local st = mget('state')
-if st == 'cancelled' or mget('paused') == '1' then return {1, 0, '', ''} end
+if st == 'cancelled' or mget('paused') == '1' then
+  return {1, 0, '', '', '', mget('webhook_pending') or ''}
+end
 local now = now_ts()
-local left = redis.call('ZCOUNT', READY, '(' .. now, '(' .. HELD)
+-- claimed by another process, not yet published (timed entries are not claims)
+local left = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', READY, '(' .. now, '(' .. HELD)) do
+  local rec = load(id)
+  if rec and rec.state == 'scheduled' then left = left + 1 end
+end
 local ids
 if #ARGV > 3 then
   ids = {}
@@ -55,10 +67,17 @@ local function longest(id)
   return memo[id]
 end
 local want_path = ARGV[3] == '1' or (mget('rate_limit') or '') ~= ''
-local out = {0, left, mget('nonce'), mget('rate_limit') or ''}
+local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', ''}
+local expired = false
 for _, id in ipairs(ids) do
   local rec = load(id)
-  if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
+  if rec and rec.state == 'awaiting' then
+    if #ARGV <= 3 then
+      expired = true
+      fail_node(id, rec, now, 'TimeoutError: external node ' .. id ..
+        ' was not signalled within ' .. (tonumber(val(rec.timeout)) or 3600) .. ' s')
+    end
+  elseif not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
     redis.call('ZREM', READY, id)
   else
     redis.call('ZADD', READY, now + tonumber(ARGV[1]), id)
@@ -76,4 +95,17 @@ for _, id in ipairs(ids) do
                      cjson.encode(kinds), results, path}
   end
 end
+if expired then
+  set_flow_state(now)
+  flush()
+end
+-- the earliest timed entry (external deadline, held retry, sensor poke): a timer
+local timed = redis.call('ZRANGEBYSCORE', READY, '(' .. now, '(' .. HELD, 'WITHSCORES')
+for i = 1, #timed, 2 do
+  local rec = load(timed[i])
+  if rec and (rec.state == 'awaiting' or rec.state == 'retrying') then
+    if out[5] == '' or tonumber(timed[i + 1]) < tonumber(out[5]) then out[5] = timed[i + 1] end
+  end
+end
+out[6] = mget('webhook_pending') or ''
 return out

@@ -6,6 +6,8 @@
   ARGV[6] '1' for an external node's signal (its state is awaiting), else ''
   ARGV[7] for a retry held in Redis: seconds until it may be released again ('' when
           Celery itself re-sent the message)
+  ARGV[8] '0' when a succeeded result is falsy: a sensor then pokes again after its
+          poke_interval, or fails once its timeout has passed
   Returns: {code, released, flow state, the node's queue}
     1 recorded | 0 late or duplicate report, kept in the node's history only
     -1 no such flow | -2 version | -4 no such node
@@ -47,8 +49,26 @@ if outcome == 'retrying' then
   flush()
   return {1, 0, mget('state'), val(rec.queue) or ''}
 end
+if outcome == 'succeeded' and rec.kind == 'sensor' and ARGV[8] == '0' then
+  local since = tonumber(val(rec.sensor_since)) or now
+  local timeout = tonumber(val(rec.timeout)) or 600
+  local poke = tonumber(val(rec.poke)) or 10
+  if now + poke - since > timeout then
+    outcome, err = 'failed', 'TimeoutError: the sensor condition was not met within ' ..
+      timeout .. ' s'
+  else
+    rec.state = 'retrying'
+    rec.retries = (rec.retries or 0) + 1
+    rec.retry_at = now + poke
+    save(id, rec)
+    ready_add(id, now + poke)
+    flush()
+    return {1, 0, mget('state'), val(rec.queue) or ''}
+  end
+end
 rec.state = outcome
 rec.finished_at = now
+ready_rem(id)
 if val(rec.started_at) == nil then rec.started_at = now end
 if outcome == 'succeeded' then
   rec.error = cjson.null

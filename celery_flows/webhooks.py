@@ -1,0 +1,103 @@
+"""Webhook delivery for flow events (``succeeded``, ``failed``, ``cancelled``).
+
+When a flow with a webhook (its ``webhook=`` or ``flows_webhook_url``) finishes, the
+transition marks it ``webhook_pending`` in its record; whoever drains the flow next
+queues it in ``<prefix>:webhooks``. The ``--flows`` workers POST the event as JSON,
+signed with HMAC-SHA256 of the body (``X-Flows-Signature: sha256=<hex>``, secret
+``flows_webhook_secret``), and retry with exponential backoff. A failing webhook never
+changes a flow's state. The event id is stable across retries, so receivers can
+deduplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core import Flows
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 10
+TIMEOUT = 10.0
+
+
+def backoff(attempt: int) -> float:
+    return float(min(2 ** attempt, 600))
+
+
+def payload(ext: Flows, fid: str, meta: dict[str, str]) -> dict[str, Any]:
+    nodes = ext.store.nodes(fid)
+    finished = meta.get("finished_at") or ""
+    return {
+        "event_id": f"{fid}:{meta.get('state')}:{finished}",
+        "timestamp": float(finished) if finished else time.time(),
+        "flow_id": fid,
+        "name": meta.get("name"),
+        "state": meta.get("state"),
+        "nodes": {nid: {"state": rec["state"], "attempts": rec.get("attempt", 0),
+                        "error": rec.get("error")}
+                  for nid, rec in nodes.items()},
+    }
+
+
+def sign(secret: str | None, body: bytes) -> str | None:
+    if not secret:
+        return None
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def post(url: str, body: bytes, signature: str | None) -> int:
+    headers = {"Content-Type": "application/json", "User-Agent": "celery-flows"}
+    if signature:
+        headers["X-Flows-Signature"] = signature
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+        return int(response.status)
+
+
+def deliver_due(ext: Flows) -> int:
+    """Deliver the webhooks that are due; returns how many were delivered."""
+    store = ext.store
+    keys = store.keys
+    client = store.client
+    delivered = 0
+    for raw in client.zrangebyscore(keys.webhooks, "-inf", time.time(), start=0, num=20):
+        fid = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if not client.set(keys.webhook_lock(fid), "1", nx=True, ex=int(TIMEOUT * 3)):
+            continue
+        try:
+            meta = store.meta(fid)
+            url = (meta or {}).get("webhook")
+            if not meta or meta.get("webhook_pending") != "1" or not url:
+                client.zrem(keys.webhooks, fid)
+                continue
+            body = json.dumps(payload(ext, fid, meta), sort_keys=True).encode()
+            try:
+                status = post(url, body, sign(ext.config.webhook_secret, body))
+                ok = 200 <= status < 300
+            except Exception as exc:
+                logger.warning("celery-flows: webhook for flow %s failed: %r", fid, exc)
+                ok = False
+            if ok:
+                client.hset(keys.meta(fid), "webhook_pending", "0")
+                client.zrem(keys.webhooks, fid)
+                delivered += 1
+                continue
+            attempts = int(client.hincrby(keys.meta(fid), "webhook_attempts", 1))
+            if attempts >= MAX_ATTEMPTS:
+                logger.error("celery-flows: giving up the webhook of flow %s after %d "
+                             "attempts", fid, attempts)
+                client.hset(keys.meta(fid), "webhook_pending", "gave-up")
+                client.zrem(keys.webhooks, fid)
+            else:
+                client.zadd(keys.webhooks, {fid: time.time() + backoff(attempts)}, xx=True)
+        finally:
+            client.delete(keys.webhook_lock(fid))
+    return delivered
