@@ -9,7 +9,10 @@ transition touches a single Redis Cluster slot::
     <prefix>:{<fid>}:args      hash   node id -> serialised [args, kwargs] (task_serializer)
     <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
-                                      publishing (0 = now; a claim pushes it forward)
+                                      publishing (0 = now; a claim pushes it forward;
+                                      1e15 = held by a limiter)
+    <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
+                                      external node's deadline, a held retry, a poke
 
 Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``)::
 
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FLOW_KEYS = ("meta", "nodes", "args", "results", "ready")
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed")
 
 
 @dataclass(frozen=True)

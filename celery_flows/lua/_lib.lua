@@ -1,14 +1,16 @@
 --[[
   Shared functions, prepended by store.py to every transition script of a flow.
-  Every flow script receives the same five keys (see keys.py):
-    KEYS[1] meta     KEYS[2] nodes    KEYS[3] args    KEYS[4] results    KEYS[5] ready
+  Every flow script receives the same six keys (see keys.py):
+    KEYS[1] meta   KEYS[2] nodes   KEYS[3] args   KEYS[4] results   KEYS[5] ready
+    KEYS[6] timed
   Nothing here builds a key: fields only.
 
   Writes go through a write-back cache (load/save, mget/mset, ready_add/ready_rem,
   later) and reach Redis only in flush(). A transition called with dry_run skips
   flush() and returns REPORT: what it would have released, skipped and cancelled.
 ]]
-local META, NODES, ARGS, RESULTS, READY = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local META, NODES, ARGS, RESULTS, READY, TIMED = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
 
 local TERMINAL = {succeeded = true, failed = true, skipped = true, cancelled = true}
 
@@ -74,8 +76,10 @@ local function mincr(field, n)
   mset(field, (tonumber(mget(field)) or 0) + n)
 end
 
-local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', id, score} end
-local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', id} end
+local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', READY, id, score} end
+local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', READY, id} end
+local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id, due} end
+local function timed_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', TIMED, id} end
 local function later(fn) LATER[#LATER + 1] = fn end
 
 local function flush()
@@ -91,12 +95,14 @@ local function flush()
   end
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
-      redis.call('ZADD', READY, op[3], op[2])
+      redis.call('ZADD', op[2], op[4], op[3])
     else
-      redis.call('ZREM', READY, op[2])
+      redis.call('ZREM', op[2], op[3])
     end
   end
   for _, fn in ipairs(LATER) do fn() end
+  -- written: a second flush in the same script writes only what changed since
+  DIRTY, DIRTY_ORDER, MDIRTY, READY_OPS, LATER = {}, {}, {}, {}, {}
 end
 
 local function report_json()
@@ -176,7 +182,7 @@ local function set_flow_state(now)
       if (mget('webhook') or '') ~= '' then mset('webhook_pending', '1') end
       later(function()
         local ttl = tonumber(redis.call('HGET', META, 'retention'))
-        for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+        for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
         local channel = redis.call('HGET', META, 'channel')
         if channel then redis.call('PUBLISH', channel, new) end
       end)
@@ -184,7 +190,7 @@ local function set_flow_state(now)
       MCACHE['finished_at'] = false
       MDIRTY['finished_at'] = true
       later(function()
-        for i = 1, 5 do redis.call('PERSIST', KEYS[i]) end
+        for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
       end)
     end
   end
@@ -213,6 +219,7 @@ local function make_ready(id, rec, now)
   if rec.kind == 'sensor' then rec.sensor_since = now end
   save(id, rec)
   ready_add(id, 0)
+  timed_rem(id)
   REPORT.released[#REPORT.released + 1] = id
 end
 
@@ -245,8 +252,8 @@ local function evaluate(id, rec, now)
       rec.attempt = rec.attempt + 1
       rec.ready_at = now
       save(id, rec)
-      -- in the outbox until its deadline: claim.lua fails it if no signal came by then
-      ready_add(id, now + (tonumber(val(rec.timeout)) or 3600))
+      -- claim.lua fails it if no signal came by its deadline
+      timed_add(id, now + (tonumber(val(rec.timeout)) or 3600))
       REPORT.released[#REPORT.released + 1] = id
     else
       make_ready(id, rec, now)
@@ -273,6 +280,7 @@ local function cancel_all(now, reason)
       rec.finished_at = now
       save(id, rec)
       ready_rem(id)
+      timed_rem(id)
       REPORT.cancelled[#REPORT.cancelled + 1] = id
       n = n + 1
     end
@@ -394,6 +402,7 @@ local function fail_node(id, rec, now, err)
   history(rec, {attempt = rec.attempt, outcome = 'failed', at = now, error = err})
   save(id, rec)
   ready_rem(id)
+  timed_rem(id)
   settle(id, now)
 end
 

@@ -1,7 +1,7 @@
 --[[
   cancel: stop the whole flow. Nothing is released after it; every non-terminal node
   becomes cancelled; the flow is cancelled at once.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV[1] '1' for a dry run (report only, change nothing)
   Returns: {code, report JSON | reason, flow state, task ids of started nodes JSON}
     1 done (or would be) | -5 refused: the flow already finished | -1 no flow | -2 version
@@ -29,7 +29,7 @@ local report = report_json()
 if ARGV[1] == '1' then return {1, report, 'cancelled', cjson.encode(started)} end
 later(function()
   local ttl = tonumber(redis.call('HGET', META, 'retention'))
-  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
   local channel = redis.call('HGET', META, 'channel')
   if channel then redis.call('PUBLISH', channel, 'cancelled') end
 end)

@@ -1,6 +1,6 @@
 --[[
   claim: take outbox entries for publishing.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV[1]  claim lease, seconds: an unacknowledged claim may be taken again after it
   ARGV[2]  maximum number of entries
   ARGV[3]  '1': report each entry's longest path to a sink (needed to order held nodes)
@@ -28,12 +28,29 @@ if st == 'cancelled' or mget('paused') == '1' then
   return {1, 0, '', '', '', mget('webhook_pending') or ''}
 end
 local now = now_ts()
--- claimed by another process, not yet published (timed entries are not claims)
-local left = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', READY, '(' .. now, '(' .. HELD)) do
-  local rec = load(id)
-  if rec and rec.state == 'scheduled' then left = left + 1 end
+-- due timed entries: a held retry or poke goes to the outbox; an external node past
+-- its deadline fails
+local expired = false
+if #ARGV <= 3 then
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', TIMED, '-inf', now)) do
+    local rec = load(id)
+    redis.call('ZREM', TIMED, id)
+    if rec and rec.state == 'awaiting' then
+      expired = true
+      fail_node(id, rec, now, 'TimeoutError: external node ' .. id ..
+        ' was not signalled within ' .. (tonumber(val(rec.timeout)) or 3600) .. ' s')
+    elseif rec and rec.state == 'retrying' then
+      redis.call('ZADD', READY, 0, id)
+    end
+  end
+  if expired then
+    -- written now, so that what the expiry released is claimed by this same call
+    set_flow_state(now)
+    flush()
+  end
 end
+-- claimed by another process, not yet published (held entries are not claims)
+local left = redis.call('ZCOUNT', READY, '(' .. now, '(' .. HELD)
 local ids
 if #ARGV > 3 then
   ids = {}
@@ -68,16 +85,9 @@ local function longest(id)
 end
 local want_path = ARGV[3] == '1' or (mget('rate_limit') or '') ~= ''
 local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', ''}
-local expired = false
 for _, id in ipairs(ids) do
   local rec = load(id)
-  if rec and rec.state == 'awaiting' then
-    if #ARGV <= 3 then
-      expired = true
-      fail_node(id, rec, now, 'TimeoutError: external node ' .. id ..
-        ' was not signalled within ' .. (tonumber(val(rec.timeout)) or 3600) .. ' s')
-    end
-  elseif not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
+  if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
     redis.call('ZREM', READY, id)
   else
     redis.call('ZADD', READY, now + tonumber(ARGV[1]), id)
@@ -95,17 +105,8 @@ for _, id in ipairs(ids) do
                      cjson.encode(kinds), results, path}
   end
 end
-if expired then
-  set_flow_state(now)
-  flush()
-end
 -- the earliest timed entry (external deadline, held retry, sensor poke): a timer
-local timed = redis.call('ZRANGEBYSCORE', READY, '(' .. now, '(' .. HELD, 'WITHSCORES')
-for i = 1, #timed, 2 do
-  local rec = load(timed[i])
-  if rec and (rec.state == 'awaiting' or rec.state == 'retrying') then
-    if out[5] == '' or tonumber(timed[i + 1]) < tonumber(out[5]) then out[5] = timed[i + 1] end
-  end
-end
+local nxt = redis.call('ZRANGE', TIMED, 0, 0, 'WITHSCORES')
+if nxt[2] then out[5] = nxt[2] end
 out[6] = mget('webhook_pending') or ''
 return out

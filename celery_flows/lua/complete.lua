@@ -1,6 +1,6 @@
 --[[
   complete: record an attempt's outcome (first report wins) and release what it unblocks.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
   ARGV[6] '1' for an external node's signal (its state is awaiting), else ''
@@ -43,7 +43,7 @@ if outcome == 'retrying' then
   local delay = tonumber(ARGV[7] or '')
   if delay then
     rec.retry_at = now + delay
-    ready_add(id, now + delay)
+    timed_add(id, now + delay)
   end
   save(id, rec)
   flush()
@@ -61,7 +61,7 @@ if outcome == 'succeeded' and rec.kind == 'sensor' and ARGV[8] == '0' then
     rec.retries = (rec.retries or 0) + 1
     rec.retry_at = now + poke
     save(id, rec)
-    ready_add(id, now + poke)
+    timed_add(id, now + poke)
     flush()
     return {1, 0, mget('state'), val(rec.queue) or ''}
   end
@@ -69,6 +69,7 @@ end
 rec.state = outcome
 rec.finished_at = now
 ready_rem(id)
+timed_rem(id)
 if val(rec.started_at) == nil then rec.started_at = now end
 if outcome == 'succeeded' then
   rec.error = cjson.null

@@ -1,6 +1,6 @@
 --[[
   create: store a whole flow atomically and release its roots.
-  KEYS: meta nodes args results ready (of the new flow)
+  KEYS: meta nodes args results ready timed (of the new flow)
   ARGV[1]  meta fields, JSON object of strings
   ARGV[2]  definition digest (idempotent submit)
   ARGV[3]  n, the number of nodes; then n triples: node id, record JSON, args blob ('' = none)

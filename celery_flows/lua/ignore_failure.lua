@@ -1,7 +1,7 @@
 --[[
   ignore_failure: a node that failed under "fail" now counts as "ignore"; the nodes
   skipped as upstream_failed because of it are evaluated again. May reopen a failed flow.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV[1] node id  ARGV[2] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
     1 done | -5 refused (cancelled flow, node not failed under "fail") | -4 no node

@@ -1,7 +1,7 @@
 --[[
   pause / resume: a paused flow releases nothing (ready nodes wait as scheduled);
   running nodes finish and are recorded. Resume lets the outbox go again.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV[1] 'pause' | 'resume'   ARGV[2] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
     1 done | -5 refused (finished, already paused, not paused) | -1 no flow | -2 version

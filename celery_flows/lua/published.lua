@@ -1,6 +1,6 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
-  KEYS: meta nodes args results ready
+  KEYS: meta nodes args results ready timed
   ARGV: quadruples of node id, attempt, queue name, release time ('' = now; a limited
         node's release is the moment its limiters admitted it)
   Returns: the number of nodes moved from scheduled to queued.
