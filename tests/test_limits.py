@@ -201,3 +201,18 @@ def _wait(predicate: Any, what: str, timeout: float = 20) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_slot_leaked_by_a_dead_publisher_is_collected(
+    limited: Any, worker_factory: WorkerFactory, redis_db: RedisDB
+) -> None:
+    """A process that took a queue slot and died before publishing leaks nothing: a
+    --flows worker frees slots whose holder is not queued or running."""
+    slots = limited.flows.store.keys.limiter_state("queue:single")
+    redis_db.client.zadd(slots, {"gone-flow~n~1~abcd": time.time()})  # cap 1: full
+    worker_factory("tests.proj", extra_args=FLOWS, env=LIMITS, queues=("celery", "single"))
+    f = Flow("after-leak")
+    f.add(limited.ident.si(1), id="a", queue="single")
+    h = limited.flows.submit(f)
+    assert h.wait(timeout=20) == FlowState.SUCCEEDED
+    assert redis_db.client.zscore(slots, "gone-flow~n~1~abcd") is None

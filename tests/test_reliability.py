@@ -226,3 +226,23 @@ def test_a_message_lost_by_the_broker_is_published_again(
     assert [h["outcome"] for h in rec["history"]] == ["requeued", "succeeded"]
     assert rec["attempt"] == 1
     assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1}
+
+
+def test_recoveries_are_bounded_by_max_recoveries(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    f = Flow("doomed")
+    a = f.add(proj.pid_sleep.si(5, "x"), id="a", max_recoveries=1)
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    for attempt in (1, 2):
+        wait_for(lambda: node_doc(handle, "a")["attempts"] == attempt
+                 and node_doc(handle, "a")["state"] == "running"
+                 and redis_db.client.get("pid:a") is not None, 20, f"attempt {attempt}")
+        os.kill(int(redis_db.client.getdel("pid:a") or 0), signal.SIGKILL)
+    assert handle.wait(timeout=30) == FlowState.FAILED
+    doc = node_doc(handle, "a")
+    assert doc["error"].startswith("WorkerLostError") and doc["recoveries"] == 2
+    assert node_doc(handle, "b")["skip_reason"] == "upstream_failed"
