@@ -238,7 +238,7 @@ def test_recoveries_are_bounded_by_max_recoveries(
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
     for attempt in (1, 2):
-        wait_for(lambda: node_doc(handle, "a")["attempts"] == attempt
+        wait_for(lambda n=attempt: node_doc(handle, "a")["attempts"] == n
                  and node_doc(handle, "a")["state"] == "running"
                  and redis_db.client.get("pid:a") is not None, 20, f"attempt {attempt}")
         os.kill(int(redis_db.client.getdel("pid:a") or 0), signal.SIGKILL)
