@@ -7,37 +7,25 @@ validates everything before a single key is written.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from celery.canvas import Signature, _chain, _chord, group
 
-from .config import RATE_RE, FlowsConfig, parse_rate
+from .config import FlowsConfig
 from .errors import FlowDefinitionError
-from .models import (
-    FAILURE_POLICIES,
-    TRIGGER_RULES,
-    Ref,
-    check_acyclic,
-    check_id,
-    link,
-    new_record,
-    ref_ids,
-    rename_ref,
-)
+from .models import Ref, check_id, check_node_opts, check_rate
 
 if TYPE_CHECKING:
     from celery import Celery
 
+    from .compile import CompiledFlow
+    from .config import FlowsConfig
+
 __all__ = ["Flow", "Node"]
 
 FORBIDDEN_SIG_OPTIONS = ("countdown", "eta", "link", "link_error", "task_id")
-# signature options (``sig.set(...)``) sent with the node's message as given
-PASSTHROUGH_OPTIONS = ("time_limit", "soft_time_limit", "expires", "headers", "routing_key",
-                       "exchange", "ignore_result", "serializer", "compression")
-_UNSET: Any = object()
 
 
 @dataclass(eq=False)
@@ -62,18 +50,6 @@ class _Entry:
     after: list[str]
     children: list[str] | None = None
     opts: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class CompiledFlow:
-    """What ``submit`` writes: flow options and node records in definition order."""
-
-    id: str
-    name: str
-    context: dict[str, Any]
-    options: dict[str, Any]
-    records: dict[str, dict[str, Any]]
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]  # node id -> (args, kwargs)
 
 
 class Flow:
@@ -102,7 +78,7 @@ class Flow:
         if not isinstance(context, dict):
             raise FlowDefinitionError("flow context must be a dict (JSON-serialisable)")
         if rate_limit is not None:
-            _check_rate(rate_limit, None, "flow rate_limit")
+            check_rate(rate_limit, None, "flow rate_limit")
         if webhook is not None and (
             not isinstance(webhook, str) or not webhook.startswith(("http://", "https://"))
         ):
@@ -165,7 +141,7 @@ class Flow:
             raise FlowDefinitionError(f"sub-flow node id {id!r} must not contain ':'")
         if id in self._entries:
             raise FlowDefinitionError(f"node id {id!r} is used twice in flow {self.name!r}")
-        opts = _check_node_opts(
+        opts = check_node_opts(
             id, queue=queue, priority=priority, rate_limit=rate_limit,
             failure_policy=failure_policy, trigger_rule=trigger_rule,
             max_recoveries=max_recoveries,
@@ -197,7 +173,7 @@ class Flow:
             raise FlowDefinitionError(f"node id {id!r} is used twice in flow {self.name!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise FlowDefinitionError(f"node {id!r}: timeout must be a number of seconds > 0")
-        opts = _check_node_opts(id, failure_policy=failure_policy, trigger_rule=trigger_rule)
+        opts = check_node_opts(id, failure_policy=failure_policy, trigger_rule=trigger_rule)
         opts["timeout"] = float(timeout)
         deps = self._resolve_after(id, after)
         self._entries[id] = _Entry(id, "external", None, deps, None, opts)
@@ -219,7 +195,7 @@ class Flow:
         for what, value in (("poke_interval", poke_interval), ("timeout", timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise FlowDefinitionError(f"node {id!r}: {what} must be a number > 0")
-        opts = _check_node_opts(
+        opts = check_node_opts(
             id, queue=queue, failure_policy=failure_policy, trigger_rule=trigger_rule
         )
         opts["poke"] = float(poke_interval)
@@ -314,286 +290,9 @@ class Flow:
 
     # -- compiling ------------------------------------------------------------------
 
-    def compile(self, app: Celery, config: FlowsConfig, flow_id: str | None = None) -> CompiledFlow:
+    def compile(self, app: Celery, config: FlowsConfig, flow_id: str | None = None
+                ) -> CompiledFlow:
         """Validate and flatten; raises FlowDefinitionError before anything is written."""
-        fid = flow_id or self.id or uuid.uuid4().hex
-        check_id(fid, "flow id")
-        if self.rate_limit is not None:
-            _check_rate(self.rate_limit, config, "flow rate_limit")
-        _check_json(self.context, "flow context")
-        records: dict[str, dict[str, Any]] = {}
-        calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-        self._flatten(app, config, "", records, calls, {}, None, stack=[])
-        check_acyclic(records)
-        link(records)
-        for seq, rec in enumerate(records.values()):
-            rec["seq"] = seq
-        return CompiledFlow(
-            id=fid,
-            name=self.name,
-            context=self.context,
-            options={
-                "rate_limit": self.rate_limit,
-                "webhook": self.webhook,
-                "fail_fast": self.fail_fast,
-            },
-            records=records,
-            calls=calls,
-        )
+        from .compile import compile_flow
 
-    def _flatten(
-        self,
-        app: Celery,
-        config: FlowsConfig,
-        prefix: str,
-        records: dict[str, dict[str, Any]],
-        calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
-        outer: dict[str, Any],
-        ctx: dict[str, Any] | None,
-        stack: list[Flow],
-    ) -> dict[str, tuple[list[str], Ref]]:
-        """Add this flow's nodes under ``prefix``; ``outer`` gives, for the sub-flow
-        node being inlined, ``after`` (its deps in the parent) and ``input`` (its
-        input ref). Returns for each sub-flow entry: (final node ids, output ref)."""
-        if self in stack:
-            raise FlowDefinitionError(f"flow {self.name!r} contains itself as a sub-flow")
-        stack = [*stack, self]
-        # sub-flow entry id -> (its final node ids, ref that stands for its result)
-        subs: dict[str, tuple[list[str], Ref]] = {}
-        for entry in self._entries.values():
-            for dep in entry.after:
-                if dep not in self._entries:
-                    raise FlowDefinitionError(
-                        f"node {prefix + entry.id!r}: 'after' names unknown node {dep!r}"
-                    )
-        order = _entry_order(self._entries, prefix)
-        for eid in order:
-            entry = self._entries[eid]
-            nid = prefix + eid
-            # dependencies in the flat graph and the input ref, sub-flows expanded
-            flat_after: list[str] = []
-            input_parts: list[Ref] = []
-            for dep in entry.after:
-                if dep in subs:
-                    finals, out_ref = subs[dep]
-                    flat_after.extend(f for f in finals if f not in flat_after)
-                    input_parts.append(out_ref)
-                else:
-                    flat_after.append(prefix + dep)
-                    input_parts.append(prefix + dep)
-            is_root = not entry.after
-            if is_root and outer:
-                flat_after = list(outer["after"])
-            if entry.kind == "subflow":
-                sub: Flow = entry.body
-                sub_outer = {
-                    "after": flat_after,
-                    "input": _input_of(input_parts, entry, is_root, outer),
-                }
-                sub_ctx = {**(ctx or {}), **sub.context}
-                _check_json(sub.context, f"sub-flow {nid!r} context")
-                before = set(records)
-                sub._flatten(app, config, nid + ":", records, calls, sub_outer, sub_ctx, stack)
-                added = [k for k in records if k not in before]
-                if not added:
-                    raise FlowDefinitionError(f"sub-flow node {nid!r} has no nodes")
-                used_as_dep = {d for k in added for d in records[k]["after"]}
-                finals = [k for k in added if k not in used_as_dep]
-                policy = entry.opts.get("policy", "fail")
-                for k in added:
-                    if records[k]["fpol"] == "fail":
-                        records[k]["fpol"] = policy
-                for k in finals:
-                    records[k]["epol"] = policy
-                sub_ref: Ref = (
-                    finals[0] if len(finals) == 1
-                    else {"map": {k[len(nid) + 1:]: k for k in finals}}
-                )
-                subs[eid] = (finals, sub_ref)
-                continue
-            opts = dict(entry.opts)
-            if entry.kind == "external":
-                rec = new_record(task=None, kind="external", after=flat_after, input=None,
-                                 timeout=opts.get("timeout"), policy=opts.get("policy", "fail"),
-                                 rule=opts.get("rule", "all_success"))
-            else:
-                sig: Signature = entry.body
-                task_name = sig.task
-                task = app.tasks.get(task_name)
-                _check_registered(app, nid, task_name, task)
-                defaults: dict[str, Any] = getattr(task, "flows_defaults", None) or {}
-                rate = opts.get("rate", defaults.get("rate"))
-                if rate is not None:
-                    _check_rate(rate, config, f"node {nid!r} rate_limit")
-                if "input" in opts:
-                    # an explicit input shape (Flow.from_canvas): refs name entries
-                    rename: dict[str, Ref] = {e: prefix + e for e in self._entries}
-                    rename.update({e: sub_out for e, (_f, sub_out) in subs.items()})
-                    input_ref: Ref = rename_ref(opts.pop("input"), rename)
-                elif entry.children is not None:
-                    input_ref = [prefix + c for c in entry.children]
-                    if len(entry.after) > len(entry.children):
-                        input_ref = input_parts
-                else:
-                    input_ref = _input_of(input_parts, entry, is_root, outer)
-                if input_ref is None and is_root and outer and "input" in entry.opts:
-                    # a from_canvas flow used as a sub-flow: its first tasks take the
-                    # sub-flow node's input, as roots of any sub-flow do
-                    input_ref = outer["input"]
-                if sig.immutable:
-                    input_ref = None
-                sig_opts = dict(sig.options)
-                rec = new_record(
-                    task=task_name,
-                    kind=entry.kind,
-                    after=flat_after,
-                    input=input_ref,
-                    queue=opts.get("queue", sig_opts.get("queue") or defaults.get("queue")),
-                    priority=opts.get("priority", sig_opts.get("priority",
-                                                             defaults.get("priority"))),
-                    rate=rate,
-                    policy=opts.get("policy", defaults.get("policy", "fail")),
-                    rule=opts.get("rule", defaults.get("rule", "all_success")),
-                    max_rec=opts.get("max_rec", defaults.get("max_rec")),
-                    timeout=opts.get("timeout"),
-                    poke=opts.get("poke"),
-                )
-                passthrough = {k: v for k, v in sig_opts.items() if k in PASSTHROUGH_OPTIONS}
-                if passthrough:
-                    _check_json(passthrough, f"node {nid!r} signature options")
-                    rec["opts"] = passthrough
-                calls[nid] = (tuple(sig.args), dict(sig.kwargs))
-            if ctx:
-                rec["ctx"] = ctx
-            for ref_id in ref_ids(rec["input"]):
-                if ref_id not in rec["after"]:
-                    rec["after"].append(ref_id)
-            records[nid] = rec
-        return subs
-
-
-def _input_of(parts: list[Ref], entry: _Entry, is_root: bool, outer: dict[str, Any]) -> Ref:
-    if is_root and outer:
-        return outer["input"]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    return list(parts)
-
-
-def _entry_order(entries: dict[str, _Entry], prefix: str) -> list[str]:
-    """Entries in an order where dependencies come first (sub-flows must be inlined
-    before their dependents); a cycle is reported by node id."""
-    done: list[str] = []
-    seen: set[str] = set()
-    visiting: set[str] = set()
-    for start in entries:
-        if start in seen:
-            continue
-        stack: list[tuple[str, int]] = [(start, 0)]
-        visiting.add(start)
-        while stack:
-            eid, i = stack[-1]
-            deps = entries[eid].after
-            if i < len(deps):
-                stack[-1] = (eid, i + 1)
-                dep = deps[i]
-                if dep in visiting:
-                    raise FlowDefinitionError(
-                        f"the flow has a cycle through node {prefix + dep!r}"
-                    )
-                if dep not in seen:
-                    visiting.add(dep)
-                    stack.append((dep, 0))
-            else:
-                stack.pop()
-                visiting.discard(eid)
-                seen.add(eid)
-                done.append(eid)
-    return done
-
-
-def _check_registered(app: Celery, nid: str, name: str, task: Any) -> None:
-    if task is not None:
-        return
-    import sys
-
-    module = name.rsplit(".", 1)[0] if "." in name else ""
-    # A producer may send by name to tasks it never imports; only a task missing from
-    # a module this process did import (or a bare name) is a definite mistake.
-    if module and module not in sys.modules:
-        return
-    raise FlowDefinitionError(
-        f"node {nid!r}: task {name!r} is not registered with app {app.main!r}; "
-        "check the task name or import the module that defines it"
-    )
-
-
-def _check_rate(value: Any, config: FlowsConfig | None, what: str) -> None:
-    if not isinstance(value, str):
-        raise FlowDefinitionError(f"{what} {value!r} must be 'N/s|m|h' or a group name")
-    if RATE_RE.match(value):
-        try:
-            parse_rate(value)
-        except ValueError as exc:
-            raise FlowDefinitionError(f"{what}: {exc}") from None
-        return
-    if config is not None and value not in config.rate_limits:
-        raise FlowDefinitionError(
-            f"{what} {value!r} is neither a rate like '10/s' nor a group defined in "
-            "app.conf.flows_rate_limits"
-        )
-
-
-def _check_json(value: Any, what: str) -> None:
-    import json
-
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise FlowDefinitionError(f"{what} is not JSON-serialisable: {exc}") from None
-
-
-def _check_node_opts(
-    nid: str,
-    *,
-    queue: Any = None,
-    priority: Any = None,
-    rate_limit: Any = None,
-    failure_policy: Any = None,
-    trigger_rule: Any = None,
-    max_recoveries: Any = None,
-) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if queue is not None:
-        if not isinstance(queue, str) or not queue:
-            raise FlowDefinitionError(f"node {nid!r}: queue must be a non-empty string")
-        opts["queue"] = queue
-    if priority is not None:
-        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
-            raise FlowDefinitionError(f"node {nid!r}: priority must be an int from 0 to 9")
-        opts["priority"] = priority
-    if rate_limit is not None:
-        _check_rate(rate_limit, None, f"node {nid!r} rate_limit")
-        opts["rate"] = rate_limit
-    if failure_policy is not None:
-        if failure_policy not in FAILURE_POLICIES:
-            raise FlowDefinitionError(
-                f"node {nid!r}: failure_policy {failure_policy!r} must be one of "
-                f"{', '.join(FAILURE_POLICIES)}"
-            )
-        opts["policy"] = failure_policy
-    if trigger_rule is not None:
-        if trigger_rule not in TRIGGER_RULES:
-            raise FlowDefinitionError(
-                f"node {nid!r}: trigger_rule {trigger_rule!r} must be one of "
-                f"{', '.join(TRIGGER_RULES)}"
-            )
-        opts["rule"] = trigger_rule
-    if max_recoveries is not None:
-        if (isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int)
-                or max_recoveries < 0):
-            raise FlowDefinitionError(f"node {nid!r}: max_recoveries must be an int >= 0")
-        opts["max_rec"] = max_recoveries
-    return opts
+        return compile_flow(self, app, config, flow_id)

@@ -27,6 +27,7 @@ import re
 from enum import Enum
 from typing import Any, TypeAlias
 
+from .config import RATE_RE, FlowsConfig, parse_rate
 from .errors import FlowDefinitionError
 
 FORMAT_VERSION = "1.0"
@@ -210,3 +211,72 @@ def as_list(value: Any) -> list[Any]:
     if not value:
         return []
     return list(value)
+
+
+def check_rate(value: Any, config: FlowsConfig | None, what: str) -> None:
+    if not isinstance(value, str):
+        raise FlowDefinitionError(f"{what} {value!r} must be 'N/s|m|h' or a group name")
+    if RATE_RE.match(value):
+        try:
+            parse_rate(value)
+        except ValueError as exc:
+            raise FlowDefinitionError(f"{what}: {exc}") from None
+        return
+    if config is not None and value not in config.rate_limits:
+        raise FlowDefinitionError(
+            f"{what} {value!r} is neither a rate like '10/s' nor a group defined in "
+            "app.conf.flows_rate_limits"
+        )
+
+
+def check_json(value: Any, what: str) -> None:
+    import json
+
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise FlowDefinitionError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def check_node_opts(
+    nid: str,
+    *,
+    queue: Any = None,
+    priority: Any = None,
+    rate_limit: Any = None,
+    failure_policy: Any = None,
+    trigger_rule: Any = None,
+    max_recoveries: Any = None,
+) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if queue is not None:
+        if not isinstance(queue, str) or not queue:
+            raise FlowDefinitionError(f"node {nid!r}: queue must be a non-empty string")
+        opts["queue"] = queue
+    if priority is not None:
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
+            raise FlowDefinitionError(f"node {nid!r}: priority must be an int from 0 to 9")
+        opts["priority"] = priority
+    if rate_limit is not None:
+        check_rate(rate_limit, None, f"node {nid!r} rate_limit")
+        opts["rate"] = rate_limit
+    if failure_policy is not None:
+        if failure_policy not in FAILURE_POLICIES:
+            raise FlowDefinitionError(
+                f"node {nid!r}: failure_policy {failure_policy!r} must be one of "
+                f"{', '.join(FAILURE_POLICIES)}"
+            )
+        opts["policy"] = failure_policy
+    if trigger_rule is not None:
+        if trigger_rule not in TRIGGER_RULES:
+            raise FlowDefinitionError(
+                f"node {nid!r}: trigger_rule {trigger_rule!r} must be one of "
+                f"{', '.join(TRIGGER_RULES)}"
+            )
+        opts["rule"] = trigger_rule
+    if max_recoveries is not None:
+        if (isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int)
+                or max_recoveries < 0):
+            raise FlowDefinitionError(f"node {nid!r}: max_recoveries must be an int >= 0")
+        opts["max_rec"] = max_recoveries
+    return opts
