@@ -295,17 +295,24 @@ class Flows(ChangesMixin):
             if drop:
                 store.lease_drop(*drop)
             return code, state
-        if not release:
-            code, _released, state, _queue = store.complete(fid, nid, attempt, outcome, blob,
-                                                            error)
-            check_code(code, fid)
-            return code, state
         falsy = False
         if outcome == "succeeded":
             try:
                 falsy = not result  # a sensor pokes again on a falsy result
             except Exception:
                 falsy = False
+        eager = bool(self.app.conf.task_always_eager)
+        if not release or eager:
+            code, _released, state, _queue = store.complete(
+                fid, nid, attempt, outcome, blob, error, external=external, falsy=falsy
+            )
+            check_code(code, fid)
+            if release and eager:  # e.g. flows.signal() under task_always_eager
+                from .eager import run_eager
+
+                run_eager(self, fid)
+                state = FlowHandle(self, fid).state().value
+            return code, state
         token, (code, _released, state, queue), claim = store.complete_and_claim(
             fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop, falsy
         )

@@ -8,6 +8,7 @@ do not apply.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from celery import states
@@ -20,11 +21,27 @@ if TYPE_CHECKING:
     from .core import Flows
 
 
+def _poking(flows: Flows, fid: str) -> bool:
+    """Whether the first timed entry of the flow is a poke or retry (not an external
+    node's deadline, which no one in this process will signal)."""
+    store = flows.store
+    first = store.client.zrange(store.keys.flow(fid)[5], 0, 0)
+    if not first:
+        return False
+    nid = first[0].decode() if isinstance(first[0], bytes) else str(first[0])
+    rec = store.node(fid, nid)
+    return rec is not None and rec.get("state") == "retrying"
+
+
 def run_eager(flows: Flows, fid: str) -> None:
     store = flows.store
     while True:
         claim = store.claim(fid, CLAIM_LEASE, BATCH)
         code, nonce, entries = claim.code, claim.nonce, claim.entries
+        if code == 0 and not entries and claim.next_due is not None and _poking(flows, fid):
+            # a sensor waits for its next poke (or a held retry): in this process too
+            time.sleep(max(claim.next_due - time.time(), 0.0))
+            continue
         if code != 0 or not entries:
             return
         for entry in entries:
@@ -32,7 +49,7 @@ def run_eager(flows: Flows, fid: str) -> None:
             store.published(fid, [(call.node_id, call.attempt, call.queue, call.task_id, None)],
                             track=False)
             started, ctx, overlay = store.start(
-                fid, call.node_id, call.attempt, "0:0", call.task_id, "eager"
+                fid, call.node_id, call.attempt, f"{call.retries}:0", call.task_id, "eager"
             )
             if started != 1:
                 continue

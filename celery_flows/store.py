@@ -297,14 +297,17 @@ class Store:
         return code, ctx, overlay or None
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
-                 result: bytes = b"", error: str = "", retry_delay: float | None = None
+                 result: bytes = b"", error: str = "", retry_delay: float | None = None,
+                 external: bool = False, falsy: bool = False
                  ) -> tuple[int, int, str, str]:
         """Record an outcome. A retry held in Redis (``retry_delay``) also sets a timer
         for the releaser, in the same round trip."""
         delay: Any = "" if retry_delay is None else max(float(retry_delay), 0.0)
 
         def build(pipe: Any) -> None:
-            self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error, "", delay])
+            self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error,
+                                                "1" if external else "", delay,
+                                                "0" if falsy else ""])
             if delay != "":
                 pipe.zadd(self.keys.timers, {fid: time.time() + float(delay)}, lt=True)
 

@@ -127,3 +127,28 @@ def test_webhooks_are_signed_retried_and_never_change_the_flow(
     while len(hook.calls) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert json.loads(hook.calls[-1][1])["state"] == "cancelled"
+
+
+def test_sensors_and_signals_under_eager_mode(import_app: ImportApp, redis_db: RedisDB) -> None:
+    proj = import_app("tests.proj")
+    proj.app.conf.task_always_eager = True
+    redis_db.client.set("there", "yes")
+    f = Flow("eager-sensing")
+    found = f.add_sensor(proj.check_key.s("there"), id="found", poke_interval=0.05,
+                         timeout=5)
+    f.add(proj.ident.s(), id="use", after=[found])
+    f.add_sensor(proj.check_key.s("absent"), id="absent", poke_interval=0.05, timeout=0.3)
+    gate = f.add_external("gate")
+    f.add(proj.ident.s(), id="after-gate", after=[gate])
+    handle = proj.flows.submit(f)
+    nodes = handle.inspect()["nodes"]
+    assert nodes["use"]["state"] == "succeeded"
+    assert nodes["absent"]["state"] == "failed"
+    assert nodes["absent"]["error"].startswith("TimeoutError")
+    assert run_counts(redis_db, handle.id)["absent"] >= 3
+    # nothing signals an external node during submit: the flow waits for it
+    assert handle.state() == FlowState.RUNNING
+    proj.flows.signal(handle.id, "gate", result=7)
+    assert handle.state() == FlowState.FAILED  # "absent" failed under "fail"
+    assert handle.results()["after-gate"] == 7
+    assert redis_db.client.llen(b"celery") == 0, "eager mode must not publish"
