@@ -29,8 +29,9 @@ Global keys, one slot each, never touched by a flow script::
                                       external node's deadline, a retry, a sensor poke)
     <prefix>:webhooks          zset   flow id -> when to (re)try delivering its webhook
     <prefix>:webhook-lock:<f>  string one deliverer at a time
-    <prefix>:workers           zset   worker instance -> last heartbeat (Redis TIME)
-    <prefix>:workerinfo        hash   worker instance -> JSON (hostname, pid, manager, ...)
+    <prefix>:{workers}:beats   zset   worker instance -> last heartbeat (Redis TIME)
+    <prefix>:{workers}:info    hash   worker instance -> JSON (hostname, pid, manager, ...)
+                                      (one hash tag: heartbeat.lua writes both)
     <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
                                       worker instance holds (received, not yet recorded)
     <prefix>:recovering:<inst> string lock while one manager recovers a lost instance
@@ -100,11 +101,11 @@ class Keys:
 
     @property
     def workers(self) -> str:
-        return f"{self.prefix}:workers"
+        return f"{self.prefix}:{{workers}}:beats"
 
     @property
     def worker_info(self) -> str:
-        return f"{self.prefix}:workerinfo"
+        return f"{self.prefix}:{{workers}}:info"
 
     def limiter_state(self, limiter_id: str) -> str:
         return f"{self.prefix}:{{sched}}:state:{limiter_id}"

@@ -52,12 +52,38 @@ def to_redis_py_url(url: str) -> str:
     return url
 
 
+def _create_argv(meta: dict[str, str], digest: str,
+                 nodes: list[tuple[str, dict[str, Any], bytes]]) -> list[Any]:
+    argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
+    for nid, rec, blob in nodes:
+        argv += [nid, json.dumps(rec), blob]
+    return argv
+
+
 def _b(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _Sequential:
+    """Stands in for a pipeline on Redis Cluster, where redis-py refuses scripts in
+    pipelines: the same commands, sent one by one in order."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
+
+        return record
+
+    def execute(self) -> list[Any]:
+        return [getattr(self.client, name)(*args, **kwargs) for name, args, kwargs in self.calls]
 
 
 class Claim(NamedTuple):
@@ -146,7 +172,8 @@ class Store:
         """One round trip for several commands (scripts by SHA). Every step is
         idempotent, so after NOSCRIPT (a restarted Redis) the whole batch is re-sent."""
         for _ in range(3):
-            pipe = self.client.pipeline(transaction=False)
+            pipe: Any = (_Sequential(self.client) if self.config.redis_cluster
+                         else self.client.pipeline(transaction=False))
             build(pipe)
             try:
                 return list(pipe.execute())
@@ -157,13 +184,6 @@ class Store:
 
     # -- transitions ------------------------------------------------------------------
 
-    def create(self, fid: str, meta: dict[str, str], digest: str,
-               nodes: list[tuple[str, dict[str, Any], bytes]]) -> int:
-        argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
-        for nid, rec, blob in nodes:
-            argv += [nid, json.dumps(rec), blob]
-        return int(self.run("create", fid, argv))
-
     def create_many(self, flows: list[tuple[str, dict[str, str], str,
                                             list[tuple[str, dict[str, Any], bytes]]]]
                     ) -> list[int]:
@@ -172,12 +192,13 @@ class Store:
         if not flows:
             return []
         script = self._scripts["create"]
-        pipe = self.client.pipeline(transaction=not self.config.redis_cluster)
+        if self.config.redis_cluster:
+            # no cross-slot transaction: created one by one, the caller compensates
+            return [int(script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes)))
+                    for fid, meta, digest, nodes in flows]
+        pipe = self.client.pipeline(transaction=True)
         for fid, meta, digest, nodes in flows:
-            argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
-            for nid, rec, blob in nodes:
-                argv += [nid, json.dumps(rec), blob]
-            script(keys=self.keys.flow(fid), args=argv, client=pipe)
+            script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes), client=pipe)
         return [int(c) for c in pipe.execute()]
 
     def delete_flows(self, fids: list[str]) -> None:
@@ -267,9 +288,7 @@ class Store:
         """Index the flow, mark it dirty, create it and (given ``(lease, limit)``) claim
         its roots, in one round trip."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
-        argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
-        for nid, rec, blob in nodes:
-            argv += [nid, json.dumps(rec), blob]
+        argv = _create_argv(meta, digest, nodes)
         now = time.time()
 
         def build(pipe: Any) -> None:

@@ -44,6 +44,9 @@ app.conf.update(
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
     flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,
+    # a separate registry (a Redis Cluster node) when set; else the broker's Redis
+    flows_redis_url=os.environ.get("FLOWS_TEST_REGISTRY") or None,
+    flows_redis_cluster=bool(os.environ.get("FLOWS_TEST_REGISTRY_CLUSTER")),
 )
 
 
