@@ -230,8 +230,8 @@ class Store:
         """Acknowledge published nodes, track their messages until a worker starts them
         (see recovery.rescue_stranded) and clear a dirty marker, in one round trip."""
         argv: list[Any] = []
-        for nid, attempt, queue, _task_id, released in items:
-            argv += [nid, attempt, queue, "" if released is None else repr(released)]
+        for nid, attempt, queue, task_id, released in items:
+            argv += [nid, attempt, queue, "" if released is None else repr(released), task_id]
         now = time.time()
 
         def build(pipe: Any) -> None:

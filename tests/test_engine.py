@@ -299,6 +299,8 @@ def test_inspect_cli_text_and_json(
     doc = json.loads(out.stdout)
     assert doc["nodes"]["a"]["state"] == "queued"
     assert "celery" in doc["nodes"]["a"]["waiting_for"]
+    [queued_id] = doc["nodes"]["a"]["task_ids"]  # known before any worker starts it
+    assert queued_id.startswith(f"{handle.id}~a~1~")
     assert doc["nodes"]["b"]["waiting_for"] == "dependencies: a"
     worker_factory("tests.proj", extra_args=FLOWS)
     handle.wait(timeout=30)

@@ -1,15 +1,15 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
   KEYS: meta nodes args results ready timed
-  ARGV: quadruples of node id, attempt, queue name, release time ('' = now; a limited
-        node's release is the moment its limiters admitted it)
+  ARGV: groups of five: node id, attempt, queue name, release time ('' = now; a
+        limited node's release is the moment its limiters admitted it), task id
   Returns: the number of nodes moved from scheduled to queued.
   Emits:   each node leaves the outbox; scheduled|retrying -> queued (a node whose worker already
            started it stays running).
 ]]
 local now = now_ts()
 local moved = 0
-for i = 1, #ARGV, 4 do
+for i = 1, #ARGV, 5 do
   local id, attempt, queue = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local released = tonumber(ARGV[i + 3]) or now
   local rec = load(id)
@@ -25,6 +25,11 @@ for i = 1, #ARGV, 4 do
       rec.released_at = ARGV[i + 3]
     end
     rec.queue = queue
+    if not contains(rec.task_ids, ARGV[i + 4]) then
+      local t = list(rec.task_ids)
+      t[#t + 1] = ARGV[i + 4]
+      rec.task_ids = t
+    end
     save(id, rec)
     if rec.state ~= 'scheduled' and rec.state ~= 'retrying' then ready_rem(id) end
   end
