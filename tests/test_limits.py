@@ -10,6 +10,7 @@ import pytest
 
 from celery_flows import Flow, FlowState
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
+from tests.harness import wait_until
 from tests.test_engine import FLOWS, _cli, run_counts
 
 LIMITS = {"FLOWS_TEST_RATE_LIMITS": json.dumps({"api": "10/s", "five": "5/s"}),
@@ -108,7 +109,7 @@ def test_release_order_longest_path_then_priority_then_readiness(
     blocker = Flow("blocker")
     blocker.add(limited.wait_for_key.si("unblock"), id="blocker", queue="single")
     hb = limited.flows.submit(blocker)
-    _wait(lambda: hb.node_states()["blocker"] == "running", "the blocker to run")
+    wait_until(lambda: hb.node_states()["blocker"] == "running", "the blocker to run")
     deep = Flow("deep")
     d = deep.add(limited.occupy.si(0.1, "deep"), id="deep", queue="single", priority=9)
     prev = d
@@ -146,7 +147,7 @@ def test_held_node_survives_a_manager_restart_and_runs_once(
     f.add(limited.occupy.si(0.05, "held"), id="held", queue="single")
     f.add(limited.ident.si("after"), id="after", after=[b])
     h = limited.flows.submit(f)
-    _wait(lambda: h.node_states()["blocker"] == "running", "the blocker to run")
+    wait_until(lambda: h.node_states()["blocker"] == "running", "the blocker to run")
     time.sleep(0.3)
     assert h.node_states()["held"] == "scheduled"
     manager.stop()
@@ -182,7 +183,7 @@ def test_stats_and_inspect_show_limits(
     f.add(limited.wait_for_key.si("stats-go"), id="busy", queue="single")
     f.add(limited.ident.si(1), id="waits", queue="single")
     h = limited.flows.submit(f)
-    _wait(lambda: h.node_states()["busy"] == "running", "busy to run")
+    wait_until(lambda: h.node_states()["busy"] == "running", "busy to run")
     time.sleep(0.3)
     out = _cli("stats", broker=redis_db.celery_url, env=LIMITS)
     assert out.returncode == 0, out.stderr
@@ -192,15 +193,6 @@ def test_stats_and_inspect_show_limits(
     assert "queue:single" in text.stdout
     redis_db.client.set("stats-go", 1)
     assert h.wait(timeout=30) == FlowState.SUCCEEDED
-
-
-def _wait(predicate: Any, what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_slot_leaked_by_a_dead_publisher_is_collected(

@@ -15,7 +15,7 @@ import pytest
 
 from celery_flows import Flow, FlowState, FlowTimeoutError
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import RedisServer
+from tests.harness import RedisServer, wait_until
 from tests.test_engine import FLOWS, run_counts
 
 LEASE = 3.0
@@ -23,15 +23,6 @@ LEASE = 3.0
 
 def node_doc(handle: Any, nid: str) -> dict[str, Any]:
     return handle.inspect()["nodes"][nid]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def one_outcome_per_attempt(handle: Any) -> None:
@@ -58,15 +49,13 @@ def test_worker_killed_with_running_nodes_is_recovered_within_the_lease(
     b = f.add(proj.pid_sleep.si(30, "b"), id="b")
     f.add(proj.collect.s(), id="join", after=[a, b])
     handle = proj.flows.submit(f)
-    wait_for(lambda: set(handle.node_states().values()) >= {"running"} and
-             all(node_doc(handle, n)["state"] == "running" for n in "ab"), 20, "a, b running")
-    # shorter bodies for the new attempts
-    redis_db.client.set("short", 1)
+    wait_until(lambda: all(node_doc(handle, n)["state"] == "running" for n in "ab"),
+               "a, b running")
     doomed.kill9()
     killed_at = time.time()
     worker_factory("tests.proj", env=env, extra_args=FLOWS, concurrency=2)
-    wait_for(lambda: all(node_doc(handle, n)["attempts"] == 2 for n in "ab"),
-             LEASE + 15, "recovery of a and b")
+    wait_until(lambda: all(node_doc(handle, n)["attempts"] == 2 for n in "ab"),
+               "recovery of a and b", timeout=LEASE + 15)
     recovered_in = max(node_doc(handle, n)["started_at"] or 0 for n in "ab") - killed_at
     print(f"\nrecovered {recovered_in:.2f} s after kill -9 (lease timeout {LEASE} s)")
     assert recovered_in < LEASE + 5
@@ -82,7 +71,7 @@ def test_pool_child_killed_mid_task_is_recovered_as_a_new_attempt(
     a = f.add(proj.pid_sleep.si(2, "done"), id="a")
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
-    wait_for(lambda: redis_db.client.get("pid:a") is not None, 20, "a to start")
+    wait_until(lambda: redis_db.client.get("pid:a") is not None, "a to start")
     os.kill(int(redis_db.client.get("pid:a") or 0), signal.SIGKILL)
     assert handle.wait(timeout=40) == FlowState.SUCCEEDED
     a_doc = node_doc(handle, "a")
@@ -238,9 +227,9 @@ def test_recoveries_are_bounded_by_max_recoveries(
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
     for attempt in (1, 2):
-        wait_for(lambda n=attempt: node_doc(handle, "a")["attempts"] == n
-                 and node_doc(handle, "a")["state"] == "running"
-                 and redis_db.client.get("pid:a") is not None, 20, f"attempt {attempt}")
+        wait_until(lambda n=attempt: node_doc(handle, "a")["attempts"] == n
+                   and node_doc(handle, "a")["state"] == "running"
+                   and redis_db.client.get("pid:a") is not None, f"attempt {attempt}")
         os.kill(int(redis_db.client.getdel("pid:a") or 0), signal.SIGKILL)
     assert handle.wait(timeout=30) == FlowState.FAILED
     doc = node_doc(handle, "a")
