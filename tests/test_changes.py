@@ -391,3 +391,33 @@ def test_cli_changes(import_app: ImportApp, worker_factory: WorkerFactory,
 
 def _wait_state(handle: Any, node: str, state: NodeState, timeout: float = 20) -> None:
     wait_until(lambda: handle.node_states()[node] == state, f"{node} to be {state}", timeout)
+
+
+def test_external_node_completed_by_signal_and_cli(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS)
+    f = Flow("approval")
+    a = f.add(proj.add.si(1, 1), id="a")
+    gate = f.add_external("approve", after=[a])
+    f.add(proj.ident.s(), id="after", after=[gate])
+    other = f.add_external("other")
+    f.add(proj.ident.s(), id="after-other", after=[other], trigger_rule="all_done")
+    handle = proj.flows.submit(f)
+    _wait_state(handle, "approve", NodeState.AWAITING)
+    assert "external signal" in handle.inspect()["nodes"]["approve"]["waiting_for"]
+    with pytest.raises(FlowStateError, match="not an external node"):
+        proj.flows.signal(handle.id, "a", result=1)
+    proj.flows.signal(handle.id, "approve", result={"by": "alice"})
+    out = _cli("signal", handle.id, "other", "--error", "rejected",
+               broker=redis_db.celery_url)
+    assert out.returncode == 0, out.stderr
+    bad = _cli("signal", handle.id, "other", "--result", "{not json",
+               broker=redis_db.celery_url)
+    assert bad.returncode == 2
+    assert handle.wait(timeout=30) == FlowState.FAILED
+    results = handle.results()
+    assert results["after"] == {"by": "alice"}
+    assert results["after-other"] is None
+    assert handle.inspect()["nodes"]["other"]["error"] == "rejected"
