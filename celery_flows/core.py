@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from . import faults
 from .changes import ChangesMixin
 from .codec import Codec
 from .compile import CompiledFlow
@@ -207,6 +208,7 @@ class Flows(ChangesMixin):
             store.clear_dirty(token)
         else:
             # also for an existing flow: whatever its outbox holds is due anyway
+            faults.point("after-create")
             self.dispatcher.release(fid, token, claim)
         if code == -3:
             raise FlowStateError(
@@ -321,6 +323,7 @@ class Flows(ChangesMixin):
             check_code(code, fid)
         if code == 1 and task_id:
             self.router.release_slot(queue, task_id)
+        faults.point("after-record")
         self.dispatcher.release(fid, token, claim)
         return code, state
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import redis
 from kombu.exceptions import OperationalError
 
+from . import faults
 from .models import Ref, as_list
 from .ratelimit import member_for, order_key
 from .store import Claim
@@ -143,6 +144,7 @@ class Dispatcher:
             except BaseException:
                 store.published(fid, sent)
                 raise
+            faults.point("after-publish")
             for nid, attempt, error in refused:
                 logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
                              nid, fid, error)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import states
 
+from . import faults
 from .dispatch import TaskRef, parse_task_id
 from .models import NodeState
 
@@ -154,6 +155,7 @@ def recover_lost_workers(ext: Flows) -> int:
             ref = parse_task_id(task_id)
             if ref is None:
                 continue
+            faults.point("recover-lease")
             try:
                 stored = backend_outcome(ext, task_id)
                 rec = store.node(ref.flow_id, ref.node_id)
