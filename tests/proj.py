@@ -257,6 +257,30 @@ def step(values: Any = None, pause: float = 0.05) -> int:
     return 1 + (values if isinstance(values, int) else 0)
 
 
+@app.task(shared=False)
+def tally(values: Any = None) -> int:
+    """Like ``step``, but each execution adds a member of its own to the set ``execs``:
+    a command replayed after a Redis crash cannot count one execution twice."""
+    import uuid
+
+    _log.sadd("execs", f"{current_flow.id}|{current_flow.node_id}|{current_flow.attempt}"
+              f"|{uuid.uuid4().hex}")
+    time.sleep(0.05)
+    if isinstance(values, list):
+        return 1 + sum(v for v in values if isinstance(v, int))
+    return 1 + (values if isinstance(values, int) else 0)
+
+
+@app.task(shared=False)
+def slow_first(seconds: float, value: Any = None) -> Any:
+    """Sleeps ``seconds`` in its first attempt only (a recovered attempt finishes)."""
+    _mark()
+    _log.set(f"pid:{current_flow.node_id}", os.getpid())
+    if current_flow.attempt == 1:
+        time.sleep(seconds)
+    return value
+
+
 # -- rate limits and queue caps (tests/test_limits.py) ---------------------------------
 
 
