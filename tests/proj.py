@@ -35,6 +35,8 @@ app.conf.update(
     worker_hijack_root_logger=True,
     worker_prefetch_multiplier=1,
     task_acks_late=os.environ.get("FLOWS_TEST_ACKS_LATE") == "1",
+    # without it Celery fails a task whose result it cannot store while Redis restarts
+    result_backend_always_retry=True,
     broker_transport_options={
         "visibility_timeout": float(os.environ.get("FLOWS_TEST_VISIBILITY", "3600")),
         "unacked_restore_interval": float(os.environ.get("FLOWS_TEST_RESTORE_INTERVAL", "1")),

@@ -138,7 +138,7 @@ def test_manager_killed_while_recovering_a_lost_worker(
     for n in "ab":
         doc = node_doc(handle, n)
         assert (doc["attempts"], doc["recoveries"]) == (2, 1), doc
-    assert handle.results()["join"] == ["a", "b"]
+    assert handle.results()["join"] == [["a", "b"]]
     assert run_counts(redis_db, handle.id) == {"a": 2, "b": 2, "join": 1}
     one_outcome_per_attempt(handle)
 
