@@ -112,29 +112,6 @@ def test_duplicate_and_superseded_messages_are_acked_without_running(
     assert handle.results()["b"] == 30
 
 
-def test_ready_nodes_are_published_even_if_the_recorder_dies_before_publishing(
-    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB
-) -> None:
-    proj = import_app("tests.proj")
-    f = Flow("durable")
-    a = f.add(proj.add.s(1, 1), id="a")
-    f.add(proj.add.s(10), id="b", after=[a])
-    # Submit with no worker running, then record a's outcome the way a dying process
-    # would: marked and recorded, never published.
-    handle = proj.flows.submit(f)
-    store = proj.flows.store
-    store.mark_dirty(handle.id)
-    code, released, _state, _queue = store.complete(
-        handle.id, "a", 1, "succeeded", proj.flows.codec.dump_result(2)
-    )
-    assert (code, released) == (1, 1)
-    assert handle.node_states()["b"] == NodeState.SCHEDULED
-    worker_factory("tests.proj", extra_args=FLOWS)
-    assert handle.wait(timeout=30) == FlowState.SUCCEEDED
-    assert handle.results()["b"] == 12
-    assert run_counts(redis_db, handle.id)["b"] == 1
-
-
 def test_plain_tasks_queues_context_and_current_flow(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
