@@ -265,3 +265,16 @@ def test_redis_sigkilled_with_appendfsync_everysec_still_finishes_every_flow(
     runs = _executions(crash_redis)
     print(f"\neverysec: {sum(max(n - 1, 0) for n in runs.values())} re-runs, "
           f"{20 * 7 - len(runs)} executions whose record was lost with the crash")
+
+
+def test_messages_of_a_cancelled_flow_are_acked_without_running(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    handle = proj.flows.submit(two_step(proj, "celery"))
+    assert redis_db.client.llen("celery") == 1  # a's message waits in the broker
+    proj.flows.cancel(handle.id)
+    w = worker_factory("tests.proj", extra_args=FLOWS)
+    w.wait_for_log(r"not running .*~a~1~", timeout=30)
+    assert handle.state() == FlowState.CANCELLED
+    assert run_counts(redis_db, handle.id) == {}
