@@ -152,7 +152,8 @@ def test_frozen_worker_declared_lost_reports_late(
 ) -> None:
     """A worker frozen (SIGSTOP, as in a network partition) past the lease is declared
     lost and its node runs again elsewhere; thawed, its attempt's report goes to the
-    history only, marked late, and the node's result is the new attempt's."""
+    history only, marked late, and the node's result is the new attempt's. A message it
+    had received but not started is a superseded attempt's: acknowledged, not run."""
     env = {"FLOWS_TEST_LEASE": str(LEASE)}
     monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
     proj = import_app("tests.proj")
@@ -162,12 +163,21 @@ def test_frozen_worker_declared_lost_reports_late(
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
     wait_until(lambda: node_doc(handle, "a")["state"] == "running", "a running")
+    other = Flow("prefetched")
+    other.add(proj.add.si(1, 1), id="y")
+    prefetched = proj.flows.submit(other)  # received by the frozen worker, not started
+    frozen.wait_for_log(rf"{prefetched.id}~y~1~\S+\] received")
     os.killpg(frozen.pid, signal.SIGSTOP)
     try:
         worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=1)
         assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+        assert prefetched.wait(timeout=60) == FlowState.SUCCEEDED
     finally:
         os.killpg(frozen.pid, signal.SIGCONT)
+    # thawed, it takes the superseded attempt's message: acknowledged, not run
+    frozen.wait_for_log(rf"not running {prefetched.id}~y~1~", timeout=60)
+    assert node_doc(prefetched, "y")["attempts"] == 2
+    assert run_counts(redis_db, prefetched.id) == {"y": 1}
     wait_until(lambda: any(h.get("late") for h in
                            proj.flows.store.node(handle.id, "a")["history"]),
                "the thawed attempt's late report", timeout=60)
