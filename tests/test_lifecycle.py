@@ -70,3 +70,69 @@ def test_warm_shutdown_keeps_the_lease_of_a_node_longer_than_it(
     # the clean exit left nothing for a manager to recover
     assert not any(info.get("hostname", "").startswith(leaving.name)
                    for _beat, info in proj.flows.store.workers().values())
+
+
+def test_prefetched_messages_are_handed_back_and_run_later_as_the_same_attempt(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
+    proj = import_app("tests.proj")
+    # a manager that consumes nothing of ours: it would recover leases left behind
+    worker_factory("tests.proj", env=_env(), extra_args=FLOWS, queues=("other",))
+    leaving = worker_factory("tests.proj", env=_env(), concurrency=1,
+                             extra_args=["--prefetch-multiplier", "3"])
+    long_flow = Flow("long")
+    long_flow.add(proj.sleepy.si(2 * LEASE, "long"), id="long")
+    hl = proj.flows.submit(long_flow)
+    wait_until(lambda: _doc(hl, "long")["state"] == "running", "long running", timeout=30)
+    f = Flow("prefetched")
+    f.add(proj.ident.si("p1"), id="p1")
+    f.add(proj.ident.si("p2"), id="p2")
+    handle = proj.flows.submit(f)
+    instance = proj.flows.store.node(hl.id, "long")["lease"]
+    wait_until(lambda: len(proj.flows.store.leases(instance)) == 3,
+               "the worker to hold both messages unstarted", timeout=30)
+    assert run_counts(redis_db, handle.id) == {}
+    _warm_stop(leaving)
+    assert hl.wait(timeout=30) == FlowState.SUCCEEDED
+    assert proj.flows.store.leases(instance) == []
+    # long enough for the manager to have recovered a lease left behind
+    time.sleep(LEASE + 3)
+    assert handle.node_states() == {"p1": NodeState.QUEUED, "p2": NodeState.QUEUED}
+    worker_factory("tests.proj", env=_env(), concurrency=1)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results() == {"p1": "p1", "p2": "p2"}
+    assert run_counts(redis_db, handle.id) == {"p1": 1, "p2": 1}
+    for nid in ("p1", "p2"):
+        doc = _doc(handle, nid)
+        assert doc["attempts"] == 1 and doc["recoveries"] == 0, doc
+
+
+def test_rolling_restart_re_runs_nothing_and_uses_no_recovery(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
+    proj = import_app("tests.proj")
+    args = [*FLOWS, "--prefetch-multiplier", "2"]
+    workers = [worker_factory("tests.proj", env=_env(), extra_args=args) for _ in range(2)]
+    handles = []
+    for i in range(2):
+        f = Flow("rolling", id=f"rolling-{i}")
+        longs = [f.add(proj.sleepy.si(LEASE + 1, j), id=f"n{j}") for j in range(8)]
+        f.add(proj.collect.s(), id="join", after=longs)
+        handles.append(proj.flows.submit(f))
+    for old in workers:
+        wait_until(lambda: any(d["state"] == "running" for h in handles
+                               for d in h.inspect()["nodes"].values()), "nodes running")
+        time.sleep(1.0)
+        _warm_stop(old)
+        worker_factory("tests.proj", env=_env(), extra_args=args)
+    for h in handles:
+        assert h.wait(timeout=120) == FlowState.SUCCEEDED
+        assert run_counts(redis_db, h.id) == {**{f"n{j}": 1 for j in range(8)}, "join": 1}
+        nodes = h.inspect()["nodes"]
+        assert {n: (d["attempts"], d["recoveries"]) for n, d in nodes.items()} == \
+            {n: (1, 0) for n in nodes}
+        assert h.results()["join"] == [list(range(8))]
