@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import redis
 from kombu.exceptions import OperationalError
 
+from . import faults
 from .models import Ref, as_list
 from .ratelimit import member_for, order_key
 from .store import Claim
@@ -132,6 +133,7 @@ class Dispatcher:
                                 released = self._admitted(fid, claim.flow_rate, call)
                                 if released is False:
                                     continue
+                                faults.point("claimed-before-publish")
                                 sent.append(self._send(call, producer, released or None))
                             except TRANSIENT:
                                 raise
@@ -143,6 +145,8 @@ class Dispatcher:
             except BaseException:
                 store.published(fid, sent)
                 raise
+            if sent:
+                faults.point("sent-before-ack")
             for nid, attempt, error in refused:
                 logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
                              nid, fid, error)
@@ -228,6 +232,7 @@ class Dispatcher:
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
             return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+        faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, released or None)
         store.published(fid, [sent], clear_token=token)

@@ -66,6 +66,9 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
             raise Reject(exc, requeue=True) from None
         if code != 1:
             logger.info("celery-flows: not running %s (%s)", request.id, _WHY.get(code, code))
+            if code == 4 and recovery.INSTANCE:
+                # put back in the outbox: resume() publishes it again, same attempt
+                flows.store.lease_drop(recovery.INSTANCE, request.id)
             raise Ignore()
         if overlay:
             ctx = {**ctx, **overlay}
@@ -147,6 +150,7 @@ _WHY = {
     0: "duplicate delivery of an attempt already started",
     2: "superseded attempt",
     3: "node finished or flow cancelled",
+    4: "flow paused; the node waits for resume",
     -1: "unknown or expired flow",
     -2: "unknown flow format version",
     -4: "unknown node",

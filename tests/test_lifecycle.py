@@ -136,3 +136,44 @@ def test_rolling_restart_re_runs_nothing_and_uses_no_recovery(
         assert {n: (d["attempts"], d["recoveries"]) for n, d in nodes.items()} == \
             {n: (1, 0) for n in nodes}
         assert h.results()["join"] == [list(range(8))]
+
+
+@pytest.mark.parametrize("faults", [
+    # the node is claimed, pause() returns, then the message goes out and a worker gets it
+    "claimed-before-publish=sleep:4",
+    # ... and the worker refuses it before the publisher acknowledged the publish
+    "claimed-before-publish=sleep:4,sent-before-ack=sleep:3",
+])
+def test_nothing_starts_after_pause_returns(
+    faults: str, import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker = worker_factory("tests.proj", extra_args=FLOWS, concurrency=2,
+                            env={"CELERY_FLOWS_FAULTS": faults})
+    f = Flow("pause-race")
+    a = f.add(proj.ident.si("a"), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    outbox = proj.flows.store.keys.flow(handle.id)[4]
+
+    def b_claimed() -> bool:
+        score = redis_db.client.zscore(outbox, "b")
+        return score is not None and score > time.time() and \
+            proj.flows.store.node(handle.id, "b")["state"] == "scheduled"
+
+    wait_until(b_claimed, "b claimed by the worker releasing it", timeout=30)
+    proj.flows.pause(handle.id)
+    worker.wait_for_log(r"ident\[\S+~b~1~\S+\] received", timeout=30)
+    time.sleep(5)  # the delayed acknowledgement of the refused publish has come and gone
+    assert run_counts(redis_db, handle.id) == {"a": 1}, "b started while the flow was paused"
+    assert "(flow paused; the node waits for resume)" in worker.log()
+    assert handle.state() == FlowState.PAUSED
+    assert handle.node_states()["b"] == NodeState.SCHEDULED
+    assert proj.flows.store.leases(proj.flows.store.workers().popitem()[0]) == []
+    assert proj.flows.resume(handle.id, dry_run=True)["released"] == ["b"]
+    proj.flows.resume(handle.id)
+    assert handle.wait(timeout=30) == FlowState.SUCCEEDED
+    assert handle.results() == {"a": "a", "b": "a"}
+    assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1}
+    doc = _doc(handle, "b")
+    assert (doc["attempts"], doc["recoveries"], doc["retries"]) == (1, 0, 0), doc

@@ -91,6 +91,11 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', READY, id)
   else
     redis.call('ZADD', READY, now + tonumber(ARGV[1]), id)
+    if rec.putback then
+      -- released again after a pause: this claim's publish moves it to queued
+      rec.putback = nil
+      save(id, rec)
+    end
     local kinds, results = {}, {}
     for i, did in ipairs(list(rec.after)) do
       local kind = 'removed'
@@ -109,4 +114,5 @@ end
 local nxt = redis.call('ZRANGE', TIMED, 0, 0, 'WITHSCORES')
 if nxt[2] then out[5] = nxt[2] end
 out[6] = mget('webhook_pending') or ''
+flush()  -- putback marks cleared above
 return out
