@@ -64,6 +64,11 @@ def parse_task_id(task_id: Any) -> TaskRef | None:
     return TaskRef(fid, nid, int(attempt))
 
 
+def task_nonce(task_id: str) -> str:
+    """The flow nonce a task id was built with ('' if it is not a flow task id)."""
+    return task_id.rsplit(SEP, 1)[1] if parse_task_id(task_id) is not None else ""
+
+
 def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
     """Build the value a node receives from its dependencies: a failed or skipped
     dependency gives None, a removed one is dropped from lists."""

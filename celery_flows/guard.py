@@ -66,8 +66,9 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
             raise Reject(exc, requeue=True) from None
         if code != 1:
             logger.info("celery-flows: not running %s (%s)", request.id, _WHY.get(code, code))
-            if code == 4 and recovery.INSTANCE:
-                # put back in the outbox: resume() publishes it again, same attempt
+            if code in (4, 5) and recovery.INSTANCE:
+                # 4: put back in the outbox, resume() publishes it again (same attempt);
+                # 5: not a node of this flow at all
                 flows.store.lease_drop(recovery.INSTANCE, request.id)
             raise Ignore()
         if overlay:
@@ -151,6 +152,7 @@ _WHY = {
     2: "superseded attempt",
     3: "node finished or flow cancelled",
     4: "flow paused; the node waits for resume",
+    5: "message of an earlier flow that had the same id",
     -1: "unknown or expired flow",
     -2: "unknown flow format version",
     -4: "unknown node",

@@ -177,3 +177,31 @@ def test_nothing_starts_after_pause_returns(
     assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1}
     doc = _doc(handle, "b")
     assert (doc["attempts"], doc["recoveries"], doc["retries"]) == (1, 0, 0), doc
+
+
+def test_a_message_of_an_expired_flow_with_the_same_id_never_runs(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    proj.app.conf.flows_retention = 1
+    old = Flow("reused", id="reused-id")
+    old.add(proj.ident.si("old"), id="a", queue="parked")
+    first = proj.flows.submit(old)
+    stale_id = proj.flows.store.node(first.id, "a")["task_ids"][0]
+    proj.flows.cancel(first.id)
+    meta_key = proj.flows.store.keys.meta(first.id)
+    wait_until(lambda: not redis_db.client.exists(meta_key), "the cancelled flow to expire")
+    new = Flow("reused", id="reused-id")
+    new.add(proj.ident.si("new"), id="a", queue="parked")
+    second = proj.flows.submit(new)
+    assert proj.flows.store.node(second.id, "a")["task_ids"][0] != stale_id
+    assert redis_db.client.llen("parked") == 2  # the stale message is first in line
+    worker = worker_factory("tests.proj", extra_args=FLOWS, concurrency=1,
+                            queues=("parked",))
+    assert second.wait(timeout=30) == FlowState.SUCCEEDED
+    assert second.results() == {"a": "new"}
+    assert run_counts(redis_db, second.id) == {"a": 1}
+    worker.wait_for_log(rf"not running {stale_id} \(message of an earlier flow")
+    doc = _doc(second, "a")
+    assert doc["attempts"] == 1 and doc["recoveries"] == 0 and doc["task_ids"] != [stale_id]
+    assert all(not h.get("late") for h in proj.flows.store.node(second.id, "a")["history"])
