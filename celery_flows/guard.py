@@ -150,7 +150,7 @@ def _fail(run_: FlowRun, error: str) -> None:
 _WHY = {
     0: "duplicate delivery of an attempt already started",
     2: "superseded attempt",
-    3: "node finished or flow cancelled",
+    3: "node finished, flow cancelled, or a flow run eagerly by its producer",
     4: "flow paused; the node waits for resume",
     5: "message of an earlier flow that had the same id",
     -1: "unknown or expired flow",

@@ -9,11 +9,13 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from celery_flows import Flow, FlowState, NodeState
+from celery_flows import faults as faults_mod
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.harness import WorkerProcess, wait_until
 from tests.test_engine import FLOWS, run_counts
@@ -205,3 +207,36 @@ def test_a_message_of_an_expired_flow_with_the_same_id_never_runs(
     doc = _doc(second, "a")
     assert doc["attempts"] == 1 and doc["recoveries"] == 0 and doc["task_ids"] != [stale_id]
     assert all(not h.get("late") for h in proj.flows.store.node(second.id, "a")["history"])
+
+
+@pytest.fixture
+def slow_eager_driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each eager step waits 5 ms (fault point eager-claim), so that a 1,500-node chain
+    outlasts the workers' sweeper grace (a slower machine, a real task body)."""
+    monkeypatch.setenv(faults_mod.ENV, "eager-claim=sleep:0.005")
+    faults_mod.reload()
+    yield
+    monkeypatch.delenv(faults_mod.ENV)
+    faults_mod.reload()
+
+
+def test_an_eager_flow_is_the_producers_alone(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    slow_eager_driver: None,
+) -> None:
+    proj = import_app("tests.proj")
+    worker = worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    proj.app.conf.task_always_eager = True
+    for run in range(3):
+        f = Flow("eager-chain", id=f"eager-{run}")
+        prev = f.add(proj.ident.si(0), id="n0")
+        for i in range(1, 1500):
+            prev = f.add(proj.add.s(1), id=f"n{i}", after=[prev])
+        started = time.monotonic()
+        handle = proj.flows.submit(f)
+        print(f"\neager run {run}: {time.monotonic() - started:.1f} s")
+        assert handle.state() == FlowState.SUCCEEDED
+        assert handle.results()["n1499"] == 1499
+        ran_on = {rec.get("worker") for rec in proj.flows.store.nodes(handle.id).values()}
+        assert ran_on == {"eager"}, ran_on
+    assert " received" not in worker.log()

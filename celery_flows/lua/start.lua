@@ -5,7 +5,8 @@
   ARGV[4] task id  ARGV[5] worker hostname  ARGV[6] worker instance (lease holder)
   Returns: {code, flow context JSON, node context overlay JSON}
     1 run the body | 0 duplicate delivery of a start already made | 2 stale attempt
-    3 node terminal or flow cancelled | 4 the flow is paused: not started, put back
+    3 node terminal, flow cancelled, or an eager flow (run only by its driver)
+    4 the flow is paused: not started, put back
     5 the task id's nonce is not this flow's: a message of an earlier flow with this id
     -1 no such flow | -2 version | -4 no such node
   Emits: scheduled|queued|retrying|running -> running; while the flow is paused a first
@@ -17,6 +18,8 @@ local ok = flow_ok()
 if ok < 0 then return {ok} end
 -- the id of an expired flow may be reused; its leftover messages carry the old nonce
 if string.match(ARGV[4], '~([^~]*)$') ~= mget('nonce') then return {5} end
+-- an eager flow's nodes run only in the process that drives it (eager.py)
+if mget('eager') == '1' and ARGV[5] ~= 'eager' then return {3} end
 local id, attempt, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local rec = load(id)
 if not rec then return {-4} end
