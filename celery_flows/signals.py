@@ -20,6 +20,7 @@ from celery.exceptions import WorkerLostError
 
 from . import guard
 from .dispatch import parse_task_id
+from .errors import FlowVersionError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: A
         _safely("a failure", run.flows.record, run.id, run.node_id, run.attempt, "failed",
                 error=_error_text(exception), task_id=run.task_id)
         return
+    if isinstance(exception, FlowVersionError):
+        return  # the guard refused a newer flow's record: not this worker's to write
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(task_id)
     if ext is None or ref is None or _is_eager(sender) or not _of_current_flow(ext, task_id):

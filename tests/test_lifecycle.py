@@ -240,3 +240,29 @@ def test_an_eager_flow_is_the_producers_alone(
         ran_on = {rec.get("worker") for rec in proj.flows.store.nodes(handle.id).values()}
         assert ran_on == {"eager"}, ran_on
     assert " received" not in worker.log()
+
+
+def test_a_flow_of_an_unknown_major_version_fails_its_message_with_a_clear_error(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    f = Flow("from-the-future")
+    f.add(proj.ident.si("x"), id="a", queue="parked")
+    handle = proj.flows.submit(f)
+    task_id = proj.flows.store.node(handle.id, "a")["task_ids"][0]
+    keys = proj.flows.store.keys.flow(handle.id)
+    redis_db.client.hset(keys[0], "v", "2.0")  # as a newer celery-flows would write it
+    before = {k: redis_db.client.dump(k) for k in keys}
+    worker = worker_factory("tests.proj", extra_args=FLOWS, queues=("parked",))
+    result = proj.app.AsyncResult(task_id)
+    wait_until(lambda: result.state == "FAILURE", "the task to fail", timeout=30)
+    error = str(result.result)
+    assert type(result.result).__name__ == "FlowVersionError", repr(result.result)
+    assert "record format 2.0" in error and "reads format 1.x" in error
+    assert "upgrade celery-flows on this worker" in error
+    assert "upgrade celery-flows on this worker" in worker.log()
+    time.sleep(2)
+    assert redis_db.client.llen("parked") == 0, "the message must not be retried forever"
+    assert {k: redis_db.client.dump(k) for k in keys} == before, "the record was rewritten"
+    assert run_counts(redis_db, handle.id) == {}
+    assert proj.flows.store.leases(next(iter(proj.flows.store.workers()))) == []
