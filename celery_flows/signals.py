@@ -84,7 +84,7 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: A
         return  # the guard refused a newer flow's record: not this worker's to write
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(task_id)
-    if ext is None or ref is None or _is_eager(sender) or not _of_current_flow(ext, task_id):
+    if ext is None or ref is None or _is_eager(sender) or not _of_current_flow(ext, str(task_id)):
         return
     if isinstance(exception, WorkerLostError):
         _safely("a lost worker", _pool_child_lost, ext, ref, task_id, _error_text(exception))
