@@ -106,9 +106,11 @@ class FlowsStep(bootsteps.StartStopStep):
                     "pool has finished them")
 
     def terminate(self, parent: Any) -> None:
-        """Cold shutdown: running bodies are killed; their leases expire (a loss)."""
+        """Cold shutdown: running bodies are killed; their leases expire (a loss).
+        Unstarted messages go back to the broker as in a warm shutdown."""
         self._stop_services()
         self._stop_heartbeat()
+        self.hand_back()
 
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         self._stop_heartbeat()
