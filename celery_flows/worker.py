@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from celery import bootsteps
 
-from . import guard, ratelimit, recovery, webhooks
+from . import batch, guard, ratelimit, recovery, webhooks
 from .errors import FlowsConfigError
 
 if TYPE_CHECKING:
@@ -118,6 +118,7 @@ class FlowsStep(bootsteps.StartStopStep):
             rounds += 1
             try:
                 sweep(self.ext)
+                batch.sweep_batches(self.ext)
                 recovery.recover_lost_workers(self.ext)
                 if rounds % 2 == 0:
                     recovery.rescue_stranded(self.ext)
