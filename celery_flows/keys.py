@@ -35,6 +35,9 @@ Global keys, one slot each, never touched by a flow script::
     <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
                                       worker instance holds (received, not yet recorded)
     <prefix>:recovering:<inst> string lock while one manager recovers a lost instance
+    <prefix>:batches           zset   add_bulk batch id -> open time, until finished
+    <prefix>:{batch:<id>}      hash   batch record: state (pending|committed|aborted),
+                                      created (Redis TIME), flows (JSON list of ids)
 
 Scheduling keys share the hash tag ``{sched}`` so that admit.lua checks every limit of
 a node in one atomic step (one slot on Redis Cluster)::
@@ -122,3 +125,10 @@ class Keys:
 
     def recovering(self, instance: str) -> str:
         return f"{self.prefix}:recovering:{instance}"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}:batches"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{batch:{batch_id}}}"

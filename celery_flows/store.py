@@ -21,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import faults
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
 from .keys import Keys
@@ -115,9 +116,9 @@ class Store:
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 8)
         url = to_redis_py_url(self.config.redis_url)
         if self.config.redis_cluster:
-            from redis.cluster import RedisCluster
+            from .cluster import FailoverCluster
 
-            return RedisCluster.from_url(url, retry=retry)  # type: ignore[return-value]
+            return FailoverCluster.from_url(url, retry=retry)  # type: ignore[return-value]
         return redis.Redis.from_url(
             url,
             retry=retry,
@@ -187,24 +188,64 @@ class Store:
     def create_many(self, flows: list[tuple[str, dict[str, str], str,
                                             list[tuple[str, dict[str, Any], bytes]]]]
                     ) -> list[int]:
-        """Create several flows in one MULTI/EXEC (single Redis: all-or-nothing to
-        readers); the caller compensates on a conflict code."""
+        """Create several flows (create.lua codes): in one MULTI/EXEC on a single
+        Redis, one by one on a cluster. add_bulk creates them hidden (batch.py), so a
+        reader sees none of them either way until the batch is committed."""
         if not flows:
             return []
         script = self._scripts["create"]
         if self.config.redis_cluster:
-            # no cross-slot transaction: created one by one, the caller compensates
-            return [int(script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes)))
-                    for fid, meta, digest, nodes in flows]
+            codes = []
+            for fid, meta, digest, nodes in flows:
+                codes.append(int(script(keys=self.keys.flow(fid),
+                                        args=_create_argv(meta, digest, nodes))))
+                faults.point("bulk-created")
+            return codes
         pipe = self.client.pipeline(transaction=True)
         for fid, meta, digest, nodes in flows:
             script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes), client=pipe)
-        return [int(c) for c in pipe.execute()]
+        codes = [int(c) for c in pipe.execute()]
+        for _ in codes:
+            faults.point("bulk-created")
+        return codes
 
-    def delete_flows(self, fids: list[str]) -> None:
-        for fid in fids:
-            self.client.delete(*self.keys.flow(fid))
-            self.client.zrem(self.keys.index, fid)
+    # -- add_bulk batches (see batch.py) ------------------------------------------------
+
+    def batch_open(self, batch_id: str, fids: list[str]) -> None:
+        # the record first: the sweeper finds a batch by its index entry and then
+        # needs the record to know its flows
+        self.run_global("batch", [self.keys.batch(batch_id)], ["open", json.dumps(fids)])
+        self.client.zadd(self.keys.batches, {batch_id: time.time()})
+
+    def batch_decide(self, batch_id: str, op: str, grace: float = 0.0) -> str:
+        """'commit', 'abort' or 'expire' a pending batch; returns its state after."""
+        return _s(self.run_global("batch", [self.keys.batch(batch_id)], [op, grace]))
+
+    def batch_record(self, batch_id: str) -> tuple[str, list[str]]:
+        raw = self.client.hmget(self.keys.batch(batch_id), ["state", "flows"])
+        return (_s(raw[0]) if raw[0] else "", json.loads(raw[1]) if raw[1] else [])
+
+    def batch_age(self, batch_id: str) -> float:
+        created = self.client.hget(self.keys.batch(batch_id), "created")
+        return self.time() - float(created) if created else float("inf")
+
+    def batch_ids(self, limit: int = 100) -> list[str]:
+        return [_s(m) for m in self.client.zrange(self.keys.batches, 0, limit - 1)]
+
+    def batch_forget(self, batch_id: str) -> None:
+        self.client.zrem(self.keys.batches, batch_id)
+        self.client.delete(self.keys.batch(batch_id))
+
+    def hidden_by(self, fid: str) -> str | None:
+        """The batch a stored flow is hidden by, if any (whatever that batch's state)."""
+        raw = self.client.hget(self.keys.meta(fid), "hidden")
+        return _s(raw) if raw else None
+
+    def unhide(self, fid: str, batch_id: str) -> int:
+        return int(self.run("unhide", fid, [batch_id]))
+
+    def discard(self, fid: str, batch_id: str) -> int:
+        return int(self.run("discard", fid, [batch_id]))
 
     def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = (),
               eager: bool = False) -> Claim:
@@ -442,7 +483,11 @@ class Store:
         raw = self.client.hgetall(self.keys.meta(fid))
         if not raw:
             return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+        meta = {_s(k): _s(v) for k, v in raw.items()}
+        # a flow of an add_bulk batch exists for readers once its batch is committed
+        if "hidden" in meta and self.batch_record(meta["hidden"])[0] != "committed":
+            return None
+        return meta
 
     def require_meta(self, fid: str) -> dict[str, str]:
         meta = self.meta(fid)
