@@ -26,11 +26,12 @@ connection error gets the first answer (``lua/_request.lua``)::
                                       keeps nothing.
 
 ``<rid>`` is a request id (:func:`new_request_id`), drawn once per logical call before
-redis-py's retry loop. Measured on redis-server 6.2 (``MEMORY USAGE``, 200k calls):
-about 100 bytes per kept reply of complete, start, hold, published, progress, admit
-and heartbeat, 110 for a claim of one entry (+ the node ids), a change's report (a
-cancel lists every node it cancelled) on top; a transition call costs 2-4 µs more in
-Redis (one GET, one SET). At 1,000 transitions a second that is 120,000 keys, ~13 MB.
+redis-py's retry loop. Cost, measured by ``benchmarks/reply_cache.py`` on redis-server
+6.2: 115-135 bytes per kept reply (``MEMORY USAGE``; create, claim of one entry,
+published, start with an empty context, complete), plus whatever the reply carries: a
+start its flow context, a change its report (a cancel lists every node it cancelled);
+about 8 µs of Redis time per call (one GET, one SET) on a ~45 µs progress.lua. At 1,000
+transitions a second, 120,000 keys, some 15-20 MB.
 
 Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``)::
 
