@@ -22,11 +22,16 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState, FlowStateError
+from celery_flows.store import script_texts
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.harness import wait_until
 from tests.test_engine import FLOWS, run_counts
 
 _INCOMPLETE = object()
+
+
+class _Error(bytes):
+    """An error reply (``-ERR ...``, ``!...``)."""
 
 
 def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
@@ -36,7 +41,9 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
     if eol < 0:
         return _INCOMPLETE, pos
     kind, line, after = buf[pos:pos + 1], buf[pos + 1:eol], eol + 2
-    if kind in b"+-:_,#(":
+    if kind == b"-":
+        return _Error(line), after
+    if kind in b"+:_,#(":
         return line, after
     if kind in b"$!=":
         size = int(line)
@@ -44,7 +51,8 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
             return None, after
         if len(buf) < after + size + 2:
             return _INCOMPLETE, pos
-        return buf[after:after + size], after + size + 2
+        value = buf[after:after + size]
+        return (_Error(value) if kind == b"!" else value), after + size + 2
     if kind in b"*~>%":
         items = []
         for _ in range(max(int(line), 0) * (2 if kind == b"%" else 1)):
@@ -80,6 +88,8 @@ class _Link:
         self.sent = 0      # complete commands forwarded to Redis
         self.answered = 0  # complete replies Redis sent back
         self.dropping: str | None = None  # the sha of the call whose reply is dropped
+        self.dropped_at = 0  # its position among the commands of this connection
+        self.ran = True  # whether Redis ran it (its reply is not an error)
         for pump in (self._up, self._down):
             threading.Thread(target=pump, daemon=True).start()
 
@@ -98,8 +108,11 @@ class _Link:
                 commands, rest = _complete_values(rest + data)
                 with self.lock:
                     self.sent += len(commands)
-                    for command in commands:
-                        self.dropping = self.dropping or self.proxy.take(command)
+                    for i, command in enumerate(commands):
+                        if self.dropping is None:
+                            self.dropping = self.proxy.take(command)
+                            if self.dropping is not None:
+                                self.dropped_at = self.sent - len(commands) + i + 1
                 self.server.sendall(data)
         except (OSError, ValueError):
             pass
@@ -111,7 +124,10 @@ class _Link:
             while data := self.server.recv(65536):
                 replies, rest = _complete_values(rest + data)
                 with self.lock:
-                    self.answered += len(replies)
+                    for reply in replies:
+                        self.answered += 1
+                        if self.answered == self.dropped_at and isinstance(reply, _Error):
+                            self.ran = False
                     dropping, done = self.dropping, self.answered >= self.sent
                 if not dropping:
                     self.client.sendall(data)
@@ -122,7 +138,8 @@ class _Link:
                     with self.lock:
                         if self.answered < self.sent:
                             continue
-                    self.proxy.note_dropped(dropping)
+                    # a call Redis refused (NOSCRIPT...) did not run: no lost reply
+                    self.proxy.note_dropped(dropping if self.ran else f"{dropping} (refused)")
                     break
         except (OSError, ValueError):
             pass
@@ -200,8 +217,11 @@ def proxy(redis_db: RedisDB) -> Generator[DropProxy, None, None]:
 @pytest.fixture
 def proj(import_app: ImportApp, proxy: DropProxy, redis_db: RedisDB,
          monkeypatch: pytest.MonkeyPatch) -> Any:
-    """tests.proj with its registry behind the proxy (the broker stays direct)."""
+    """tests.proj with its registry behind the proxy (the broker stays direct), every
+    script loaded: an armed call must run, not answer NOSCRIPT."""
     monkeypatch.setenv("FLOWS_TEST_REGISTRY", proxy.url(redis_db.db))
+    for text in script_texts().values():
+        redis_db.client.script_load(text)
     return import_app("tests.proj")
 
 
@@ -262,6 +282,36 @@ def test_dry_runs_keep_no_reply(proj: Any, redis_db: RedisDB) -> None:
     assert len(request_keys(redis_db)) == len(before) + 1
     ttl = redis_db.client.ttl(next(k for k in request_keys(redis_db) if k not in before))
     assert 0 < ttl <= 120
+
+
+def test_a_lost_submit_reply_publishes_the_roots_once(
+    proj: Any, proxy: DropProxy, redis_db: RedisDB
+) -> None:
+    proxy.arm(proj.flows.store.sha("create"))
+    f = Flow("submitted")
+    f.add(proj.add.si(1, 2), id="a")
+    f.add(proj.add.s(3), id="b", after=["a"])
+    handle = proj.flows.submit(f)
+    assert proxy.dropped == [proj.flows.store.sha("create")]
+    rec = proj.flows.store.node(handle.id, "a")
+    # the re-sent create answers "created", its claim the root it claimed the first time
+    assert rec["state"] == "queued" and len(rec["task_ids"]) == 1
+    assert broker_task_ids(redis_db) == rec["task_ids"]
+
+
+def test_a_lost_submit_reply_under_eager_mode_still_runs_the_flow(
+    proj: Any, proxy: DropProxy
+) -> None:
+    proj.app.conf.task_always_eager = True
+    proxy.arm(proj.flows.store.sha("create"))
+    f = Flow("eager")
+    f.add(proj.add.si(1, 2), id="a")
+    f.add(proj.add.s(3), id="b", after=["a"])
+    handle = proj.flows.submit(f)
+    assert proxy.dropped == [proj.flows.store.sha("create")]
+    # a re-sent create that answered "exists already" would leave it to nobody
+    assert handle.state() == FlowState.SUCCEEDED
+    assert handle.results() == {"a": 3, "b": 6}
 
 
 def test_a_lost_completion_reply_releases_the_dependent_once(
