@@ -341,6 +341,25 @@ def test_a_lost_completion_reply_releases_the_dependent_once(
     assert run_counts(redis_db, handle.id) == {"next": 1}
 
 
+def test_a_batch_sent_again_after_noscript_answers_from_what_already_ran(
+    import_app: ImportApp, redis_db: RedisDB
+) -> None:
+    # a Redis that lost part of its script cache (a restart or failover racing the
+    # loading): complete runs, claim answers NOSCRIPT, and the store re-sends the batch
+    proj = import_app("tests.proj")
+    f = Flow("reloaded")
+    f.add_external("ext")
+    f.add(proj.ident.s(), id="next", after=["ext"])
+    handle = proj.flows.submit(f)
+    redis_db.client.script_flush()
+    redis_db.client.script_load(script_texts()["complete"])
+    assert proj.flows.signal(handle.id, "ext", result=7) == "running"
+    rec = proj.flows.store.node(handle.id, "next")
+    assert rec["state"] == "queued" and broker_task_ids(redis_db) == rec["task_ids"]
+    assert [h["outcome"] for h in proj.flows.store.node(handle.id, "ext")["history"]] \
+        == ["succeeded"]
+
+
 def test_a_lost_admit_reply_takes_one_rate_slot(
     proj: Any, proxy: DropProxy, redis_db: RedisDB
 ) -> None:
