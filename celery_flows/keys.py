@@ -30,8 +30,8 @@ redis-py's retry loop. Cost, measured by ``benchmarks/reply_cache.py`` on redis-
 6.2: 115-135 bytes per kept reply (``MEMORY USAGE``; create, claim of one entry,
 published, start with an empty context, complete), plus whatever the reply carries: a
 start its flow context, a change its report (a cancel lists every node it cancelled);
-about 8 µs of Redis time per call (one GET, one SET) on a ~45 µs progress.lua. At 1,000
-transitions a second, 120,000 keys, some 15-20 MB.
+8-20 µs more Redis time per call (one GET, one SET; measured on a shared, noisy machine)
+on a 45-60 µs progress.lua. At 1,000 transitions a second, 120,000 keys, some 15-20 MB.
 
 Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``)::
 
