@@ -21,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .codec import Codec
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
 from .keys import Keys
@@ -53,10 +54,14 @@ def to_redis_py_url(url: str) -> str:
 
 
 def _create_argv(meta: dict[str, str], digest: str,
-                 nodes: list[tuple[str, dict[str, Any], bytes]]) -> list[Any]:
+                 nodes: list[tuple[str, dict[str, Any], bytes]],
+                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
     argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
     for nid, rec, blob in nodes:
         argv += [nid, json.dumps(rec), blob]
+    argv.append(len(blobs))
+    for field, blob in blobs:
+        argv += [field, blob]
     return argv
 
 
@@ -105,8 +110,9 @@ class Claim(NamedTuple):
 
 
 class Store:
-    def __init__(self, config: FlowsConfig) -> None:
+    def __init__(self, config: FlowsConfig, codec: Codec) -> None:
         self.config = config
+        self.codec = codec  # decodes the contexts start.lua hands back
         self.keys = Keys(config.key_prefix)
         self._pid = os.getpid()
 
@@ -185,7 +191,8 @@ class Store:
     # -- transitions ------------------------------------------------------------------
 
     def create_many(self, flows: list[tuple[str, dict[str, str], str,
-                                            list[tuple[str, dict[str, Any], bytes]]]]
+                                            list[tuple[str, dict[str, Any], bytes]],
+                                            list[tuple[str, bytes]]]]
                     ) -> list[int]:
         """Create several flows in one MULTI/EXEC (single Redis: all-or-nothing to
         readers); the caller compensates on a conflict code."""
@@ -194,11 +201,13 @@ class Store:
         script = self._scripts["create"]
         if self.config.redis_cluster:
             # no cross-slot transaction: created one by one, the caller compensates
-            return [int(script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes)))
-                    for fid, meta, digest, nodes in flows]
+            return [int(script(keys=self.keys.flow(fid),
+                               args=_create_argv(meta, digest, nodes, blobs)))
+                    for fid, meta, digest, nodes, blobs in flows]
         pipe = self.client.pipeline(transaction=True)
-        for fid, meta, digest, nodes in flows:
-            script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes), client=pipe)
+        for fid, meta, digest, nodes, blobs in flows:
+            script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes, blobs),
+                   client=pipe)
         return [int(c) for c in pipe.execute()]
 
     def delete_flows(self, fids: list[str]) -> None:
@@ -283,12 +292,13 @@ class Store:
 
     def create_marked(self, fid: str, meta: dict[str, str], digest: str,
                       nodes: list[tuple[str, dict[str, Any], bytes]],
-                      claim: tuple[float, int] | None = None
+                      claim: tuple[float, int] | None = None,
+                      blobs: Sequence[tuple[str, bytes]] = ()
                       ) -> tuple[str, int, Claim | None]:
         """Index the flow, mark it dirty, create it and (given ``(lease, limit)``) claim
-        its roots, in one round trip."""
+        its roots, in one round trip. ``blobs`` are user data for the args hash."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
-        argv = _create_argv(meta, digest, nodes)
+        argv = _create_argv(meta, digest, nodes, blobs)
         now = time.time()
 
         def build(pipe: Any) -> None:
@@ -311,8 +321,8 @@ class Store:
         code = int(out[0])
         if code != 1:
             return code, {}, None
-        ctx = json.loads(out[1]) if out[1] else {}
-        overlay = json.loads(out[2]) if out[2] else None
+        ctx = self.codec.load_context(out[1])
+        overlay = self.codec.load_context(out[2])
         return code, ctx, overlay or None
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
