@@ -207,6 +207,8 @@ class Flows(ChangesMixin):
             "webhook": compiled.options["webhook"] or self.config.webhook_url or "",
             "fail_fast": "1" if compiled.options["fail_fast"] else "0",
             "paused": "0",
+            # driven by this process alone (eager.py): workers' services never claim it
+            "eager": "1" if self.app.conf.task_always_eager else "",
             "channel": self.store.keys.channel(compiled.id),
         }
         return compiled, meta, digest.hexdigest(), nodes, blobs

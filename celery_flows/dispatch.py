@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import redis
 from kombu.exceptions import OperationalError
 
+from . import faults
 from .models import Ref, as_list, map_pairs
 from .ratelimit import member_for, order_key
 from .store import Claim
@@ -61,6 +62,11 @@ def parse_task_id(task_id: Any) -> TaskRef | None:
     if not attempt.isdigit():
         return None
     return TaskRef(fid, nid, int(attempt))
+
+
+def task_nonce(task_id: str) -> str:
+    """The flow nonce a task id was built with ('' if it is not a flow task id)."""
+    return task_id.rsplit(SEP, 1)[1] if parse_task_id(task_id) is not None else ""
 
 
 def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
@@ -132,6 +138,7 @@ class Dispatcher:
                                 released = self._admitted(fid, claim.flow_rate, call)
                                 if released is False:
                                     continue
+                                faults.point("claimed-before-publish")
                                 sent.append(self._send(call, producer, released or None))
                             except TRANSIENT:
                                 raise
@@ -143,6 +150,8 @@ class Dispatcher:
             except BaseException:
                 store.published(fid, sent)
                 raise
+            if sent:
+                faults.point("sent-before-ack")
             for nid, attempt, error in refused:
                 logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
                              nid, fid, error)
@@ -229,6 +238,7 @@ class Dispatcher:
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
             return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+        faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, released or None)
         store.published(fid, [sent], clear_token=token)

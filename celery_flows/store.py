@@ -215,8 +215,11 @@ class Store:
             self.client.delete(*self.keys.flow(fid))
             self.client.zrem(self.keys.index, fid)
 
-    def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = ()) -> Claim:
-        return Claim.of(self.run("claim", fid, [lease, limit, self.want_paths, *node_ids]))
+    def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = (),
+              eager: bool = False) -> Claim:
+        """``eager``: the eager driver's claim, the only one an eager flow accepts."""
+        paths = "eager" if eager else self.want_paths
+        return Claim.of(self.run("claim", fid, [lease, limit, paths, *node_ids]))
 
     def mark_and_claim(self, fid: str, lease: float, node_ids: Sequence[str]
                        ) -> tuple[str, Claim]:

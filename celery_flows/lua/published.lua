@@ -14,7 +14,8 @@ for i = 1, #ARGV, 5 do
   local released = tonumber(ARGV[i + 3]) or now
   local rec = load(id)
   if rec and rec.attempt == attempt then
-    if rec.state == 'scheduled' or rec.state == 'retrying' then
+    -- putback: start.lua refused this message while paused; the node waits for resume
+    if (rec.state == 'scheduled' or rec.state == 'retrying') and not rec.putback then
       rec.state = 'queued'
       moved = moved + 1
     end
