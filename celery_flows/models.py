@@ -247,15 +247,6 @@ def check_rate(value: Any, config: FlowsConfig | None, what: str) -> None:
         )
 
 
-def check_json(value: Any, what: str) -> None:
-    import json
-
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise FlowDefinitionError(f"{what} is not JSON-serialisable: {exc}") from None
-
-
 def check_node_opts(
     nid: str,
     *,

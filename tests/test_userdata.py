@@ -43,7 +43,7 @@ def same(app: Any, got: Any, expected: Any) -> None:
     assert json.dumps(got) == exact(app, expected)
 
 
-def user_data_flow(proj: Any, *, headers: bool) -> Flow:
+def user_data_flow(proj: Any) -> Flow:
     deeper = Flow("deeper", context=DEEP_CONTEXT)
     deeper.add(proj.echo_context.si(), id="ctx")
     sub = Flow("sub", context=SUB_CONTEXT)
@@ -61,12 +61,11 @@ def user_data_flow(proj: Any, *, headers: bool) -> Flow:
     src = f.add(proj.value.s(DATA), id="src")
     f.add(proj.value.s(), id="dep", after=[src])
     f.add(proj.echo_results.si(), id="deps", after=[src])
-    if headers:
-        f.add(proj.echo_header.s("h").set(headers={"h": DATA}), id="hdr")
+    f.add(proj.echo_header.s("h").set(headers={"h": DATA}), id="hdr")
     return f
 
 
-def check_results(proj: Any, results: dict[str, Any], *, headers: bool) -> None:
+def check_results(proj: Any, results: dict[str, Any]) -> None:
     app = proj.app
     same(app, results["ctx"], DATA)
     same(app, results["sub:ctx"], {**DATA, **SUB_CONTEXT})
@@ -78,8 +77,7 @@ def check_results(proj: Any, results: dict[str, Any], *, headers: bool) -> None:
     same(app, results["src"], DATA)
     same(app, results["dep"], DATA)
     same(app, results["deps"], {"src": DATA})
-    if headers:
-        same(app, results["hdr"], DATA)
+    same(app, results["hdr"], DATA)
 
 
 def test_user_data_round_trips_through_real_workers(
@@ -87,9 +85,9 @@ def test_user_data_round_trips_through_real_workers(
 ) -> None:
     proj = import_app("tests.userdata_app")
     worker_factory("tests.userdata_app", extra_args=["--flows"])
-    handle = proj.flows.submit(user_data_flow(proj, headers=True))
+    handle = proj.flows.submit(user_data_flow(proj))
     assert handle.wait(timeout=60) == FlowState.SUCCEEDED, handle.inspect()
-    check_results(proj, handle.results(), headers=True)
+    check_results(proj, handle.results())
     # inspect reads the same records
     assert set(handle.inspect()["nodes"]) >= {"ctx", "sub:ctx", "sub:deeper:ctx", "hdr"}
 
@@ -97,9 +95,9 @@ def test_user_data_round_trips_through_real_workers(
 def test_user_data_round_trips_in_eager_mode(import_app: ImportApp, redis_db: RedisDB) -> None:
     proj = import_app("tests.userdata_app")
     proj.app.conf.task_always_eager = True
-    handle = proj.flows.submit(user_data_flow(proj, headers=False))
+    handle = proj.flows.submit(user_data_flow(proj))
     assert handle.state() == FlowState.SUCCEEDED
-    check_results(proj, handle.results(), headers=False)
+    check_results(proj, handle.results())
 
 
 def test_resubmit_compares_user_data_exactly(import_app: ImportApp, redis_db: RedisDB) -> None:

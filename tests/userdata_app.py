@@ -39,7 +39,8 @@ def echo_results(*_args: Any) -> dict[str, Any]:
 
 @flows.task(bind=True, shared=False)
 def echo_header(self: Any, name: str) -> Any:
-    return self.request.get(name)
+    # custom message headers, on a worker and under task_always_eager alike
+    return (self.request.headers or {}).get(name)
 
 
 @flows.task(shared=False)
