@@ -39,8 +39,9 @@ logger = logging.getLogger(__name__)
 GRACE = 30.0  # seconds a producer may take from opening a batch to committing it
 FINISH_AFTER = 5.0  # a committed batch still listed this long: its producer died
 
-# (flow id, meta, digest, nodes) as store.create_many takes them
-Row = tuple[str, dict[str, str], str, list[tuple[str, dict[str, Any], bytes]]]
+# (flow id, meta, digest, nodes, context blobs) as store.create_many takes them
+Row = tuple[str, dict[str, str], str, list[tuple[str, dict[str, Any], bytes]],
+            list[tuple[str, bytes]]]
 
 
 def submit_batch(ext: Flows, flows: list[Flow]) -> list[FlowHandle]:
@@ -50,7 +51,7 @@ def submit_batch(ext: Flows, flows: list[Flow]) -> list[FlowHandle]:
     if dupes:
         raise FlowDefinitionError(f"add_bulk: flow id {sorted(dupes)[0]!r} appears twice")
     store = ext.store
-    for compiled, _meta, digest, _nodes in prepared:
+    for compiled, _meta, digest, _nodes, _blobs in prepared:
         meta = store.meta(compiled.id)
         if meta is not None and meta.get("digest") != digest:
             raise FlowStateError(
@@ -63,7 +64,8 @@ def submit_batch(ext: Flows, flows: list[Flow]) -> list[FlowHandle]:
     store.batch_open(bid, ids)
     faults.point("bulk-open")
     try:
-        rows: list[Row] = [(p[0].id, {**p[1], "hidden": bid}, p[2], p[3]) for p in prepared]
+        rows: list[Row] = [(p[0].id, {**p[1], "hidden": bid}, p[2], p[3], p[4])
+                           for p in prepared]
         codes = store.create_many(rows)
         clash = None
         for row, code in zip(rows, codes, strict=True):

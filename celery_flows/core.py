@@ -18,6 +18,7 @@ from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .errors import FlowDefinitionError, FlowStateError
 from .flow import Flow
 from .handle import FlowHandle
+from .keys import context_field
 from .models import FORMAT_VERSION, check_node_opts, check_rate
 from .ratelimit import Router
 from .store import Store, check_code
@@ -30,8 +31,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["Flows"]
 
 # Definition fields that make two submits of the same flow id "identical".
+# (User data is compared through its serialised blobs, which the digest also covers.)
 _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "policy", "epol",
-               "fpol", "rule", "max_rec", "timeout", "poke", "ctx", "opts")
+               "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
+
+# what submit stores: compiled flow, meta fields, digest, (node id, record, call blob),
+# (args-hash field, blob) of the contexts
+Prepared = tuple[CompiledFlow, dict[str, str], str, list[tuple[str, dict[str, Any], bytes]],
+                 list[tuple[str, bytes]]]
 
 
 def _route_calls(task: Any, queue: str | None, priority: int | None) -> None:
@@ -82,7 +89,7 @@ class Flows(ChangesMixin):
 
     @cached_property
     def store(self) -> Store:
-        return Store(self.config)
+        return Store(self.config, self.codec)
 
     @cached_property
     def codec(self) -> Codec:
@@ -149,37 +156,52 @@ class Flows(ChangesMixin):
 
     # -- submitting ----------------------------------------------------------------------
 
-    def _prepare(self, flow: Flow) -> tuple[CompiledFlow, dict[str, str], str,
-                                            list[tuple[str, dict[str, Any], bytes]]]:
+    def _dump_context(self, context: dict[str, Any], what: str) -> bytes:
+        try:
+            return self.codec.dump_context(context)
+        except Exception as exc:
+            raise FlowDefinitionError(
+                f"{what} cannot be serialised with task_serializer "
+                f"{self.codec.task_serializer!r}: {exc}"
+            ) from None
+
+    def _prepare(self, flow: Flow) -> Prepared:
         if not isinstance(flow, Flow):
             raise FlowDefinitionError(f"submit() takes a Flow, got {flow!r}")
         compiled = flow.compile(self.app, self.config)
         if not compiled.records:
             raise FlowDefinitionError(f"flow {flow.name!r} has no nodes")
+        # user data as opaque blobs (Lua only copies them): exact under the serializer
+        blobs = [(context_field(), self._dump_context(compiled.context, "flow context"))]
+        for field, overlay in compiled.contexts.items():
+            sub = field.partition("#")[2]
+            blobs.append((field, self._dump_context(overlay, f"sub-flow {sub!r} context")))
         nodes: list[tuple[str, dict[str, Any], bytes]] = []
         digest = hashlib.sha256()
-        digest.update(json.dumps([compiled.name, compiled.context, compiled.options],
-                                 sort_keys=True).encode())
+        digest.update(json.dumps([compiled.name, compiled.options], sort_keys=True).encode())
+        for field, blob in blobs:
+            digest.update(f"{field}\n{len(blob)}\n".encode())
+            digest.update(blob)
         for nid, rec in compiled.records.items():
             call = compiled.calls.get(nid)
             try:
                 blob = self.codec.dump_call(*call) if call is not None else b""
             except Exception as exc:
                 raise FlowDefinitionError(
-                    f"node {nid!r}: arguments cannot be serialised with "
-                    f"task_serializer {self.codec.task_serializer!r}: {exc}"
+                    f"node {nid!r}: arguments or signature options cannot be serialised "
+                    f"with task_serializer {self.codec.task_serializer!r}: {exc}"
                 ) from None
             nodes.append((nid, rec, blob))
             digest.update(nid.encode())
             digest.update(json.dumps({k: rec.get(k) for k in _DEF_FIELDS},
                                      sort_keys=True).encode())
+            digest.update(f"\n{len(blob)}\n".encode())
             digest.update(blob)
         meta = {
             "v": FORMAT_VERSION,
             "id": compiled.id,
             "name": compiled.name,
             "nonce": secrets.token_hex(4),
-            "context": json.dumps(compiled.context),
             "retention": str(self.config.retention),
             "rate_limit": compiled.options["rate_limit"] or "",
             "webhook": compiled.options["webhook"] or self.config.webhook_url or "",
@@ -189,17 +211,17 @@ class Flows(ChangesMixin):
             "eager": "1" if self.app.conf.task_always_eager else "",
             "channel": self.store.keys.channel(compiled.id),
         }
-        return compiled, meta, digest.hexdigest(), nodes
+        return compiled, meta, digest.hexdigest(), nodes, blobs
 
     def submit(self, flow: Flow) -> FlowHandle:
         """Store the flow atomically and release its roots. A retried submit of an
         identical definition with the same id returns the existing flow."""
-        compiled, meta, digest, nodes = self._prepare(flow)
+        compiled, meta, digest, nodes, blobs = self._prepare(flow)
         fid = compiled.id
         store = self.store
         eager = bool(self.app.conf.task_always_eager)
         token, code, claim = store.create_marked(
-            fid, meta, digest, nodes, None if eager else (CLAIM_LEASE, BATCH)
+            fid, meta, digest, nodes, None if eager else (CLAIM_LEASE, BATCH), blobs
         )
         if eager:
             if code == 1:

@@ -17,7 +17,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from . import faults
-from .models import Ref, as_list
+from .models import Ref, as_list, map_pairs
 from .ratelimit import member_for, order_key
 from .store import Claim
 
@@ -77,7 +77,7 @@ def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> An
     if isinstance(ref, dict) and "map" in ref:  # cjson turns an empty list into {}
         return {
             k: resolve_input(r, values, kinds)
-            for k, r in ref["map"].items()
+            for k, r in map_pairs(ref)
             if not (isinstance(r, str) and kinds.get(r) == "removed")
         }
     out = []
@@ -166,7 +166,7 @@ class Dispatcher:
         """Decode a claimed outbox entry into the call to make."""
         nid = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
         rec = json.loads(entry[1])
-        args, kwargs = self.flows.codec.load_call(entry[2])
+        args, kwargs, options = self.flows.codec.load_node_call(entry[2])
         kinds_list = json.loads(entry[3]) or []
         after = as_list(rec.get("after"))
         raw_results = entry[4] if len(entry) > 4 else []
@@ -188,7 +188,8 @@ class Dispatcher:
             queue=self.flows.route_queue(rec, task_name, args, kwargs),
             priority=rec.get("priority"),
             task_id=task_id_for(fid, nid, rec["attempt"], nonce),
-            options=dict(rec.get("opts") or {}),
+            # records of format 1.0 kept the options in the record
+            options=options or dict(rec.get("opts") or {}),
             rec=rec,
             path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
             retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,

@@ -68,8 +68,9 @@ def run_eager(flows: Flows, fid: str) -> None:
                           {**ctx, **(overlay or {})})
             token = context.enter(run)
             try:
+                # the signature's headers reach the task as a worker's message would
                 result = task.apply(args=call.args, kwargs=call.kwargs, task_id=call.task_id,
-                                    throw=False)
+                                    throw=False, headers=call.options.get("headers"))
             finally:
                 context.leave(token)
             if result.state == states.SUCCESS:

@@ -3,10 +3,15 @@
 All keys of one flow share the hash tag ``{<flow id>}`` so that every Lua
 transition touches a single Redis Cluster slot::
 
-    <prefix>:{<fid>}:meta      hash   flow record: v, id, name, state, nonce, context,
+    <prefix>:{<fid>}:meta      hash   flow record: v, id, name, state, nonce,
                                       counters (total, done, failed), times, digest
     <prefix>:{<fid>}:nodes     hash   node id -> JSON node record (definition + state)
-    <prefix>:{<fid>}:args      hash   node id -> serialised [args, kwargs] (task_serializer)
+    <prefix>:{<fid>}:args      hash   user data, serialised with task_serializer and
+                                      only copied by Lua: node id -> [args, kwargs] or
+                                      [args, kwargs, signature options];
+                                      "ctx#" -> the flow's context; "ctx#<sub-flow id>"
+                                      -> a sub-flow's context overlay (``#`` is never
+                                      in a node id)
     <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
                                       publishing (0 = now; a claim pushes it forward;
@@ -77,6 +82,12 @@ import secrets
 from dataclasses import dataclass
 
 FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed")
+
+
+def context_field(scope: str = "") -> str:
+    """The field of the args hash holding a context: the flow's (``scope=""``) or the
+    overlay of the sub-flow node ``scope``."""
+    return f"ctx#{scope}"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import faults
+from .codec import Codec
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
 from .keys import Keys, new_request_id
@@ -66,10 +67,14 @@ def to_redis_py_url(url: str) -> str:
 
 
 def _create_argv(meta: dict[str, str], digest: str,
-                 nodes: list[tuple[str, dict[str, Any], bytes]]) -> list[Any]:
+                 nodes: list[tuple[str, dict[str, Any], bytes]],
+                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
     argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
     for nid, rec, blob in nodes:
         argv += [nid, json.dumps(rec), blob]
+    argv.append(len(blobs))
+    for field, blob in blobs:
+        argv += [field, blob]
     return argv
 
 
@@ -161,8 +166,9 @@ class Claim(NamedTuple):
 
 
 class Store:
-    def __init__(self, config: FlowsConfig) -> None:
+    def __init__(self, config: FlowsConfig, codec: Codec) -> None:
         self.config = config
+        self.codec = codec  # decodes the contexts start.lua hands back
         self.keys = Keys(config.key_prefix)
         self._pid = os.getpid()
 
@@ -247,7 +253,8 @@ class Store:
     # -- transitions ------------------------------------------------------------------
 
     def create_many(self, flows: list[tuple[str, dict[str, str], str,
-                                            list[tuple[str, dict[str, Any], bytes]]]]
+                                            list[tuple[str, dict[str, Any], bytes]],
+                                            list[tuple[str, bytes]]]]
                     ) -> list[int]:
         """Create several flows (create.lua codes): in one MULTI/EXEC on a single
         Redis, one by one on a cluster. add_bulk creates them hidden (batch.py), so a
@@ -257,15 +264,15 @@ class Store:
         script = self._scripts["create"]
         if self.config.redis_cluster:
             codes = []
-            for fid, meta, digest, nodes in flows:
+            for fid, meta, digest, nodes, blobs in flows:
                 codes.append(int(script(keys=self._flow_keys(fid, new_request_id()),
-                                        args=_create_argv(meta, digest, nodes))))
+                                        args=_create_argv(meta, digest, nodes, blobs))))
                 faults.point("bulk-created")
             return codes
         pipe = self.client.pipeline(transaction=True)
-        for fid, meta, digest, nodes in flows:
+        for fid, meta, digest, nodes, blobs in flows:
             script(keys=self._flow_keys(fid, new_request_id()),
-                   args=_create_argv(meta, digest, nodes), client=pipe)
+                   args=_create_argv(meta, digest, nodes, blobs), client=pipe)
         codes = [int(c) for c in pipe.execute()]
         for _ in codes:
             faults.point("bulk-created")
@@ -389,12 +396,13 @@ class Store:
 
     def create_marked(self, fid: str, meta: dict[str, str], digest: str,
                       nodes: list[tuple[str, dict[str, Any], bytes]],
-                      claim: tuple[float, int] | None = None
+                      claim: tuple[float, int] | None = None,
+                      blobs: Sequence[tuple[str, bytes]] = ()
                       ) -> tuple[str, int, Claim | None]:
         """Index the flow, mark it dirty, create it and (given ``(lease, limit)``) claim
-        its roots, in one round trip."""
+        its roots, in one round trip. ``blobs`` are user data for the args hash."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
-        argv = _create_argv(meta, digest, nodes)
+        argv = _create_argv(meta, digest, nodes, blobs)
         now = time.time()
 
         def build(pipe: Any) -> None:
@@ -417,8 +425,8 @@ class Store:
         code = int(out[0])
         if code != 1:
             return code, {}, None
-        ctx = json.loads(out[1]) if out[1] else {}
-        overlay = json.loads(out[2]) if out[2] else None
+        ctx = self.codec.load_context(out[1])
+        overlay = self.codec.load_context(out[2])
         return code, ctx, overlay or None
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,

@@ -4,7 +4,8 @@
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] start key "<retries>:<replace nesting>"
   ARGV[4] task id  ARGV[5] worker hostname  ARGV[6] worker instance (lease holder)
-  Returns: {code, flow context JSON, node context overlay JSON}
+  Returns: {code, flow context blob, node context overlay blob ('' = none)}
+    (blobs of the args hash, copied as stored; a flow of format 1.0 gives JSON instead)
     1 run the body | 0 duplicate delivery of a start already made | 2 stale attempt
     3 node terminal, flow cancelled, or an eager flow (run only by its driver)
     4 the flow is paused: not started, put back
@@ -58,4 +59,11 @@ end
 save(id, rec)
 ready_rem(id)
 flush()
-return {1, mget('context'), cjson.encode(rec.ctx)}
+-- user data is never decoded here (cjson would change it): the blobs go back as stored
+local overlay = ''
+if type(rec.ctx) == 'string' then
+  overlay = redis.call('HGET', ARGS, rec.ctx) or ''
+elseif type(rec.ctx) == 'table' then
+  overlay = cjson.encode(rec.ctx)  -- a record of format 1.0
+end
+return {1, redis.call('HGET', ARGS, 'ctx#') or mget('context') or '', overlay}
