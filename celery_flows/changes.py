@@ -170,12 +170,16 @@ class ChangesMixin:
             policy=merged.get("policy", "fail"), rule=merged.get("rule", "all_success"),
             max_rec=merged.get("max_rec"),
         )
+        from .compile import PASSTHROUGH_OPTIONS
+
+        passthrough = {k: v for k, v in sig.options.items() if k in PASSTHROUGH_OPTIONS}
         try:
-            blob = self.codec.dump_call(tuple(sig.args), dict(sig.kwargs))
+            blob = self.codec.dump_call(tuple(sig.args), dict(sig.kwargs), passthrough)
         except Exception as exc:
-            raise FlowDefinitionError(f"node {node_id!r}: arguments cannot be serialised: "
-                                      f"{exc}") from None
-        report = self._change("add_node", flow_id, [node_id, json.dumps(rec), blob],
+            raise FlowDefinitionError(f"node {node_id!r}: arguments or signature options "
+                                      f"cannot be serialised: {exc}") from None
+        report = self._change("add_node", flow_id,
+                              [node_id, json.dumps(rec), blob, self.config.max_nodes],
                               dry_run)[0]
         report["node_id"] = node_id
         return report

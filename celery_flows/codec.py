@@ -1,12 +1,26 @@
-"""Serialising arguments and results the way the app does (never pickle unless the app
-itself is configured for it). Stored blobs carry their content type, so a stored flow
-stays readable after the app's serializer setting changes."""
+"""Serialising user data the way the app does (never pickle unless the app itself is
+configured for it): arguments, signature options and contexts with its
+``task_serializer``, results with its ``result_serializer``.
+
+Stored blobs carry their content type, so a stored flow stays readable after the app's
+serializer setting changes. The Lua transitions only ever copy these blobs: Lua's cjson
+would change the data (14 significant digits, ``[]`` read back as ``{}``, key order).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, NamedTuple
 
 from kombu.serialization import dumps, loads, prepare_accept_content
+
+
+class Call(NamedTuple):
+    """A node's stored call: what its signature carried."""
+
+    args: list[Any]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]  # Celery options sent with the message as given (headers, ...)
 
 
 class Codec:
@@ -32,14 +46,36 @@ class Codec:
         content_type, _, encoding = head.decode().partition(";")
         return loads(data, content_type, encoding, accept=accept)
 
-    def dump_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-        return self._pack(self.task_serializer, [list(args), kwargs])
+    def dump_call(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  options: dict[str, Any] | None = None) -> bytes:
+        call: list[Any] = [list(args), kwargs]
+        if options:
+            call.append(options)
+        return self._pack(self.task_serializer, call)
+
+    def load_node_call(self, blob: bytes | None) -> Call:
+        if not blob:
+            return Call([], {}, {})
+        call = self._unpack(blob, self.accept)
+        options = call[2] if len(call) > 2 else {}
+        return Call(list(call[0]), dict(call[1]), dict(options))
 
     def load_call(self, blob: bytes | None) -> tuple[list[Any], dict[str, Any]]:
+        call = self.load_node_call(blob)
+        return call.args, call.kwargs
+
+    def dump_context(self, context: dict[str, Any]) -> bytes:
+        return self._pack(self.task_serializer, context)
+
+    def load_context(self, blob: bytes | str | None) -> dict[str, Any]:
         if not blob:
-            return [], {}
-        args, kwargs = self._unpack(blob, self.accept)
-        return list(args), dict(kwargs)
+            return {}
+        if isinstance(blob, str):
+            blob = blob.encode()
+        if blob.startswith(b"{"):
+            # a flow stored before contexts were blobs: plain JSON
+            return dict(json.loads(blob))
+        return dict(self._unpack(blob, self.accept))
 
     def dump_result(self, value: Any) -> bytes:
         return self._pack(self.result_serializer, value)

@@ -2,7 +2,8 @@
 
 Sub-flows are inlined under ``<sub-flow id>:``, trees and explicit input shapes
 (``Flow.from_canvas``) become result references, and everything is validated (ids,
-cycles, options, registered tasks, serialisable context) before a key is written.
+composed ids, size, cycles, options, registered tasks) before a key is written; user
+data (calls, options, contexts) is kept apart from the records, to be stored as blobs.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import FlowDefinitionError
+from .keys import context_field
 from .models import (
+    MAX_ID_LENGTH,
     Ref,
     check_acyclic,
     check_id,
-    check_json,
     check_rate,
     link,
     new_record,
@@ -37,16 +39,23 @@ PASSTHROUGH_OPTIONS = ("time_limit", "soft_time_limit", "expires", "headers", "r
                        "exchange", "ignore_result", "serializer", "compression")
 
 
+# node id -> (args, kwargs, signature options sent as given)
+Calls = dict[str, tuple[tuple[Any, ...], dict[str, Any], dict[str, Any]]]
+
+
 @dataclass
 class CompiledFlow:
-    """What ``submit`` writes: flow options and node records in definition order."""
+    """What ``submit`` writes: flow options and node records in definition order; the
+    user data apart, to be serialised with the app's serializer."""
 
     id: str
     name: str
     context: dict[str, Any]
     options: dict[str, Any]
     records: dict[str, dict[str, Any]]
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]]  # node id -> (args, kwargs)
+    calls: Calls
+    # args-hash field (see keys.context_field) -> a sub-flow's context overlay
+    contexts: dict[str, dict[str, Any]]
 
 
 def compile_flow(flow: Flow, app: Celery, config: FlowsConfig, flow_id: str | None = None
@@ -54,12 +63,21 @@ def compile_flow(flow: Flow, app: Celery, config: FlowsConfig, flow_id: str | No
     """Validate and flatten; raises FlowDefinitionError before anything is written."""
     fid = flow_id or flow.id or uuid.uuid4().hex
     check_id(fid, "flow id")
+    # first, and cheaply: an oversized flow must not cost the work below
+    total = count_nodes(flow)
+    if total > config.max_nodes:
+        raise FlowDefinitionError(
+            f"flow {flow.name!r} has {total} nodes (sub-flows inlined), more than "
+            f"flows_max_nodes={config.max_nodes}; split it into several flows or raise "
+            "app.conf.flows_max_nodes"
+        )
     if flow.rate_limit is not None:
         check_rate(flow.rate_limit, config, "flow rate_limit")
-    check_json(flow.context, "flow context")
     records: dict[str, dict[str, Any]] = {}
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-    _flatten(flow, app, config, "", records, calls, {}, None, stack=[])
+    calls: Calls = {}
+    contexts: dict[str, dict[str, Any]] = {}
+    _flatten(flow, app, config, "", records, calls, {}, None, stack=[],
+             origins={}, contexts=contexts)
     check_acyclic(records)
     link(records)
     for seq, rec in enumerate(records.values()):
@@ -75,7 +93,41 @@ def compile_flow(flow: Flow, app: Celery, config: FlowsConfig, flow_id: str | No
         },
         records=records,
         calls=calls,
+        contexts=contexts,
     )
+
+
+def count_nodes(flow: Flow) -> int:
+    """Nodes of the flow with its sub-flows inlined, without inlining them: a sub-flow
+    used many times is counted once (memoised), so this stays fast however the
+    definition multiplies. Iterative: nesting depth costs no stack."""
+    memo: dict[int, int] = {}
+    stack: list[tuple[Flow, bool]] = [(flow, False)]
+    open_: set[int] = set()
+    while stack:
+        current, expanded = stack.pop()
+        key = id(current)
+        if expanded:
+            open_.discard(key)
+            memo[key] = sum(memo[id(e.body)] if e.kind == "subflow" else 1
+                            for e in current._entries.values())
+            continue
+        if key in memo:
+            continue
+        if key in open_:
+            raise FlowDefinitionError(
+                f"flow {current.name!r} contains itself as a sub-flow"
+            )
+        open_.add(key)
+        stack.append((current, True))
+        for entry in current._entries.values():
+            if entry.kind == "subflow" and id(entry.body) not in memo:
+                if id(entry.body) in open_:
+                    raise FlowDefinitionError(
+                        f"flow {entry.body.name!r} contains itself as a sub-flow"
+                    )
+                stack.append((entry.body, False))
+    return memo[id(flow)]
 
 def _flatten(
     flow: Flow,
@@ -83,17 +135,28 @@ def _flatten(
     config: FlowsConfig,
     prefix: str,
     records: dict[str, dict[str, Any]],
-    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any]]],
+    calls: Calls,
     outer: dict[str, Any],
     ctx: dict[str, Any] | None,
     stack: list[Flow],
+    origins: dict[str, str],
+    contexts: dict[str, dict[str, Any]],
 ) -> dict[str, tuple[list[str], Ref]]:
     """Add this flow's nodes under ``prefix``; ``outer`` gives, for the sub-flow
     node being inlined, ``after`` (its deps in the parent) and ``input`` (its
-    input ref). Returns for each sub-flow entry: (final node ids, output ref)."""
-    if flow in stack:
+    input ref). ``ctx`` is the context overlay of this sub-flow, stored once under
+    ``contexts[context_field(prefix[:-1])]``; ``origins`` says where each composed id
+    came from (for collisions). Returns for each sub-flow entry: (final node ids,
+    output ref).
+
+    Recursion follows sub-flow nesting, which composed ids bound: a sub-flow id leaves
+    room for ``:x`` within 128 characters, so no flow nests deeper than 64 levels."""
+    if any(f is flow for f in stack):
         raise FlowDefinitionError(f"flow {flow.name!r} contains itself as a sub-flow")
     stack = [*stack, flow]
+    ctx_field = context_field(prefix[:-1]) if ctx else None
+    if ctx:
+        contexts[context_field(prefix[:-1])] = ctx
     # sub-flow entry id -> (its final node ids, ref that stands for its result)
     subs: dict[str, tuple[list[str], Ref]] = {}
     for entry in flow._entries.values():
@@ -106,6 +169,14 @@ def _flatten(
     for eid in order:
         entry = flow._entries[eid]
         nid = prefix + eid
+        where = f"node {eid!r} of sub-flow {prefix[:-1]!r}" if prefix else f"node {nid!r}"
+        if len(nid) > MAX_ID_LENGTH - (2 if entry.kind == "subflow" else 0):
+            raise FlowDefinitionError(
+                f"{where}: its composed id {nid[:60]}... is {len(nid)} characters; "
+                f"composed ids (sub-flow ids joined by ':') may hold at most "
+                f"{MAX_ID_LENGTH}" + (", the nodes inside included" if entry.kind == "subflow"
+                                      else "") + "; use shorter ids or fewer levels"
+            )
         # dependencies in the flat graph and the input ref, sub-flows expanded
         flat_after: list[str] = []
         input_parts: list[Ref] = []
@@ -127,9 +198,9 @@ def _flatten(
                 "input": _input_of(input_parts, entry, is_root, outer),
             }
             sub_ctx = {**(ctx or {}), **sub.context}
-            check_json(sub.context, f"sub-flow {nid!r} context")
             before = set(records)
-            _flatten(sub, app, config, nid + ":", records, calls, sub_outer, sub_ctx, stack)
+            _flatten(sub, app, config, nid + ":", records, calls, sub_outer, sub_ctx, stack,
+                     origins, contexts)
             added = [k for k in records if k not in before]
             if not added:
                 raise FlowDefinitionError(f"sub-flow node {nid!r} has no nodes")
@@ -143,7 +214,7 @@ def _flatten(
                 records[k]["epol"] = policy
             sub_ref: Ref = (
                 finals[0] if len(finals) == 1
-                else {"map": {k[len(nid) + 1:]: k for k in finals}}
+                else {"map": [[k[len(nid) + 1:], k] for k in finals]}
             )
             subs[eid] = (finals, sub_ref)
             continue
@@ -195,15 +266,17 @@ def _flatten(
                 poke=opts.get("poke"),
             )
             passthrough = {k: v for k, v in sig_opts.items() if k in PASSTHROUGH_OPTIONS}
-            if passthrough:
-                check_json(passthrough, f"node {nid!r} signature options")
-                rec["opts"] = passthrough
-            calls[nid] = (tuple(sig.args), dict(sig.kwargs))
-        if ctx:
-            rec["ctx"] = ctx
+            calls[nid] = (tuple(sig.args), dict(sig.kwargs), passthrough)
+        rec["ctx"] = ctx_field
         for ref_id in ref_ids(rec["input"]):
             if ref_id not in rec["after"]:
                 rec["after"].append(ref_id)
+        if nid in records:
+            raise FlowDefinitionError(
+                f"node id {nid!r} is used twice: by {origins[nid]} and by {where}; rename "
+                "one of them (a sub-flow's nodes are named '<sub-flow id>:<node id>')"
+            )
+        origins[nid] = where
         records[nid] = rec
     return subs
 

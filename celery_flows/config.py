@@ -43,6 +43,7 @@ class FlowsConfig:
     lease_timeout: float = 60.0
     max_recoveries: int = 3
     max_result_bytes: int = 1048576
+    max_nodes: int = 100000
 
     @classmethod
     def from_app(cls, app: Any) -> FlowsConfig:
@@ -108,6 +109,9 @@ class FlowsConfig:
         max_bytes = get("flows_max_result_bytes", 1048576)
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
             raise bad("flows_max_result_bytes", "must be an int >= 1")
+        max_nodes = get("flows_max_nodes", 100000)
+        if isinstance(max_nodes, bool) or not isinstance(max_nodes, int) or max_nodes < 1:
+            raise bad("flows_max_nodes", "must be an int >= 1")
         return cls(
             redis_url=redis_url,
             redis_cluster=cluster,
@@ -120,4 +124,5 @@ class FlowsConfig:
             lease_timeout=float(lease),
             max_recoveries=max_rec,
             max_result_bytes=max_bytes,
+            max_nodes=max_nodes,
         )

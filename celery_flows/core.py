@@ -19,6 +19,7 @@ from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .errors import FlowDefinitionError, FlowStateError
 from .flow import Flow
 from .handle import FlowHandle
+from .keys import context_field
 from .models import FORMAT_VERSION, check_node_opts, check_rate
 from .ratelimit import Router
 from .store import Store, check_code
@@ -31,8 +32,14 @@ logger = logging.getLogger(__name__)
 __all__ = ["Flows"]
 
 # Definition fields that make two submits of the same flow id "identical".
+# (User data is compared through its serialised blobs, which the digest also covers.)
 _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "policy", "epol",
-               "fpol", "rule", "max_rec", "timeout", "poke", "ctx", "opts")
+               "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
+
+# what submit stores: compiled flow, meta fields, digest, (node id, record, call blob),
+# (args-hash field, blob) of the contexts
+Prepared = tuple[CompiledFlow, dict[str, str], str, list[tuple[str, dict[str, Any], bytes]],
+                 list[tuple[str, bytes]]]
 
 
 def _route_calls(task: Any, queue: str | None, priority: int | None) -> None:
@@ -83,7 +90,7 @@ class Flows(ChangesMixin):
 
     @cached_property
     def store(self) -> Store:
-        return Store(self.config)
+        return Store(self.config, self.codec)
 
     @cached_property
     def codec(self) -> Codec:
@@ -150,55 +157,72 @@ class Flows(ChangesMixin):
 
     # -- submitting ----------------------------------------------------------------------
 
-    def _prepare(self, flow: Flow) -> tuple[CompiledFlow, dict[str, str], str,
-                                            list[tuple[str, dict[str, Any], bytes]]]:
+    def _dump_context(self, context: dict[str, Any], what: str) -> bytes:
+        try:
+            return self.codec.dump_context(context)
+        except Exception as exc:
+            raise FlowDefinitionError(
+                f"{what} cannot be serialised with task_serializer "
+                f"{self.codec.task_serializer!r}: {exc}"
+            ) from None
+
+    def _prepare(self, flow: Flow) -> Prepared:
         if not isinstance(flow, Flow):
             raise FlowDefinitionError(f"submit() takes a Flow, got {flow!r}")
         compiled = flow.compile(self.app, self.config)
         if not compiled.records:
             raise FlowDefinitionError(f"flow {flow.name!r} has no nodes")
+        # user data as opaque blobs (Lua only copies them): exact under the serializer
+        blobs = [(context_field(), self._dump_context(compiled.context, "flow context"))]
+        for field, overlay in compiled.contexts.items():
+            sub = field.partition("#")[2]
+            blobs.append((field, self._dump_context(overlay, f"sub-flow {sub!r} context")))
         nodes: list[tuple[str, dict[str, Any], bytes]] = []
         digest = hashlib.sha256()
-        digest.update(json.dumps([compiled.name, compiled.context, compiled.options],
-                                 sort_keys=True).encode())
+        digest.update(json.dumps([compiled.name, compiled.options], sort_keys=True).encode())
+        for field, blob in blobs:
+            digest.update(f"{field}\n{len(blob)}\n".encode())
+            digest.update(blob)
         for nid, rec in compiled.records.items():
             call = compiled.calls.get(nid)
             try:
                 blob = self.codec.dump_call(*call) if call is not None else b""
             except Exception as exc:
                 raise FlowDefinitionError(
-                    f"node {nid!r}: arguments cannot be serialised with "
-                    f"task_serializer {self.codec.task_serializer!r}: {exc}"
+                    f"node {nid!r}: arguments or signature options cannot be serialised "
+                    f"with task_serializer {self.codec.task_serializer!r}: {exc}"
                 ) from None
             nodes.append((nid, rec, blob))
             digest.update(nid.encode())
             digest.update(json.dumps({k: rec.get(k) for k in _DEF_FIELDS},
                                      sort_keys=True).encode())
+            digest.update(f"\n{len(blob)}\n".encode())
             digest.update(blob)
         meta = {
             "v": FORMAT_VERSION,
             "id": compiled.id,
             "name": compiled.name,
             "nonce": secrets.token_hex(4),
-            "context": json.dumps(compiled.context),
             "retention": str(self.config.retention),
             "rate_limit": compiled.options["rate_limit"] or "",
             "webhook": compiled.options["webhook"] or self.config.webhook_url or "",
             "fail_fast": "1" if compiled.options["fail_fast"] else "0",
             "paused": "0",
+            # driven by this process alone (eager.py): workers' services never claim it
+            "eager": "1" if self.app.conf.task_always_eager else "",
             "channel": self.store.keys.channel(compiled.id),
         }
-        return compiled, meta, digest.hexdigest(), nodes
+        return compiled, meta, digest.hexdigest(), nodes, blobs
 
     def submit(self, flow: Flow) -> FlowHandle:
         """Store the flow atomically and release its roots. A retried submit of an
         identical definition with the same id returns the existing flow."""
-        compiled, meta, digest, nodes = self._prepare(flow)
+        compiled, meta, digest, nodes, blobs = self._prepare(flow)
         fid = compiled.id
         store = self.store
         eager = bool(self.app.conf.task_always_eager)
         token, code, claim = store.create_marked(
-            fid, meta, digest, nodes, None if eager else (CLAIM_LEASE, BATCH)
+            fid, meta, digest, nodes, None if eager else (CLAIM_LEASE, BATCH), blobs
         )
         if eager:
             if code == 1:
@@ -217,48 +241,11 @@ class Flows(ChangesMixin):
         return FlowHandle(self, fid)
 
     def add_bulk(self, flows: list[Flow]) -> list[FlowHandle]:
-        """Submit several flows as one batch: all are created, or none is."""
-        prepared = [self._prepare(f) for f in flows]
-        ids = [p[0].id for p in prepared]
-        dupes = {i for i in ids if ids.count(i) > 1}
-        if dupes:
-            raise FlowDefinitionError(f"add_bulk: flow id {sorted(dupes)[0]!r} appears twice")
-        store = self.store
-        existing: set[str] = set()
-        for compiled, _meta, digest, _nodes in prepared:
-            meta = store.meta(compiled.id)
-            if meta is not None:
-                if meta.get("digest") != digest:
-                    raise FlowStateError(
-                        f"add_bulk: flow {compiled.id!r} already exists with a different "
-                        "definition; nothing of this batch was created"
-                    )
-                existing.add(compiled.id)
-        now = store.time()
-        tokens = {}
-        for fid in ids:
-            store.index_add(fid, now)
-            tokens[fid] = store.mark_dirty(fid)
-        fresh = [p for p in prepared if p[0].id not in existing]
-        codes = store.create_many([(p[0].id, p[1], p[2], p[3]) for p in fresh])
-        if any(c == -3 for c in codes):
-            created = [p[0].id for p, c in zip(fresh, codes, strict=False) if c == 1]
-            store.delete_flows(created)
-            for t in tokens.values():
-                store.clear_dirty(t)
-            raise FlowStateError(
-                "add_bulk: a flow id of this batch was created concurrently with another "
-                "definition; nothing of this batch was created"
-            )
-        for fid in ids:
-            if self.app.conf.task_always_eager:
-                from .eager import run_eager
+        """Submit several flows as one batch: all become visible and run, or none does
+        (also on Redis Cluster, and if this process dies mid-batch; see batch.py)."""
+        from .batch import submit_batch
 
-                run_eager(self, fid)
-                store.clear_dirty(tokens[fid])
-            else:
-                self.dispatcher.release(fid, tokens[fid])
-        return [FlowHandle(self, fid) for fid in ids]
+        return submit_batch(self, flows)
 
     def get(self, flow_id: str) -> FlowHandle:
         """Handle of an existing flow; FlowNotFoundError if unknown."""

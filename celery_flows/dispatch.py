@@ -17,7 +17,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from . import faults
-from .models import Ref, as_list
+from .models import Ref, as_list, map_pairs
 from .ratelimit import member_for, order_key
 from .store import Claim
 
@@ -64,6 +64,11 @@ def parse_task_id(task_id: Any) -> TaskRef | None:
     return TaskRef(fid, nid, int(attempt))
 
 
+def task_nonce(task_id: str) -> str:
+    """The flow nonce a task id was built with ('' if it is not a flow task id)."""
+    return task_id.rsplit(SEP, 1)[1] if parse_task_id(task_id) is not None else ""
+
+
 def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
     """Build the value a node receives from its dependencies: a failed or skipped
     dependency gives None, a removed one is dropped from lists."""
@@ -72,7 +77,7 @@ def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> An
     if isinstance(ref, dict) and "map" in ref:  # cjson turns an empty list into {}
         return {
             k: resolve_input(r, values, kinds)
-            for k, r in ref["map"].items()
+            for k, r in map_pairs(ref)
             if not (isinstance(r, str) and kinds.get(r) == "removed")
         }
     out = []
@@ -133,6 +138,7 @@ class Dispatcher:
                                 released = self._admitted(fid, claim.flow_rate, call)
                                 if released is False:
                                     continue
+                                faults.point("claimed-before-publish")
                                 sent.append(self._send(call, producer, released or None))
                             except TRANSIENT:
                                 raise
@@ -144,7 +150,8 @@ class Dispatcher:
             except BaseException:
                 store.published(fid, sent)
                 raise
-            faults.point("after-publish")
+            if sent:
+                faults.point("sent-before-ack")
             for nid, attempt, error in refused:
                 logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
                              nid, fid, error)
@@ -159,7 +166,7 @@ class Dispatcher:
         """Decode a claimed outbox entry into the call to make."""
         nid = entry[0].decode() if isinstance(entry[0], bytes) else entry[0]
         rec = json.loads(entry[1])
-        args, kwargs = self.flows.codec.load_call(entry[2])
+        args, kwargs, options = self.flows.codec.load_node_call(entry[2])
         kinds_list = json.loads(entry[3]) or []
         after = as_list(rec.get("after"))
         raw_results = entry[4] if len(entry) > 4 else []
@@ -181,7 +188,8 @@ class Dispatcher:
             queue=self.flows.route_queue(rec, task_name, args, kwargs),
             priority=rec.get("priority"),
             task_id=task_id_for(fid, nid, rec["attempt"], nonce),
-            options=dict(rec.get("opts") or {}),
+            # records of format 1.0 kept the options in the record
+            options=options or dict(rec.get("opts") or {}),
             rec=rec,
             path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
             retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,
@@ -230,6 +238,7 @@ class Dispatcher:
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
             return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+        faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, released or None)
         store.published(fid, [sent], clear_token=token)

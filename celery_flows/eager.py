@@ -4,6 +4,10 @@ Nothing is published: the outbox is drained in a loop (never recursively, so lon
 chains cannot overflow the stack), each node runs through ``task.apply()`` and its
 outcome goes through the same transitions a worker uses. Rate limits and queue caps
 do not apply.
+
+The flow is created marked ``eager``: claim.lua gives its outbox only to this driver
+and start.lua starts its nodes only here, so ``--flows`` workers sharing the registry
+(their sweeper, releaser, timers, recovery) never take a node of it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from celery import states
 
-from . import context
+from . import context, faults
 from .context import FlowRun
 from .dispatch import BATCH, CLAIM_LEASE
 
@@ -36,7 +40,8 @@ def _poking(flows: Flows, fid: str) -> bool:
 def run_eager(flows: Flows, fid: str) -> None:
     store = flows.store
     while True:
-        claim = store.claim(fid, CLAIM_LEASE, BATCH)
+        faults.point("eager-claim")
+        claim = store.claim(fid, CLAIM_LEASE, BATCH, eager=True)
         code, nonce, entries = claim.code, claim.nonce, claim.entries
         if code == 0 and not entries and claim.next_due is not None and _poking(flows, fid):
             # a sensor waits for its next poke (or a held retry): in this process too
@@ -63,8 +68,9 @@ def run_eager(flows: Flows, fid: str) -> None:
                           {**ctx, **(overlay or {})})
             token = context.enter(run)
             try:
+                # the signature's headers reach the task as a worker's message would
                 result = task.apply(args=call.args, kwargs=call.kwargs, task_id=call.task_id,
-                                    throw=False)
+                                    throw=False, headers=call.options.get("headers"))
             finally:
                 context.leave(token)
             if result.state == states.SUCCESS:

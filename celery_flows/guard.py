@@ -21,6 +21,8 @@ from celery.exceptions import Ignore, Reject, Retry
 from . import context, recovery
 from .context import FlowRun
 from .dispatch import parse_task_id
+from .errors import FlowVersionError
+from .models import FORMAT_VERSION
 
 if TYPE_CHECKING:
     from .core import Flows
@@ -64,8 +66,14 @@ def _guarded(flows: Flows, task: Any, original: Any) -> Any:
             # whose start is not recorded.
             logger.error("celery-flows: cannot record the start of %s: %r", request.id, exc)
             raise Reject(exc, requeue=True) from None
+        if code == -2:
+            raise _version_error(flows, ref.flow_id, request.id, worker)
         if code != 1:
             logger.info("celery-flows: not running %s (%s)", request.id, _WHY.get(code, code))
+            if code in (4, 5) and recovery.INSTANCE:
+                # 4: put back in the outbox, resume() publishes it again (same attempt);
+                # 5: not a node of this flow at all
+                flows.store.lease_drop(recovery.INSTANCE, request.id)
             raise Ignore()
         if overlay:
             ctx = {**ctx, **overlay}
@@ -136,6 +144,29 @@ def _held_retry(flows: Flows, task: Any, original: Any) -> Any:
     return retry
 
 
+def _version_error(flows: Flows, fid: str, task_id: str, worker: str) -> FlowVersionError:
+    """The flow was written by a newer celery-flows. This worker must not rewrite a
+    record it does not understand, so nothing is recorded in the flow: the Celery task
+    fails with this error (result backend, task_failure, the worker's log), the
+    message is acked rather than retried forever, and the lease is dropped so no
+    recovery touches the record. A worker that reads the format can run the node once
+    the message is published again."""
+    from . import __version__
+
+    version = (flows.store.meta(fid) or {}).get("v", "?")
+    if recovery.INSTANCE:
+        flows.store.lease_drop(recovery.INSTANCE, task_id)
+    error = FlowVersionError(
+        f"flow {fid!r} was written in record format {version}; worker {worker} runs "
+        f"celery-flows {__version__}, which reads format {FORMAT_VERSION.split('.')[0]}.x "
+        f"only: upgrade celery-flows on this worker to a release that reads format "
+        f"{version.split('.')[0]}. The task {task_id} did not run and the flow's record "
+        "was left untouched."
+    )
+    logger.error("celery-flows: %s", error)
+    return error
+
+
 def _fail(run_: FlowRun, error: str) -> None:
     try:
         run_.flows.record(run_.id, run_.node_id, run_.attempt, "failed", error=error)
@@ -146,8 +177,9 @@ def _fail(run_: FlowRun, error: str) -> None:
 _WHY = {
     0: "duplicate delivery of an attempt already started",
     2: "superseded attempt",
-    3: "node finished or flow cancelled",
+    3: "node finished, flow cancelled, or a flow run eagerly by its producer",
+    4: "flow paused; the node waits for resume",
+    5: "message of an earlier flow that had the same id",
     -1: "unknown or expired flow",
-    -2: "unknown flow format version",
     -4: "unknown node",
 }

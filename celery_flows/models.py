@@ -9,14 +9,18 @@ task     Celery task name (``None`` for external nodes)
 kind     ``task`` | ``external`` | ``sensor``
 after    dependency node ids, in order
 deps_of  dependents (filled in by :func:`link`)
-input    how results reach the args: a node id, a list of refs or ``{"map": {k: ref}}``
+input    how results reach the args: a node id, a list of refs or
+         ``{"map": [[k, ref], ...]}`` (a dict in that key order; pairs, because cjson
+         does not keep an object's key order)
          (``None``: nothing is prepended, e.g. an immutable signature)
 queue, priority, rate, policy, rule, max_rec, timeout, poke   node options
-opts     Celery options from the signature sent as given (time_limit, expires, ...)
 epol     set on a sub-flow's final nodes only: the sub-flow node's policy, applied to
          outgoing edges when the node failed or was skipped as ``upstream_failed``
 fpol     policy deciding whether a failure fails the whole flow
-ctx      context overlay (sub-flows)
+ctx      field of the args hash holding the node's context overlay (sub-flows)
+
+User data (arguments, signature options, contexts, results) never goes into a record:
+it is stored as serialised blobs that Lua only copies (see :mod:`celery_flows.codec`).
 state, attempt, waiting, removed, skip_reason, error, ... runtime fields
 ======== =====================================================================
 """
@@ -30,9 +34,11 @@ from typing import Any, TypeAlias
 from .config import RATE_RE, FlowsConfig, parse_rate
 from .errors import FlowDefinitionError
 
-FORMAT_VERSION = "1.0"
+# 1.1: contexts and signature options are blobs in the args hash
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 
+MAX_ID_LENGTH = 128
 ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 FAILURE_POLICIES = ("fail", "ignore", "remove")
@@ -85,10 +91,22 @@ class FlowState(str, Enum):
 
 def check_id(value: Any, what: str) -> str:
     if not isinstance(value, str) or not ID_RE.match(value):
+        reserved = isinstance(value, str) and ("[" in value or "]" in value)
         raise FlowDefinitionError(
             f"{what} {value!r} is malformed: use 1-128 letters, digits and _ - . : only"
+            + (" ('[' and ']' are reserved for map items such as each[3])" if reserved
+               else "")
         )
     return value
+
+
+def map_pairs(ref: dict[str, Any]) -> list[tuple[str, Ref]]:
+    """The (key, ref) pairs of a ``{"map": ...}`` ref, in order (a dict in records
+    written before the pairs form)."""
+    m = ref["map"]
+    if isinstance(m, dict):
+        return list(m.items())
+    return [(k, r) for k, r in m]
 
 
 def ref_ids(ref: Ref) -> list[str]:
@@ -98,7 +116,7 @@ def ref_ids(ref: Ref) -> list[str]:
     if isinstance(ref, str):
         return [ref]
     if isinstance(ref, dict):
-        return [i for r in ref["map"].values() for i in ref_ids(r)]
+        return [i for _k, r in map_pairs(ref) for i in ref_ids(r)]
     return [i for r in ref for i in ref_ids(r)]
 
 
@@ -108,7 +126,7 @@ def rename_ref(ref: Ref, rename: dict[str, Ref]) -> Ref:
     if isinstance(ref, str):
         return rename.get(ref, ref)
     if isinstance(ref, dict):
-        return {"map": {k: rename_ref(r, rename) for k, r in ref["map"].items()}}
+        return {"map": [[k, rename_ref(r, rename)] for k, r in map_pairs(ref)]}
     return [rename_ref(r, rename) for r in ref]
 
 
@@ -227,15 +245,6 @@ def check_rate(value: Any, config: FlowsConfig | None, what: str) -> None:
             f"{what} {value!r} is neither a rate like '10/s' nor a group defined in "
             "app.conf.flows_rate_limits"
         )
-
-
-def check_json(value: Any, what: str) -> None:
-    import json
-
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError) as exc:
-        raise FlowDefinitionError(f"{what} is not JSON-serialisable: {exc}") from None
 
 
 def check_node_opts(

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from celery import states
 
 from . import faults
-from .dispatch import TaskRef, parse_task_id
+from .dispatch import TaskRef, parse_task_id, task_nonce
 from .models import NodeState
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class Reconciler:
         return acted
 
     def settle(self, ref: TaskRef, task_id: str) -> int:
+        if not of_current_flow(self.ext, task_id):
+            return 0
         rec = self.ext.store.node(ref.flow_id, ref.node_id)
         # Only a body this instance started and still holds the lease of: anything else
         # was recorded, handed off (replace), started elsewhere, or never started here
@@ -117,6 +119,14 @@ class Reconciler:
 
     def backend_outcome(self, task_id: str) -> tuple[str, Any] | None:
         return backend_outcome(self.ext, task_id)
+
+
+def of_current_flow(ext: Flows, task_id: str) -> bool:
+    """Whether a flow task id was built with the nonce of the flow that now has its flow
+    id (a flow id may be reused once the earlier flow expired)."""
+    ref = parse_task_id(task_id)
+    meta = ext.store.meta(ref.flow_id) if ref is not None else None
+    return meta is None or meta.get("nonce") == task_nonce(task_id)
 
 
 def backend_outcome(ext: Flows, task_id: str) -> tuple[str, Any] | None:
@@ -153,8 +163,8 @@ def recover_lost_workers(ext: Flows) -> int:
                f"{ext.config.lease_timeout:g} s")
         for task_id in store.leases(instance):
             ref = parse_task_id(task_id)
-            if ref is None:
-                continue
+            if ref is None or not of_current_flow(ext, task_id):
+                continue  # a message of an earlier flow with the same id: not a node
             faults.point("recover-lease")
             try:
                 stored = backend_outcome(ext, task_id)

@@ -20,6 +20,7 @@ from celery.exceptions import WorkerLostError
 
 from . import guard
 from .dispatch import parse_task_id
+from .errors import FlowVersionError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,19 @@ def _error_text(exc: Any) -> str:
 def _is_eager(task: Any) -> bool:
     request = getattr(task, "request", None)
     return bool(getattr(request, "is_eager", False))
+
+
+def _of_current_flow(ext: Any, task_id: str) -> bool:
+    """Whether a task id belongs to the flow that now has its flow id: a message left
+    from an earlier flow with the same id (reused after retention) is never recorded
+    into the new one."""
+    from . import recovery
+
+    if recovery.of_current_flow(ext, task_id):
+        return True
+    logger.info("celery-flows: ignoring an outcome of %s, a message of an earlier flow "
+                "with the same id", task_id)
+    return False
 
 
 def _safely(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -66,9 +80,11 @@ def on_task_failure(sender: Any = None, task_id: str | None = None, exception: A
         _safely("a failure", run.flows.record, run.id, run.node_id, run.attempt, "failed",
                 error=_error_text(exception), task_id=run.task_id)
         return
+    if isinstance(exception, FlowVersionError):
+        return  # the guard refused a newer flow's record: not this worker's to write
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(task_id)
-    if ext is None or ref is None or _is_eager(sender):
+    if ext is None or ref is None or _is_eager(sender) or not _of_current_flow(ext, str(task_id)):
         return
     if isinstance(exception, WorkerLostError):
         _safely("a lost worker", _pool_child_lost, ext, ref, task_id, _error_text(exception))
@@ -111,7 +127,7 @@ def on_task_revoked(sender: Any = None, request: Any = None, terminated: bool = 
                     expired: bool = False, **_: Any) -> None:
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(getattr(request, "id", None))
-    if ext is None or ref is None:
+    if ext is None or ref is None or not _of_current_flow(ext, request.id):
         return
     why = "expired" if expired else ("terminated" if terminated else "revoked")
     _safely("a revocation", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
@@ -122,7 +138,7 @@ def on_task_unknown(sender: Any = None, name: str | None = None, id: str | None 
                     **_: Any) -> None:
     ext = _flows_of(getattr(sender, "app", None))
     ref = parse_task_id(id)
-    if ext is None or ref is None:
+    if ext is None or ref is None or not _of_current_flow(ext, str(id)):
         return
     _safely("an unknown task", ext.record, ref.flow_id, ref.node_id, ref.attempt, "failed",
             error=f"NotRegistered: task {name!r} is not registered on the worker that "
@@ -146,7 +162,7 @@ def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, *
     ext = _flows_of(getattr(sender, "app", None))
     headers = getattr(message, "headers", None) or {}
     ref = parse_task_id(headers.get("id"))
-    if ext is None or ref is None:
+    if ext is None or ref is None or not _of_current_flow(ext, headers["id"]):
         return
     _safely("a rejected message", ext.record, ref.flow_id, ref.node_id, ref.attempt,
             "failed", error=f"Rejected: the worker rejected the message ({_error_text(exc)})")

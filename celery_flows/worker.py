@@ -7,6 +7,16 @@ reconciles its own leases (see :mod:`celery_flows.recovery`). With ``--flows`` (
 ``CELERY_WORKER_FLOWS=1``) it also runs the flow manager's services in another thread:
 the outbox sweeper, which publishes nodes whose releasing process died between
 recording an outcome and publishing, and the recovery of lost workers' nodes.
+
+A warm shutdown (SIGTERM, Celery's ``shutdown`` control) is not a loss. Celery stops
+the steps in reverse start order, so this step (it requires the Pool) stops *before*
+the pool has finished its running bodies (CELERY_NOTES "Worker shutdown"). The step's
+``stop`` therefore ends only the manager services and hands back the leases of
+messages the consumer dropped unstarted (they return to the broker by themselves and
+run later as the same attempt); the heartbeat goes on until ``worker_shutdown``, sent
+once the pool has drained and every body's outcome is recorded. A cold shutdown
+(``terminate``) stops the heartbeat at once: its killed bodies are losses under the
+lease rule.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 import click
-from celery import bootsteps
+from celery import bootsteps, signals
 
-from . import guard, ratelimit, recovery, webhooks
+from . import batch, guard, ratelimit, recovery, webhooks
+from .dispatch import parse_task_id
 from .errors import FlowsConfigError
+from .models import NodeState
 
 if TYPE_CHECKING:
     from .core import Flows
@@ -60,7 +72,9 @@ class FlowsStep(bootsteps.StartStopStep):
         self.ext: Flows = parent.app.flows
         self.manager = bool(flows) or _env_flag()
         self._stop = threading.Event()
+        self._stop_beat = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._beat_thread: threading.Thread | None = None
         self.ext.config  # noqa: B018 - validate configuration at worker start
         check_redis(self.ext)
         guard.install(self.ext)
@@ -70,8 +84,14 @@ class FlowsStep(bootsteps.StartStopStep):
 
     def start(self, parent: Any) -> None:
         self._stop.clear()
+        self._stop_beat.clear()
         self._beat()
-        self._spawn("celery-flows-heartbeat", self._heartbeat_loop)
+        self._beat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                             name="celery-flows-heartbeat")
+        self._beat_thread.start()
+        # sent by WorkController.stop() after the blueprint (the pool included) stopped
+        signals.worker_shutdown.connect(self._on_worker_shutdown, sender=parent, weak=False,
+                                        dispatch_uid=f"celery_flows.shutdown.{self.instance}")
         if self.manager:
             self._spawn("celery-flows-manager", self._manager_loop)
             self._spawn("celery-flows-releaser", self._releaser_loop)
@@ -79,19 +99,69 @@ class FlowsStep(bootsteps.StartStopStep):
             logger.info("celery-flows: manager services started")
 
     def stop(self, parent: Any) -> None:
+        """Warm shutdown: the consumer is closed, the pool still runs its bodies."""
+        self._stop_services()
+        self.hand_back()
+        logger.info("celery-flows: keeping the leases of running nodes alive until the "
+                    "pool has finished them")
+
+    def terminate(self, parent: Any) -> None:
+        """Cold shutdown: running bodies are killed; their leases expire (a loss).
+        Unstarted messages go back to the broker as in a warm shutdown."""
+        self._stop_services()
+        self._stop_heartbeat()
+        self.hand_back()
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        self._stop_heartbeat()
+        self.hand_back(final=True)
+
+    def _stop_services(self) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads = []
-        # Messages this worker received but will not run go back to the broker: their
-        # leases go. Leases of bodies still finishing stay until their outcome.
+
+    def _stop_heartbeat(self) -> None:
+        self._stop_beat.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=5)
+            self._beat_thread = None
+
+    def hand_back(self, final: bool = False) -> None:
+        """Drop the leases of messages this worker received but will not run: the
+        consumer dropped them and the broker gives them to another worker, which runs
+        them as the same attempt; a recovery of them would be a second copy and would
+        use up ``max_recoveries``. ``final`` (the pool has stopped): everything left
+        goes, except bodies started here whose outcome is not recorded, which are
+        recovered when the lease expires; without any, the instance is forgotten so no
+        manager mistakes the clean exit for a lost worker."""
+        store = self.ext.store
         try:
-            held = self.reconciler.held_task_ids()
-            for task_id in self.ext.store.leases(self.instance):
-                if task_id not in held:
-                    self.ext.store.lease_drop(self.instance, task_id)
+            held = set() if final else self.reconciler.held_task_ids()
+            kept = 0
+            for task_id in store.leases(self.instance):
+                if task_id in held:
+                    continue
+                if final and self._unrecorded_here(task_id):
+                    kept += 1
+                    continue
+                store.lease_drop(self.instance, task_id)
+            if final:
+                if kept:
+                    logger.warning("celery-flows: %d node(s) started here have no recorded "
+                                   "outcome; they are recovered once the lease expires", kept)
+                else:
+                    store.forget_instance(self.instance)
         except Exception:
-            logger.exception("celery-flows: could not release leases at shutdown")
+            logger.exception("celery-flows: could not hand back leases at shutdown")
+
+    def _unrecorded_here(self, task_id: str) -> bool:
+        ref = parse_task_id(task_id)
+        rec = self.ext.store.node(ref.flow_id, ref.node_id) if ref is not None else None
+        return (rec is not None and ref is not None and rec.get("attempt") == ref.attempt
+                and rec.get("lease") == self.instance
+                and rec.get("state") == NodeState.RUNNING.value)
 
     def _spawn(self, name: str, target: Any) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -105,7 +175,7 @@ class FlowsStep(bootsteps.StartStopStep):
 
     def _heartbeat_loop(self) -> None:
         interval = recovery.heartbeat_interval(self.ext)
-        while not self._stop.wait(interval):
+        while not self._stop_beat.wait(interval):
             try:
                 self._beat()
                 self.reconciler.run()
@@ -118,6 +188,7 @@ class FlowsStep(bootsteps.StartStopStep):
             rounds += 1
             try:
                 sweep(self.ext)
+                batch.sweep_batches(self.ext)
                 recovery.recover_lost_workers(self.ext)
                 if rounds % 2 == 0:
                     recovery.rescue_stranded(self.ext)

@@ -5,13 +5,24 @@ Fixtures:
 - ``redis_server`` (session): the :class:`~tests.harness.RedisServer`.
 - ``redis_db`` (function): a :class:`RedisDB` whose db number no other running test
   uses, flushed before the test.
+- ``flows_setup`` (function): the broker and pool this test runs on, a
+  :class:`FlowsSetup`; ``redis/prefork`` unless the test is marked
+  ``@pytest.mark.setups("rabbitmq/prefork", "redis/threads", ...)``, which runs it once
+  per setup.  On ``rabbitmq`` the broker is a private RabbitMQ node (``rabbitmq``,
+  session-scoped, started on first use) with a vhost per db; results, the bodies' log
+  and the registry stay on this test's Redis db.
 - ``import_app`` (function): ``import_app(module="tests.plain_app", broker_url=None)``
-  imports a test app module afresh with ``FLOWS_TEST_BROKER`` set (default: this test's
-  db) and closes its app afterwards.
+  imports a test app module afresh with ``FLOWS_TEST_BROKER`` set (default: this
+  test's broker) and ``FLOWS_TEST_REDIS`` (this test's db, or ``broker_url`` when given)
+  and closes its app afterwards.
 - ``worker_factory`` (function): ``worker_factory(app="tests.plain_app", *, ...)``
-  starts a :class:`~tests.harness.WorkerProcess` on this test's db, waits until it is
-  ready, and tears it down at the end of the test.  A failing test's report carries the
-  tail of every worker log.
+  starts a :class:`~tests.harness.WorkerProcess` on this test's broker, db and pool,
+  waits until it is ready, and tears it down at the end of the test.  A failing test's
+  report carries the tail of every worker log.
+
+With ``FLOWS_TEST_INSTALLED=1`` (set by ``.ci/run``) the session refuses to start unless
+``celery_flows`` is imported from site-packages, here and in worker subprocesses: the
+suite then tests the installed wheel, not a checkout.
 """
 
 from __future__ import annotations
@@ -19,7 +30,10 @@ from __future__ import annotations
 import gc
 import importlib
 import itertools
+import os
+import subprocess
 import sys
+import sysconfig
 from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +43,8 @@ from typing import Any, Protocol
 import pytest
 import redis
 
-from tests.harness import BROKER_ENV, RedisServer, WorkerProcess
+from tests.brokers import RabbitMQServer
+from tests.harness import BROKER_ENV, REDIS_ENV, ROOT, RedisServer, WorkerProcess
 
 # db 0 is left alone so that a stray process that ignores the db number is noticed.
 _DB_NUMBERS: Iterator[int] = itertools.cycle(range(1, 64))
@@ -54,6 +69,64 @@ class RedisDB:
         return self.server.celery_url(self.db)
 
 
+@dataclass
+class FlowsSetup:
+    """The broker (``redis`` or ``rabbitmq``) and worker pool of one test run."""
+
+    broker: str
+    pool: str
+    broker_url: str
+    #: queues the test's workers consumed, deleted from a RabbitMQ vhost afterwards
+    queues: set[str]
+
+    @property
+    def id(self) -> str:
+        return f"{self.broker}/{self.pool}"
+
+
+SETUPS = ("redis/prefork", "rabbitmq/prefork", "redis/threads", "redis/solo",
+          "rabbitmq/threads", "rabbitmq/solo")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "setups(*ids): run the test once per broker/pool setup, e.g. "
+        "'rabbitmq/prefork', 'redis/threads' (default: redis/prefork only)")
+    if os.environ.get("FLOWS_TEST_INSTALLED") == "1":
+        _check_installed()
+
+
+def _check_installed() -> None:
+    """celery_flows must come from site-packages, here and in a worker's interpreter."""
+    site = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    here = subprocess.run(
+        [sys.executable, "-c", "import celery_flows; print(celery_flows.__file__)"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
+    )
+    import celery_flows
+
+    for where, path in (("pytest", celery_flows.__file__ or ""),
+                        ("a worker subprocess", here.stdout.strip() or here.stderr)):
+        parents = set(Path(path).resolve().parents)
+        if not parents & site:
+            raise pytest.UsageError(
+                f"FLOWS_TEST_INSTALLED=1 but {where} imports celery_flows from {path!r}, "
+                f"not from site-packages {sorted(map(str, site))}: run the tests from a "
+                "copy of tests/ outside the checkout (bash .ci/run does)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("setups")
+    if marker is None or "flows_setup" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(SETUPS)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown setups "
+                                f"{sorted(unknown)}; known: {SETUPS}")
+    metafunc.parametrize("flows_setup", marker.args, indirect=True, ids=list(marker.args))
+
+
 class ImportApp(Protocol):
     def __call__(
         self, module: str = "tests.plain_app", broker_url: str | None = None
@@ -72,6 +145,7 @@ class WorkerFactory(Protocol):
         broker_url: str | None = None,
         name: str | None = None,
         ready_timeout: float | None = 30.0,
+        pool: str | None = None,
     ) -> WorkerProcess: ...
 
 
@@ -99,14 +173,45 @@ def redis_db(redis_server: RedisServer) -> Generator[RedisDB, None, None]:
         client.close()
 
 
+@pytest.fixture(scope="session")
+def rabbitmq() -> Generator[RabbitMQServer, None, None]:
+    server = RabbitMQServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def flows_setup(
+    request: pytest.FixtureRequest, redis_db: RedisDB
+) -> Generator[FlowsSetup, None, None]:
+    broker, pool = getattr(request, "param", "redis/prefork").split("/")
+    server: RabbitMQServer | None = None
+    if broker == "rabbitmq":
+        server = request.getfixturevalue("rabbitmq")
+        url = server.url(redis_db.db)
+    else:
+        url = redis_db.celery_url
+    setup = FlowsSetup(broker=broker, pool=pool, broker_url=url, queues={"celery"})
+    yield setup
+    if server is not None:
+        # after the workers stopped (they are torn down first): nothing a test left in
+        # its vhost reaches a later test that gets the same db number
+        server.delete_queues(redis_db.db, setup.queues)
+
+
 @pytest.fixture
 def import_app(
-    redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch
+    redis_db: RedisDB, flows_setup: FlowsSetup, monkeypatch: pytest.MonkeyPatch
 ) -> Generator[ImportApp, None, None]:
     imported: list[ModuleType] = []
 
     def _import(module: str = "tests.plain_app", broker_url: str | None = None) -> ModuleType:
-        monkeypatch.setenv(BROKER_ENV, broker_url or redis_db.celery_url)
+        # an explicit broker_url is a Redis of the test's own that carries everything
+        monkeypatch.setenv(BROKER_ENV, broker_url or flows_setup.broker_url)
+        monkeypatch.setenv(REDIS_ENV, broker_url or redis_db.celery_url)
         sys.modules.pop(module, None)
         mod = importlib.import_module(module)
         imported.append(mod)
@@ -157,7 +262,8 @@ def _close_result_backend(app: Any) -> None:
 
 @pytest.fixture
 def worker_factory(
-    request: pytest.FixtureRequest, redis_db: RedisDB, tmp_path: Path
+    request: pytest.FixtureRequest, redis_db: RedisDB, flows_setup: FlowsSetup,
+    tmp_path: Path,
 ) -> Generator[WorkerFactory, None, None]:
     workers: list[WorkerProcess] = []
     request.node.stash[_WORKERS] = workers
@@ -173,10 +279,14 @@ def worker_factory(
         broker_url: str | None = None,
         name: str | None = None,
         ready_timeout: float | None = 30.0,
+        pool: str | None = None,
     ) -> WorkerProcess:
+        flows_setup.queues.update(queues)
         worker = WorkerProcess(
             app,
-            broker_url=broker_url or redis_db.celery_url,
+            broker_url=broker_url or flows_setup.broker_url,
+            redis_url=broker_url or redis_db.celery_url,
+            pool=pool or flows_setup.pool,
             concurrency=concurrency,
             queues=queues,
             extra_args=extra_args,

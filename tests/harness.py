@@ -6,8 +6,9 @@ Celery by ``tests/test_harness.py``.
 ``RedisServer`` listens only on a unix socket in a short directory under ``/tmp``
 (socket paths must stay under ~100 bytes) and keeps its data files there, so it can be
 killed and restarted on the same socket and data.  ``WorkerProcess`` runs
-``python -m celery -A <module> worker -P prefork`` in its own process group, so a test
-can SIGKILL the main process, one pool child, or the whole group.
+``python -m celery -A <module> worker -P <pool>`` in its own process group, so a test
+can SIGKILL the main process, one pool child, or the whole group.  It can run another
+interpreter in another directory (a fresh venv with the built wheel installed).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ import redis
 #: The repository root: worker subprocesses run here so ``-A tests.<module>`` imports.
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Environment variable from which test app modules read their broker/backend URL.
+#: Environment variable from which test app modules read their broker URL.
 BROKER_ENV = "FLOWS_TEST_BROKER"
+#: The test's Redis (Celery URL form) for results, the bodies' log and the registry;
+#: the broker's URL when unset (the broker is that Redis).
+REDIS_ENV = "FLOWS_TEST_REDIS"
 
 _SOCKET_PATH_LIMIT = 100
 
@@ -245,10 +249,12 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """``celery -A <app> worker -P prefork`` in a subprocess with its own process group.
+    """``celery -A <app> worker -P <pool>`` in a subprocess with its own process group.
 
     stdout and stderr both go to :attr:`log_path`, so crash tracebacks are kept next to
-    Celery's log lines.
+    Celery's log lines.  The worker runs ``python`` (default: this interpreter) in
+    ``cwd`` (default: the repository root), which is also put on ``PYTHONPATH`` so
+    that ``-A`` finds the app module there.
     """
 
     def __init__(
@@ -256,6 +262,10 @@ class WorkerProcess:
         app: str,
         *,
         broker_url: str,
+        redis_url: str | None = None,
+        pool: str = "prefork",
+        python: str | None = None,
+        cwd: Path | str | None = None,
         concurrency: int = 2,
         queues: Sequence[str] = ("celery",),
         extra_args: Sequence[str] = (),
@@ -270,6 +280,10 @@ class WorkerProcess:
         self.queues = list(queues)
         self.extra_args = list(extra_args)
         self.broker_url = broker_url
+        self.redis_url = redis_url or broker_url
+        self.pool = pool
+        self.python = python or sys.executable
+        self.cwd = Path(cwd) if cwd is not None else ROOT
         self.loglevel = loglevel
         self.env = dict(env or {})
         log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
@@ -289,10 +303,10 @@ class WorkerProcess:
     @property
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "celery",
+            self.python, "-m", "celery",
             "-A", self.app,
             "worker",
-            "-P", "prefork",
+            "-P", self.pool,
             "-c", str(self.concurrency),
             "-l", self.loglevel,
             "--without-mingle", "--without-gossip",
@@ -307,12 +321,15 @@ class WorkerProcess:
         env = dict(os.environ)
         env.update(self.env)
         env[BROKER_ENV] = self.broker_url
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env[REDIS_ENV] = self.redis_url
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self.cwd), env.get("PYTHONPATH", "")) if p
+        )
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._log_file = open(self.log_path, "wb")  # closed in _reap()
         self.process = subprocess.Popen(
             self.command,
-            cwd=ROOT,
+            cwd=self.cwd,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,

@@ -1,7 +1,8 @@
 """The Flows app the tests run on workers (tasks are ``shared=False``: every test
 imports this module afresh, and shared tasks would be re-registered on earlier apps).
- Broker, backend and registry come from
-``FLOWS_TEST_BROKER``; task bodies log their executions to Redis so tests can count
+ The broker comes from
+``FLOWS_TEST_BROKER``, backend and registry from ``FLOWS_TEST_REDIS`` (default: the
+broker); task bodies log their executions to Redis so tests can count
 them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from celery_flows import Flows, current_flow
 from celery_flows.store import to_redis_py_url
 
 BROKER_URL = os.environ["FLOWS_TEST_BROKER"]
+# results, the bodies' log and the registry live on the test's Redis, which is also the
+# broker unless the test runs on another broker (RabbitMQ)
+REDIS_URL = os.environ.get("FLOWS_TEST_REDIS") or BROKER_URL
 
-app = Celery("proj", broker=BROKER_URL, backend=BROKER_URL)
+app = Celery("proj", broker=BROKER_URL, backend=REDIS_URL)
 # the bodies' own bookkeeping must survive the Redis restart of the chaos test
 _log = redis.Redis.from_url(
-    to_redis_py_url(BROKER_URL),
+    to_redis_py_url(REDIS_URL),
     retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 20),
     retry_on_error=[redis.ConnectionError, redis.exceptions.BusyLoadingError],
 )
@@ -46,8 +50,10 @@ app.conf.update(
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
     flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,
-    # a separate registry (a Redis Cluster node) when set; else the broker's Redis
-    flows_redis_url=os.environ.get("FLOWS_TEST_REGISTRY") or None,
+    # a separate registry (a Redis Cluster node) when set; else the test's Redis, named
+    # only when the broker is not that Redis (so the broker default is tested too)
+    flows_redis_url=os.environ.get("FLOWS_TEST_REGISTRY")
+    or (REDIS_URL if REDIS_URL != BROKER_URL else None),
     flows_redis_cluster=bool(os.environ.get("FLOWS_TEST_REGISTRY_CLUSTER")),
 )
 

@@ -179,3 +179,121 @@ def test_evicting_redis_is_refused_at_worker_start(redis_db: RedisDB) -> None:
             check_redis(flows)
     finally:
         redis_db.client.config_set("maxmemory-policy", "noeviction")
+
+
+# -- composed ids, nesting and size (SPEC section 1 flows_max_nodes, section 2 ids) ------
+
+
+@pytest.mark.parametrize("task_first", [True, False])
+def test_a_composed_id_colliding_with_a_node_id_is_rejected_naming_both(
+    proj: Any, redis_db: RedisDB, task_first: bool
+) -> None:
+    sub = Flow("sub")
+    sub.add(proj.add.s(1, 1), id="a")
+    f = Flow("collide")
+    if task_first:
+        f.add(proj.add.s(2, 2), id="sub:a")
+    f.add(sub, id="sub")
+    if not task_first:
+        f.add(proj.add.s(2, 2), id="sub:a")
+    _rejects(proj, redis_db, f, "'sub:a'", "node 'a' of sub-flow 'sub'", "used twice")
+
+
+def test_a_composed_id_over_128_characters_is_rejected(proj: Any, redis_db: RedisDB) -> None:
+    sub = Flow("sub")
+    sub.add(proj.add.s(1, 1), id="n" * 40)
+    f = Flow("long")
+    f.add(sub, id="s" * 100)
+    _rejects(proj, redis_db, f, "141 characters", "128", "'" + "n" * 40 + "'")
+
+
+def test_deep_sub_flow_nesting_fails_clearly_instead_of_recursing(
+    proj: Any, redis_db: RedisDB
+) -> None:
+    inner = Flow("leaf")
+    inner.add(proj.add.s(1, 1), id="leaf")
+    for _ in range(5000):
+        outer = Flow("level")
+        outer.add(inner, id="s")
+        inner = outer
+    _rejects(proj, redis_db, inner, "128", "fewer levels")
+
+
+def test_nested_sub_flows_within_the_id_length_run(proj: Any, redis_db: RedisDB) -> None:
+    proj.app.conf.task_always_eager = True
+    inner = Flow("leaf")
+    inner.add(proj.add.s(1, 1), id="leaf")
+    for _ in range(60):  # "s:" * 60 + "leaf": 124 characters
+        outer = Flow("level")
+        outer.add(inner, id="s")
+        inner = outer
+    handle = proj.flows.submit(inner)
+    assert handle.state() == FlowState.SUCCEEDED
+    assert handle.results() == {"s:" * 60 + "leaf": 2}
+
+
+def test_brackets_are_reserved_for_map_items(proj: Any) -> None:
+    f = Flow("brackets")
+    for bad in ("each[3]", "a]", "[b"):
+        with pytest.raises(FlowDefinitionError, match="reserved for map items"):
+            f.add(proj.add.s(1, 1), id=bad)
+    with pytest.raises(FlowDefinitionError, match="reserved for map items"):
+        f.add_external("x[0]")
+
+
+def test_a_flow_over_flows_max_nodes_is_refused_before_anything_is_written(
+    proj: Any, redis_db: RedisDB
+) -> None:
+    # 100 uses of a 1,000-node sub-flow and one more node: 100,001 nodes inlined
+    block = Flow("block")
+    for i in range(1000):
+        block.add(proj.add.s(i, 1), id=f"n{i}")
+    f = Flow("huge")
+    for i in range(100):
+        f.add(block, id=f"b{i}")
+    f.add(proj.add.s(1, 1), id="one-more")
+    _rejects(proj, redis_db, f, "100001 nodes", "flows_max_nodes=100000")
+    # a definition that multiplies (a sub-flow used twice at each of 20 levels) is
+    # counted without being inlined
+    inner = block
+    for _ in range(20):
+        outer = Flow("twice")
+        outer.add(inner, id="x")
+        outer.add(inner, id="y")
+        inner = outer
+    _rejects(proj, redis_db, inner, f"{1000 * 2 ** 20} nodes", "flows_max_nodes")
+
+
+def test_flows_max_nodes_bounds_submit_and_add_node(proj: Any, redis_db: RedisDB) -> None:
+    from celery_flows import FlowStateError
+
+    proj.app.conf.flows_max_nodes = 5
+    sub = Flow("sub")
+    sub.add(proj.add.s(1, 1), id="x")
+    sub.add(proj.add.s(1, 1), id="y")
+
+    def five() -> Flow:
+        f = Flow("five")
+        f.add(sub, id="sub")
+        for i in range(3):
+            f.add(proj.wait_for_key.s("never", 0.1), id=f"n{i}")
+        return f
+
+    six = five()
+    six.add(proj.add.s(1, 1), id="sixth")
+    _rejects(proj, redis_db, six, "6 nodes", "flows_max_nodes=5")
+    handle = proj.flows.submit(five())  # no worker: the flow stays running
+    with pytest.raises(FlowStateError, match="flows_max_nodes=5"):
+        proj.flows.add_node(handle.id, proj.add.s(1, 1), node_id="extra")
+    with pytest.raises(FlowStateError, match="flows_max_nodes=5"):
+        proj.flows.add_node(handle.id, proj.add.s(1, 1), node_id="extra", dry_run=True)
+    assert "extra" not in handle.node_states()
+    assert len(handle.node_states()) == 5
+
+
+@pytest.mark.parametrize("value", [0, -1, "10", True, 2.5])
+def test_flows_max_nodes_must_be_a_positive_int(redis_db: RedisDB, value: Any) -> None:
+    app = Celery("cfg", broker=redis_db.celery_url, set_as_current=False)
+    app.conf.flows_max_nodes = value
+    with pytest.raises(FlowsConfigError, match="flows_max_nodes"):
+        Flows(app).config  # noqa: B018

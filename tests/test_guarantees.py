@@ -89,7 +89,7 @@ def test_crash_between_publish_and_acknowledging_the_outbox(
     sweeper publishes b a second time; the duplicate is acknowledged without running."""
     proj = import_app("tests.proj")
     crashing = worker_factory("tests.proj", queues=("faulty",),
-                              env={FAULTS: "after-publish=kill"})
+                              env={FAULTS: "sent-before-ack=kill"})
     worker_factory("tests.proj", extra_args=FLOWS, queues=("celery",))
     handle = proj.flows.submit(two_step(proj, "faulty", second_queue="later"))
     wait_until(lambda: redis_db.client.llen("later") == 1, "b published once", timeout=30)

@@ -1,10 +1,12 @@
 --[[
   add_node: add a node to a running (or paused) flow.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV[1] node id  ARGV[2] record JSON (after filled in; waiting is computed here)
-  ARGV[3] args blob ('' = none)  ARGV[4] '1' for a dry run
+  ARGV[3] args blob ('' = none)  ARGV[4] flows_max_nodes  ARGV[5] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
-    1 done | -5 refused (finished flow, id taken, unknown dependency) | -1 no flow
+    1 done | -5 refused (finished flow, id taken, unknown dependency, the flow holds
+    flows_max_nodes nodes already) | -1 no flow
     -2 version
   Emits: the new node -> pending, or straight to scheduled/skipped when its
          dependencies are already terminal.
@@ -16,6 +18,11 @@ if flow_finished() then
   return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
 end
 if load(id) then return {-5, 'node id ' .. id .. ' is already used', mget('state')} end
+local max_nodes = tonumber(ARGV[4])
+if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then
+  return {-5, 'the flow already holds ' .. mget('total') .. ' nodes, the most ' ..
+    'flows_max_nodes=' .. ARGV[4] .. ' allows', mget('state')}
+end
 local rec = cjson.decode(ARGV[2])
 local waiting = 0
 for _, did in ipairs(list(rec.after)) do
@@ -39,6 +46,6 @@ save(id, rec)
 if ARGV[3] ~= '' then later(function() redis.call('HSET', ARGS, id, ARGV[3]) end) end
 if waiting == 0 then evaluate_all({id}, now) end
 local state = set_flow_state(now)
-if ARGV[4] == '1' then return {1, report_json(), state} end
+if ARGV[5] == '1' then return {1, report_json(), state} end
 flush()
 return {1, report_json(), state}

@@ -1,9 +1,12 @@
 --[[
   create: store a whole flow atomically and release its roots.
-  KEYS: meta nodes args results ready timed (of the new flow)
+  KEYS: meta nodes args results ready timed (of the new flow), request (lua/_request.lua:
+        a re-sent call returns the first reply without running again)
   ARGV[1]  meta fields, JSON object of strings
   ARGV[2]  definition digest (idempotent submit)
   ARGV[3]  n, the number of nodes; then n triples: node id, record JSON, args blob ('' = none)
+  then     m, then m pairs: args-hash field, blob (contexts: "ctx#", "ctx#<sub-flow id>")
+           Blobs are user data (the app's serializer): copied, never decoded here.
   Returns:  1 created | 0 exists with the same digest | -3 exists with another definition
   Emits:   nodes without dependencies become scheduled (outbox), awaiting, or skipped.
 ]]
@@ -28,6 +31,10 @@ for i = 0, n - 1 do
   save(id, rec)
   if blob ~= '' then redis.call('HSET', ARGS, id, blob) end
   if rec.waiting == 0 then roots[#roots + 1] = id end
+end
+local m = tonumber(ARGV[4 + 3 * n]) or 0
+for j = 0, m - 1 do
+  redis.call('HSET', ARGS, ARGV[5 + 3 * n + 2 * j], ARGV[6 + 3 * n + 2 * j])
 end
 evaluate_all(roots, now)
 set_flow_state(now)

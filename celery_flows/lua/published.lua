@@ -1,6 +1,7 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV: groups of five: node id, attempt, queue name, release time ('' = now; a
         limited node's release is the moment its limiters admitted it), task id
   Returns: the number of nodes moved from scheduled to queued.
@@ -14,7 +15,8 @@ for i = 1, #ARGV, 5 do
   local released = tonumber(ARGV[i + 3]) or now
   local rec = load(id)
   if rec and rec.attempt == attempt then
-    if rec.state == 'scheduled' or rec.state == 'retrying' then
+    -- putback: start.lua refused this message while paused; the node waits for resume
+    if (rec.state == 'scheduled' or rec.state == 'retrying') and not rec.putback then
       rec.state = 'queued'
       moved = moved + 1
     end
