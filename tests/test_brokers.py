@@ -21,6 +21,7 @@ import pytest
 
 from celery_flows import Flow, FlowState
 from tests import test_engine as engine
+from tests import test_guarantees as guarantees
 from tests import test_limits as limits
 from tests import test_reliability as reliability
 from tests.conftest import FlowsSetup, ImportApp, RedisDB, WorkerFactory
@@ -58,8 +59,7 @@ test_failure = again(engine.test_failure_skips_dependents_and_fails_the_flow,
                      RABBIT, THREADS, SOLO)
 test_sub_flows = again(engine.test_sub_flows_and_trees, RABBIT)
 test_published_after_recorder_died = again(
-    engine.test_ready_nodes_are_published_even_if_the_recorder_dies_before_publishing,
-    RABBIT)
+    guarantees.test_crash_between_record_and_publish, RABBIT)
 test_rate_limits = again(limits.test_flow_and_task_rate_limits, RABBIT)
 test_queue_cap = again(limits.test_queue_cap_bounds_concurrency_across_workers, RABBIT)
 
