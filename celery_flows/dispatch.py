@@ -120,7 +120,7 @@ class Dispatcher:
             if claim.next_due is not None:
                 store.set_timer(fid, claim.next_due)
             if claim.webhook_pending:
-                store.client.zadd(store.keys.webhooks, {fid: time.time()}, nx=True)
+                store.client.zadd(store.keys.webhooks, {fid: store.now()}, nx=True)
             if claim.code != 0:
                 # gone, paused or cancelled: resume/retry mark the flow dirty themselves
                 if token is not None:
@@ -208,7 +208,8 @@ class Dispatcher:
             priority = call.priority
             if priority is None:
                 priority = self.app.conf.task_default_priority
-            ready_at = call.rec.get("retry_at") or call.rec.get("ready_at") or time.time()
+            ready_at = (call.rec.get("retry_at") or call.rec.get("ready_at")
+                        or self.flows.store.now())
             member = member_for(order_key(call.path, priority, float(ready_at)), fid,
                                 call.node_id, call.attempt)
         while True:
@@ -236,7 +237,7 @@ class Dispatcher:
             store.published(fid, [], clear_token=token)
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
-            return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+            return "held", max(float(until) - store.now(), 0.0) if until else 0.0
         faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, released or None)
