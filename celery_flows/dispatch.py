@@ -191,7 +191,9 @@ class Dispatcher:
             options=dict(rec.get("opts") or {}),
             rec=rec,
             path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
-            retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,
+            # also for a retry put back in the outbox (requeued, paused): start.lua
+            # refuses a message below the node's retry count
+            retries=int(rec.get("retries") or 0),
         )
 
     def _admitted(self, fid: str, flow_rate: str, call: Prepared, member: str | None = None,

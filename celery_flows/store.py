@@ -21,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import faults  # noqa: F401 - applies a test clock skew before anything reads time
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
 from .keys import Keys
