@@ -206,8 +206,11 @@ class FlowsConfig:
             raise bad("redis_url",
                       "required because the broker is not Redis; set it to a redis:// URL")
         if not isinstance(redis_url, str) or not redis_url.startswith(REDIS_SCHEMES):
-            shown = redact_url(redis_url) if isinstance(redis_url, str) else type(redis_url)
-            raise bad("redis_url", f"{shown!r} is not a redis://, rediss:// or "
+            # the value itself is not shown: a malformed URL may carry a password
+            scheme = redis_url.partition("://")[0] if isinstance(redis_url, str) and \
+                re.match(r"^[a-z][a-z0-9+.-]*://", redis_url) else None
+            what = f"a {scheme}:// URL" if scheme else f"not a URL ({type(redis_url).__name__})"
+            raise bad("redis_url", f"is {what}; use a redis://, rediss:// or "
                       "redis+socket:// URL")
         cluster = get("redis_cluster", False)
         if not isinstance(cluster, bool):
