@@ -41,7 +41,20 @@ def _fail(exc: Exception, ext: Any = None) -> None:
     sys.exit(1)
 
 
-@click.group(name="flows")
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # the registry unreachable: a one-line reason, no traceback, no password
+            if not type(exc).__module__.startswith("redis"):
+                raise
+            ext = getattr(getattr(ctx.obj, "app", None), "flows", None)
+            _fail(RuntimeError(f"the registry Redis failed: {type(exc).__name__}: {exc}"),
+                  ext)
+
+
+@click.group(name="flows", cls=_Group)
 @click.pass_context
 def flows(ctx: click.Context) -> None:
     """Inspect and manage celery-flows flows."""

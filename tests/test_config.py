@@ -151,6 +151,11 @@ def test_the_cli_shows_no_password(redis_db: RedisDB) -> None:
                env={"FLOWS_TEST_REGISTRY": "http://user:s3cret@127.0.0.1:1/0"})
     assert out.returncode == 1
     assert "flows_redis_url" in out.stderr and "s3cret" not in out.stderr + out.stdout
+    # a registry that does not answer: one line naming the failure, no password
+    out = _cli("list", broker=redis_db.celery_url,
+               env={"FLOWS_TEST_REGISTRY": "redis://user:s3cret@127.0.0.1:1/0"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "registry Redis failed" in out.stderr and "s3cret" not in out.stderr + out.stdout
 
 
 class _Refuse(http.server.BaseHTTPRequestHandler):
@@ -240,4 +245,9 @@ def test_a_noeviction_cluster_is_accepted(
     assert "maxmemory-policy checked on 3 node(s)" in worker.log()
     f = Flow("ok-cluster")
     f.add(proj.add.si(1, 2), id="a")
-    assert proj.flows.submit(f).wait(timeout=30) == FlowState.SUCCEEDED
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=30) == FlowState.SUCCEEDED
+    # the index's paged reads and pruning work across slots too
+    rows, _more = proj.flows.store.flow_summaries(0, 10)
+    assert (handle.id, "succeeded") in [(fid, (m or {}).get("state")) for fid, m in rows]
+    assert proj.flows.store.prune_index(0)[0] == 0
