@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .changes import ChangesMixin
 from .codec import Codec
 from .compile import CompiledFlow
-from .config import FlowsConfig
+from .config import FlowsConfig, redact_webhook
 from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .errors import FlowDefinitionError, FlowStateError
 from .flow import Flow
@@ -154,6 +154,10 @@ class Flows(ChangesMixin):
         if not isinstance(flow, Flow):
             raise FlowDefinitionError(f"submit() takes a Flow, got {flow!r}")
         compiled = flow.compile(self.app, self.config)
+        hook = compiled.options["webhook"]
+        if hook and not self.config.webhook_allowed(hook):
+            raise FlowDefinitionError(f"flow {compiled.name!r}: webhook {redact_webhook(hook)} "
+                                      "is not in flows_webhook_allowed_hosts")
         if not compiled.records:
             raise FlowDefinitionError(f"flow {flow.name!r} has no nodes")
         nodes: list[tuple[str, dict[str, Any], bytes]] = []

@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_flows import Flow, FlowsConfigError, FlowState
+from celery_flows import Flow, FlowDefinitionError, FlowsConfigError, FlowState
 from celery_flows.config import FlowsConfig, redact_url, redact_webhook
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.test_cluster import cluster  # noqa: F401 - the real cluster fixture
@@ -115,6 +115,23 @@ def test_a_bad_value_stops_the_worker_at_start(worker_factory: WorkerFactory) ->
     worker.process.wait(timeout=60)
     assert worker.process.returncode != 0
     assert "app.conf.flows_queue_limits: queue 'gpu': 0 must be an int >= 1" in worker.log()
+
+
+def test_a_flow_webhook_to_a_host_not_allowed_is_refused_at_submit(
+    import_app: ImportApp, redis_db: RedisDB
+) -> None:
+    proj = import_app("tests.proj")
+    proj.app.conf.flows_webhook_allowed_hosts = ["hooks.example.com"]
+    f = Flow("hooked", id="hook-refused", webhook="https://evil.example.org/in?t=SECRET")
+    f.add(proj.add.si(1, 2), id="a")
+    with pytest.raises(FlowDefinitionError) as err:
+        proj.flows.submit(f)
+    assert "evil.example.org" in str(err.value) and "SECRET" not in str(err.value)
+    assert redis_db.client.exists(proj.flows.store.keys.meta("hook-refused")) == 0
+    ok = Flow("hooked", id="hook-ok", webhook="https://HOOKS.example.com/in")
+    ok.add(proj.add.si(1, 2), id="a")
+    proj.flows.submit(ok)
+    assert redis_db.client.exists(proj.flows.store.keys.meta("hook-ok")) == 1
 
 
 # -- secrets ------------------------------------------------------------------------------
