@@ -109,29 +109,30 @@ def _broker_redis_url(app: Any) -> str | None:
     return None
 
 
-def _prefixes(app: Any) -> list[str]:
-    """Lower-case prefixes under which Celery may hold a ``flows_`` setting."""
-    out = ["", "celery_"]
-    namespace = getattr(app, "namespace", None)
-    if namespace:
-        out.append(namespace.rstrip("_").lower() + "_")
-    return out
+def _setting_name(key: str, namespace: str | None) -> str | None:
+    """The ``flows_`` setting a conf key spells, if Celery would read it as one.
+
+    Without a namespace Celery reads ``flows_x``, ``FLOWS_X`` and (old style)
+    ``CELERY_FLOWS_X``; under ``namespace="NS"`` it reads ``NS_FLOWS_X`` (case matched
+    to the namespace) and ``flows_x`` set on ``app.conf``, while other upper-case names
+    of the config object (a Django project's ``FLOWS_ENABLED``) are not Celery's."""
+    lower = key.lower()
+    if lower.startswith("flows_") and (not namespace or key == lower):
+        return lower[len("flows_"):]
+    prefix = (namespace.rstrip("_").lower() + "_") if namespace else "celery_"
+    if lower.startswith(prefix + "flows_"):
+        return lower[len(prefix) + len("flows_"):]
+    return None
 
 
 def collect(app: Any) -> dict[str, tuple[str, Any]]:
     """``{known name: (key as the user wrote it, value)}`` over every spelling; raises
     for an unknown ``flows_*`` key or one setting given twice with different values."""
     found: dict[str, tuple[str, Any]] = {}
-    prefixes = _prefixes(app)
+    namespace = getattr(app, "namespace", None) or None
     for key in list(app.conf.keys()):
-        if not isinstance(key, str):
-            continue
-        lower = key.lower()
-        for prefix in prefixes:
-            if lower.startswith(prefix + "flows_"):
-                name = lower[len(prefix) + len("flows_"):]
-                break
-        else:
+        name = _setting_name(key, namespace) if isinstance(key, str) else None
+        if name is None:
             continue
         value = app.conf.get(key)
         if name not in KNOWN:

@@ -40,6 +40,14 @@ def test_settings_are_read_in_every_spelling_celery_reads() -> None:
     assert (cfg.retention, cfg.queue_limits, cfg.max_nodes) == (5, {"gpu": 2}, 50)
     lower = FlowsConfig.from_app(_app({"celery_flows_retention": 7}, namespace="celery"))
     assert lower.retention == 7
+    both = FlowsConfig.from_app(_app(Namespaced, namespace="CELERY", flows_key_prefix="k"))
+    assert (both.retention, both.key_prefix) == (5, "k")
+
+    class Django:
+        CELERY_FLOWS_RETENTION = 8
+        FLOWS_ENABLED = True  # another library's setting: not Celery's under a namespace
+
+    assert FlowsConfig.from_app(_app(Django, namespace="CELERY")).retention == 8
 
     class Upper:
         FLOWS_RETENTION = 9
