@@ -221,48 +221,11 @@ class Flows(ChangesMixin):
         return FlowHandle(self, fid)
 
     def add_bulk(self, flows: list[Flow]) -> list[FlowHandle]:
-        """Submit several flows as one batch: all are created, or none is."""
-        prepared = [self._prepare(f) for f in flows]
-        ids = [p[0].id for p in prepared]
-        dupes = {i for i in ids if ids.count(i) > 1}
-        if dupes:
-            raise FlowDefinitionError(f"add_bulk: flow id {sorted(dupes)[0]!r} appears twice")
-        store = self.store
-        existing: set[str] = set()
-        for compiled, _meta, digest, _nodes in prepared:
-            meta = store.meta(compiled.id)
-            if meta is not None:
-                if meta.get("digest") != digest:
-                    raise FlowStateError(
-                        f"add_bulk: flow {compiled.id!r} already exists with a different "
-                        "definition; nothing of this batch was created"
-                    )
-                existing.add(compiled.id)
-        now = store.time()
-        tokens = {}
-        for fid in ids:
-            store.index_add(fid, now)
-            tokens[fid] = store.mark_dirty(fid)
-        fresh = [p for p in prepared if p[0].id not in existing]
-        codes = store.create_many([(p[0].id, p[1], p[2], p[3]) for p in fresh])
-        if any(c == -3 for c in codes):
-            created = [p[0].id for p, c in zip(fresh, codes, strict=False) if c == 1]
-            store.delete_flows(created)
-            for t in tokens.values():
-                store.clear_dirty(t)
-            raise FlowStateError(
-                "add_bulk: a flow id of this batch was created concurrently with another "
-                "definition; nothing of this batch was created"
-            )
-        for fid in ids:
-            if self.app.conf.task_always_eager:
-                from .eager import run_eager
+        """Submit several flows as one batch: all become visible and run, or none does
+        (also on Redis Cluster, and if this process dies mid-batch; see batch.py)."""
+        from .batch import submit_batch
 
-                run_eager(self, fid)
-                store.clear_dirty(tokens[fid])
-            else:
-                self.dispatcher.release(fid, tokens[fid])
-        return [FlowHandle(self, fid) for fid in ids]
+        return submit_batch(self, flows)
 
     def get(self, flow_id: str) -> FlowHandle:
         """Handle of an existing flow; FlowNotFoundError if unknown."""

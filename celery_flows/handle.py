@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from .errors import FlowTimeoutError
 from .models import FlowState, NodeState
 
@@ -43,9 +45,11 @@ class FlowHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         store = self.flows.store
         pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+        subscribed = False
         try:
-            pubsub.subscribe(store.keys.channel(self.id))
             while True:
+                if not subscribed:
+                    subscribed = _subscribe(pubsub, store.keys.channel(self.id))
                 state = self.state()
                 if state.terminal:
                     return state
@@ -57,7 +61,16 @@ class FlowHandle:
                             f"flow {self.id!r} is still {state.value} after {timeout} s"
                         )
                     wait_for = min(wait_for, remaining)
-                pubsub.get_message(timeout=max(wait_for, 0.001))
+                if subscribed:
+                    try:
+                        pubsub.get_message(timeout=max(wait_for, 0.001))
+                    except redis.RedisError:
+                        # the node serving the channel went away (a failover): poll
+                        # until a subscription holds again
+                        subscribed = False
+                        pubsub.reset()
+                else:
+                    time.sleep(max(wait_for, 0.001))
         finally:
             pubsub.close()
 
@@ -84,3 +97,15 @@ class FlowHandle:
         from .inspect import describe
 
         return describe(self.flows, self.id)
+
+
+def _subscribe(pubsub: Any, channel: str) -> bool:
+    """Subscribe, or report that the notification is unavailable for now (the state is
+    polled meanwhile): on Redis Cluster a failover leaves the channel's node unreachable
+    until the client's slot map is refreshed."""
+    try:
+        pubsub.subscribe(channel)
+    except redis.RedisError:
+        pubsub.reset()
+        return False
+    return True

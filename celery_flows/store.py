@@ -1,8 +1,11 @@
 """The only Python caller of the Lua transitions, and the registry's read side.
 
 Each transition in ``lua/`` is loaded once per client with ``_lib.lua`` in front of it
-(shared helpers; no include preprocessor). Negative return codes map to exceptions in
-:data:`ERRORS`.
+(shared helpers; no include preprocessor), and every script, the global ones in
+``lua/global/`` included, inside the request wrapper of ``lua/_request.lua``: each call
+carries a request key (keys.py), so a call redis-py re-sends after a connection error
+returns the first answer instead of running the transition twice. Negative return
+codes map to exceptions in :data:`ERRORS`.
 """
 
 from __future__ import annotations
@@ -21,15 +24,24 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import faults  # noqa: F401 - applies a test clock skew before anything reads time
+from . import faults  # also applies a test clock skew before anything reads time
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
-from .keys import Keys
+from .keys import Keys, new_request_id
 from .models import as_list
 
 LUA_DIR = Path(__file__).with_name("lua")
 CLOCK_REFRESH = 30.0  # seconds between measurements of the offset to Redis TIME
 INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
+
+#: Seconds a transition's reply is kept for a re-sent call: well past redis-py's retry
+#: window (8 tries with a backoff capped at 2 s, see Store.client) and a failover.
+REPLY_TTL = 120
+#: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
+REPLAY_ENTRIES = frozenset({"claim"})
+_TRANSITION = "-- @transition\n"
+#: The request id of a call that must write nothing, not even its reply (dry runs)
+NO_REQUEST = ""
 
 ERRORS: dict[int, tuple[type[FlowsError], str]] = {
     -1: (FlowNotFoundError, "flow {fid!r} does not exist (never created, or expired)"),
@@ -71,6 +83,26 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+class _Batch:
+    """A pipeline (or :class:`_Sequential`) whose scripts get request ids that stay the
+    same when the batch is built again after NOSCRIPT, so that what already ran there
+    answers from its kept reply."""
+
+    def __init__(self, pipe: Any, ids: list[str]) -> None:
+        self.pipe = pipe
+        self._ids = ids
+        self._used = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def request_id(self) -> str:
+        if self._used == len(self._ids):
+            self._ids.append(new_request_id())
+        self._used += 1
+        return self._ids[self._used - 1]
+
+
 class _Sequential:
     """Stands in for a pipeline on Redis Cluster, where redis-py refuses scripts in
     pipelines: the same commands, sent one by one in order."""
@@ -87,6 +119,29 @@ class _Sequential:
 
     def execute(self) -> list[Any]:
         return [getattr(self.client, name)(*args, **kwargs) for name, args, kwargs in self.calls]
+
+
+def script_texts() -> dict[str, str]:
+    """Every script as sent to Redis: the flow transitions with ``_lib.lua`` in front,
+    the global ones without it, all inside the request wrapper (lua/_request.lua)."""
+    head, tail = (LUA_DIR / "_request.lua").read_text().split(_TRANSITION)
+    lib = (LUA_DIR / "_lib.lua").read_text()
+
+    def wrap(name: str, body: str, prelude: str = "") -> str:
+        flags = f"local REPLY_TTL, REPLAY_ENTRIES = {REPLY_TTL}, " \
+                f"{'true' if name in REPLAY_ENTRIES else 'false'}\n"
+        return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"
+                f"{tail}")
+
+    return {
+        p.stem: wrap(p.stem, p.read_text(), lib)
+        for p in sorted(LUA_DIR.glob("*.lua"))
+        if not p.name.startswith("_")
+    } | {
+        # scripts on global keys: no flow library
+        p.stem: wrap(p.stem, p.read_text())
+        for p in sorted((LUA_DIR / "global").glob("*.lua"))
+    }
 
 
 class Claim(NamedTuple):
@@ -121,9 +176,9 @@ class Store:
         retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 8)
         url = to_redis_py_url(self.config.redis_url)
         if self.config.redis_cluster:
-            from redis.cluster import RedisCluster
+            from .cluster import FailoverCluster
 
-            return RedisCluster.from_url(url, retry=retry)  # type: ignore[return-value]
+            return FailoverCluster.from_url(url, retry=retry)  # type: ignore[return-value]
         return redis.Redis.from_url(
             url,
             retry=retry,
@@ -135,22 +190,25 @@ class Store:
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        lib = (LUA_DIR / "_lib.lua").read_text()
-        return {
-            p.stem: self.client.register_script(lib + "\n" + p.read_text())
-            for p in sorted(LUA_DIR.glob("*.lua"))
-            if not p.name.startswith("_")
-        } | {
-            # scripts on global keys: no flow library
-            p.stem: self.client.register_script(p.read_text())
-            for p in sorted((LUA_DIR / "global").glob("*.lua"))
-        }
+        return {name: self.client.register_script(text) for name, text in script_texts().items()}
 
-    def run(self, name: str, fid: str, args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=self.keys.flow(fid), args=list(args))
+    def sha(self, name: str) -> str:
+        """The SHA1 of a script as sent to Redis (EVALSHA)."""
+        return str(self._scripts[name].sha)
+
+    def _flow_keys(self, fid: str, request_id: str) -> list[str]:
+        keys = self.keys.flow(fid)
+        return [*keys, self.keys.request(keys[0], request_id)]
+
+    def run(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool = False) -> Any:
+        """One flow transition; ``dry_run`` keeps no reply (the script writes nothing)."""
+        rid = NO_REQUEST if dry_run else new_request_id()
+        return self._scripts[name](keys=self._flow_keys(fid, rid), args=list(args))
 
     def run_global(self, name: str, keys: list[str], args: Sequence[Any]) -> Any:
-        return self._scripts[name](keys=keys, args=list(args))
+        """A script of ``lua/global/``: its reply is kept beside ``keys[0]``."""
+        request = self.keys.request(keys[0], new_request_id())
+        return self._scripts[name](keys=[*keys, request], args=list(args))
 
     def drop_empty_wait(self, limiter_id: str) -> None:
         """Forget a limiter in the waits index once its queue is empty (checked in one
@@ -171,15 +229,18 @@ class Store:
         return int(self.run("hold", fid, [nid, attempt, member, limiter_id, wait]))
 
     def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any]) -> None:
-        keys = self.keys.flow(fid)
+        rid = pipe.request_id() if isinstance(pipe, _Batch) else new_request_id()
+        keys = self._flow_keys(fid, rid)
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
     def _execute(self, build: Callable[[Any], None]) -> list[Any]:
-        """One round trip for several commands (scripts by SHA). Every step is
-        idempotent, so after NOSCRIPT (a restarted Redis) the whole batch is re-sent."""
+        """One round trip for several commands (scripts by SHA). After NOSCRIPT (a
+        restarted Redis) the whole batch is re-sent with the same request ids: the
+        commands are idempotent and the scripts that ran answer from their kept reply."""
+        ids: list[str] = []
         for _ in range(3):
-            pipe: Any = (_Sequential(self.client) if self.config.redis_cluster
-                         else self.client.pipeline(transaction=False))
+            pipe: Any = _Batch(_Sequential(self.client) if self.config.redis_cluster
+                               else self.client.pipeline(transaction=False), ids)
             build(pipe)
             try:
                 return list(pipe.execute())
@@ -193,24 +254,65 @@ class Store:
     def create_many(self, flows: list[tuple[str, dict[str, str], str,
                                             list[tuple[str, dict[str, Any], bytes]]]]
                     ) -> list[int]:
-        """Create several flows in one MULTI/EXEC (single Redis: all-or-nothing to
-        readers); the caller compensates on a conflict code."""
+        """Create several flows (create.lua codes): in one MULTI/EXEC on a single
+        Redis, one by one on a cluster. add_bulk creates them hidden (batch.py), so a
+        reader sees none of them either way until the batch is committed."""
         if not flows:
             return []
         script = self._scripts["create"]
         if self.config.redis_cluster:
-            # no cross-slot transaction: created one by one, the caller compensates
-            return [int(script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes)))
-                    for fid, meta, digest, nodes in flows]
+            codes = []
+            for fid, meta, digest, nodes in flows:
+                codes.append(int(script(keys=self._flow_keys(fid, new_request_id()),
+                                        args=_create_argv(meta, digest, nodes))))
+                faults.point("bulk-created")
+            return codes
         pipe = self.client.pipeline(transaction=True)
         for fid, meta, digest, nodes in flows:
-            script(keys=self.keys.flow(fid), args=_create_argv(meta, digest, nodes), client=pipe)
-        return [int(c) for c in pipe.execute()]
+            script(keys=self._flow_keys(fid, new_request_id()),
+                   args=_create_argv(meta, digest, nodes), client=pipe)
+        codes = [int(c) for c in pipe.execute()]
+        for _ in codes:
+            faults.point("bulk-created")
+        return codes
 
-    def delete_flows(self, fids: list[str]) -> None:
-        for fid in fids:
-            self.client.delete(*self.keys.flow(fid))
-            self.client.zrem(self.keys.index, fid)
+    # -- add_bulk batches (see batch.py) ------------------------------------------------
+
+    def batch_open(self, batch_id: str, fids: list[str]) -> None:
+        # the record first: the sweeper finds a batch by its index entry and then
+        # needs the record to know its flows
+        self.run_global("batch", [self.keys.batch(batch_id)], ["open", json.dumps(fids)])
+        self.client.zadd(self.keys.batches, {batch_id: self.now()})
+
+    def batch_decide(self, batch_id: str, op: str, grace: float = 0.0) -> str:
+        """'commit', 'abort' or 'expire' a pending batch; returns its state after."""
+        return _s(self.run_global("batch", [self.keys.batch(batch_id)], [op, grace]))
+
+    def batch_record(self, batch_id: str) -> tuple[str, list[str]]:
+        raw = self.client.hmget(self.keys.batch(batch_id), ["state", "flows"])
+        return (_s(raw[0]) if raw[0] else "", json.loads(raw[1]) if raw[1] else [])
+
+    def batch_age(self, batch_id: str) -> float:
+        created = self.client.hget(self.keys.batch(batch_id), "created")
+        return self.time() - float(created) if created else float("inf")
+
+    def batch_ids(self, limit: int = 100) -> list[str]:
+        return [_s(m) for m in self.client.zrange(self.keys.batches, 0, limit - 1)]
+
+    def batch_forget(self, batch_id: str) -> None:
+        self.client.zrem(self.keys.batches, batch_id)
+        self.client.delete(self.keys.batch(batch_id))
+
+    def hidden_by(self, fid: str) -> str | None:
+        """The batch a stored flow is hidden by, if any (whatever that batch's state)."""
+        raw = self.client.hget(self.keys.meta(fid), "hidden")
+        return _s(raw) if raw else None
+
+    def unhide(self, fid: str, batch_id: str) -> int:
+        return int(self.run("unhide", fid, [batch_id]))
+
+    def discard(self, fid: str, batch_id: str) -> int:
+        return int(self.run("discard", fid, [batch_id]))
 
     def claim(self, fid: str, lease: float, limit: int, node_ids: Sequence[str] = (),
               eager: bool = False) -> Claim:
@@ -365,7 +467,7 @@ class Store:
         """
         argv = [*args, "1" if dry_run else ""]
         if dry_run:
-            out = self.run(name, fid, argv)
+            out = self.run(name, fid, argv, dry_run=True)
             return int(out[0]), _s(out[1]), _s(out[2]), list(out[3:]), None, None
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
@@ -402,7 +504,7 @@ class Store:
 
     def heartbeat(self, instance: str, info: dict[str, Any]) -> float:
         keys = [self.keys.workers, self.keys.worker_info]
-        return float(_s(self._scripts["heartbeat"](keys=keys, args=[instance, json.dumps(info)])))
+        return float(_s(self.run_global("heartbeat", keys, [instance, json.dumps(info)])))
 
     def lease_add(self, instance: str, task_id: str) -> None:
         self.client.zadd(self.keys.leases(instance), {task_id: self.now()})
@@ -465,7 +567,11 @@ class Store:
         raw = self.client.hgetall(self.keys.meta(fid))
         if not raw:
             return None
-        return {_s(k): _s(v) for k, v in raw.items()}
+        meta = {_s(k): _s(v) for k, v in raw.items()}
+        # a flow of an add_bulk batch exists for readers once its batch is committed
+        if "hidden" in meta and self.batch_record(meta["hidden"])[0] != "committed":
+            return None
+        return meta
 
     def require_meta(self, fid: str) -> dict[str, str]:
         meta = self.meta(fid)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from celery import bootsteps, signals
 
-from . import guard, ratelimit, recovery, webhooks
+from . import batch, guard, ratelimit, recovery, webhooks
 from .dispatch import parse_task_id
 from .errors import FlowsConfigError
 from .models import NodeState
@@ -189,6 +189,7 @@ class FlowsStep(bootsteps.StartStopStep):
             rounds += 1
             try:
                 sweep(self.ext)
+                batch.sweep_batches(self.ext)
                 recovery.recover_lost_workers(self.ext)
                 if rounds % 2 == 0:
                     recovery.rescue_stranded(self.ext)

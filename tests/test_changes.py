@@ -152,8 +152,13 @@ def test_fail_fast_cancels_the_rest_and_the_flow_fails(
     f = Flow("fast", fail_fast=True)
     slow = f.add(proj.cooperative.si(20), id="slow")
     f.add(proj.ident.s(), id="after-slow", after=[slow])
-    f.add(proj.boom.si(), id="bad")
+    # "bad" fails only once "slow" runs: otherwise fail_fast may cancel "slow" before
+    # its body starts, and nothing would be there to see the cancel
+    gate = f.add(proj.wait_for_key.si("slow-is-running"), id="gate")
+    f.add(proj.boom.si(), id="bad", after=[gate])
     handle = proj.flows.submit(f)
+    _wait_state(handle, "slow", NodeState.RUNNING)
+    redis_db.client.set("slow-is-running", 1)
     assert handle.wait(timeout=30) == FlowState.FAILED
     states = handle.node_states()
     assert states["bad"] == NodeState.FAILED

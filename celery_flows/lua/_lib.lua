@@ -3,6 +3,8 @@
   Every flow script receives the same six keys (see keys.py):
     KEYS[1] meta   KEYS[2] nodes   KEYS[3] args   KEYS[4] results   KEYS[5] ready
     KEYS[6] timed
+  (a seventh, the request key, is taken off by the wrapper of _request.lua, which
+  store.py puts around this file and the transition)
   Nothing here builds a key: fields only.
 
   Writes go through a write-back cache (load/save, mget/mset, ready_add/ready_rem,

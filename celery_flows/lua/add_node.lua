@@ -1,6 +1,7 @@
 --[[
   add_node: add a node to a running (or paused) flow.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV[1] node id  ARGV[2] record JSON (after filled in; waiting is computed here)
   ARGV[3] args blob ('' = none)  ARGV[4] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}

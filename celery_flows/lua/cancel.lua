@@ -1,7 +1,8 @@
 --[[
   cancel: stop the whole flow. Nothing is released after it; every non-terminal node
   becomes cancelled; the flow is cancelled at once.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV[1] '1' for a dry run (report only, change nothing)
   Returns: {code, report JSON | reason, flow state, task ids of started nodes JSON}
     1 done (or would be) | -5 refused: the flow already finished | -1 no flow | -2 version

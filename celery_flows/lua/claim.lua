@@ -1,6 +1,7 @@
 --[[
   claim: take outbox entries for publishing.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: it keeps the
+        ids of the entries claimed; a re-sent call claims them again by id, as ARGV[4..])
   ARGV[1]  claim lease, seconds: an unacknowledged claim may be taken again after it
   ARGV[2]  maximum number of entries
   ARGV[3]  '1': report each entry's longest path to a sink (needed to order held nodes);
@@ -8,8 +9,8 @@
   ARGV[4..] explicit node ids (a releaser taking held nodes): claimed whatever their
             outbox score, if still in the outbox; otherwise only due entries are claimed
   Returns: {code, left, nonce, flow rate limit, next due, webhook pending, entry...}
-    code   0 ok | 1 flow paused or cancelled, or an eager flow and not its driver: nothing
-           claimed | -1 no such flow | -2 version
+    code   0 ok | 1 flow paused, cancelled, hidden (add_bulk), or an eager flow and not
+           its driver: nothing claimed | -1 no such flow | -2 version
     left   outbox entries claimed by another process and not yet published (counted
            before this claim; held entries are not counted)
     nonce  the flow's nonce (part of every task id)
@@ -26,8 +27,9 @@ local HELD = 1e15
 local ok = flow_ok()
 if ok < 0 then return {ok, 0, '', '', '', ''} end
 local st = mget('state')
--- an eager flow belongs to the producer driving it in-process, never to the workers
-if st == 'cancelled' or mget('paused') == '1'
+-- an eager flow belongs to the producer driving it in-process, never to the workers;
+-- a flow of an add_bulk batch not yet committed and un-hidden: nothing of it runs
+if st == 'cancelled' or mget('paused') == '1' or mget('hidden')
     or (mget('eager') == '1' and ARGV[3] ~= 'eager') then
   return {1, 0, '', '', '', mget('webhook_pending') or ''}
 end

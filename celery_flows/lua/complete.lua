@@ -1,6 +1,7 @@
 --[[
   complete: record an attempt's outcome (first report wins) and release what it unblocks.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
   ARGV[6] '1' for an external node's signal (its state is awaiting), else ''

@@ -1,6 +1,7 @@
 --[[
   create: store a whole flow atomically and release its roots.
-  KEYS: meta nodes args results ready timed (of the new flow)
+  KEYS: meta nodes args results ready timed (of the new flow), request (lua/_request.lua:
+        a re-sent call returns the first reply without running again)
   ARGV[1]  meta fields, JSON object of strings
   ARGV[2]  definition digest (idempotent submit)
   ARGV[3]  n, the number of nodes; then n triples: node id, record JSON, args blob ('' = none)

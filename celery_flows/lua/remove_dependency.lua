@@ -1,6 +1,7 @@
 --[[
   remove_dependency: drop the edge dep -> node of a node not yet released.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
   ARGV[1] node id  ARGV[2] dependency id  ARGV[3] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
     1 done | -5 refused (finished flow, no such edge, node already released)

@@ -4,6 +4,9 @@
   KEYS[1]            waits index (set of limiter ids that have waiting nodes)
   KEYS[2i], KEYS[2i+1]  for limiter i (rates first, then the queue cap if any):
                      its state key (rate: TAT string; cap: slots zset) and its wait queue
+  KEYS[#KEYS]        request key under {sched} (lua/_request.lua: a re-sent call returns
+                     the first reply, so it never takes a second rate slot); the script
+                     sees KEYS without it
   ARGV[1] member (order key|flow|node|attempt; wait queues sort members lexically)
   ARGV[2] task id (the slot holder)   ARGV[3] number of rate limiters
   ARGV[4] queue cap (0: none)   ARGV[5..] per limiter: its id; per rate limiter then its

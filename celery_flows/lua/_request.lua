@@ -1,0 +1,63 @@
+--[[
+  The request wrapper. store.py builds every script, flow and global alike, as
+
+    local REPLY_TTL, REPLAY_ENTRIES = <store.REPLY_TTL>, <true for claim only>
+    <the part of this file above the @transition line>
+    <_lib.lua, for flow scripts>
+    local function transition() <the script> end
+    <the part of this file below the @transition line>
+
+  so that a call redis-py sends again after a connection error (it retries a command,
+  and a whole pipeline, with the same arguments) gets the first call's answer instead
+  of running the transition a second time: a retry would count twice, a pause would
+  report "already paused", a start would look like a duplicate delivery.
+
+  KEYS[#KEYS] is the request key, <prefix>:{<tag>}:req:<request id> (keys.py), under
+  the hash tag of the script's other keys so that Redis Cluster keeps one slot. The
+  request id is drawn once per logical call in Python, before redis-py's retry loop.
+  The transition sees KEYS without it (#KEYS loops included). An empty request id (the
+  key ends in ':req:') keeps nothing: dry runs write nothing at all.
+
+  The reply is kept for REPLY_TTL seconds, packed with cmsgpack (which keeps binary
+  strings, numbers and false exactly: Redis converts the unpacked value to the same
+  reply as the original one). Nothing is kept when the transition raises an error.
+
+  claim (REPLAY_ENTRIES): its reply carries node records, arguments and dependency
+  results, too big to keep for every call. It keeps the ids of the entries it claimed
+  instead, and a replay claims those again by id (ARGV[4..]): the lost reply's entries,
+  under a fresh claim lease, less any that stopped being ready meanwhile. A claim that
+  got no entries is simply run again.
+]]
+local REQUEST = KEYS[#KEYS]
+local KEYS = {unpack(KEYS, 1, #KEYS - 1)}
+local ARGV = ARGV
+if type(REQUEST) ~= 'string' or not string.find(REQUEST, ':req:', 1, true) then
+  return redis.error_reply('celery-flows: a transition was called without its request ' ..
+    'key (the last KEYS entry); call scripts through celery_flows.store only')
+end
+if string.sub(REQUEST, -5) == ':req:' then REQUEST = nil end
+-- @transition
+local hit = REQUEST and redis.call('GET', REQUEST)
+if not REPLAY_ENTRIES then
+  if hit then return cmsgpack.unpack(hit) end
+  local reply = transition()
+  if REQUEST then redis.call('SET', REQUEST, cmsgpack.pack(reply), 'EX', REPLY_TTL) end
+  return reply
+end
+if hit then
+  local ids = cmsgpack.unpack(hit)
+  if #ids > 0 then
+    local argv = {ARGV[1], ARGV[2], ARGV[3]}
+    for i = 1, #ids do argv[3 + i] = ids[i] end
+    ARGV = argv
+  end
+end
+local reply = transition()
+if REQUEST and type(reply) == 'table' then
+  local ids = {}
+  for i = 1, #reply do
+    if type(reply[i]) == 'table' then ids[#ids + 1] = reply[i][1] end
+  end
+  redis.call('SET', REQUEST, cmsgpack.pack(ids), 'EX', REPLY_TTL)
+end
+return reply
