@@ -10,7 +10,6 @@ cancelled.
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 from .dispatch import BATCH, CLAIM_LEASE
@@ -94,7 +93,7 @@ class ChangesMixin:
         if not dry_run:
             meta = self.store.meta(flow_id) or {}
             if meta.get("webhook_pending") == "1":
-                self.store.client.zadd(self.store.keys.webhooks, {flow_id: time.time()},
+                self.store.client.zadd(self.store.keys.webhooks, {flow_id: self.store.now()},
                                        nx=True)
         if terminate and started and not dry_run:
             self.app.control.revoke(started, terminate=True)

@@ -14,6 +14,8 @@ import click
 
 from .errors import FlowsError
 
+LIST_PAGE = 500  # most index entries `flows list` reads in one request
+
 
 def _flows(ctx: click.Context) -> Any:
     from .core import Flows
@@ -24,15 +26,35 @@ def _flows(ctx: click.Context) -> Any:
         click.echo("error: the app has no celery-flows extension; pass -A with a module "
                    "that calls Flows(app)", err=True)
         ctx.exit(1)
+    try:
+        ext.config  # noqa: B018 - a bad setting is reported, not a traceback
+    except FlowsError as exc:
+        _fail(exc)
     return ext
 
 
-def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
+def _fail(exc: Exception, ext: Any = None) -> None:
+    from .config import scrub
+
+    config = getattr(ext, "__dict__", {}).get("config") if ext is not None else None
+    click.echo(f"error: {scrub(str(exc), config)}", err=True)
     sys.exit(1)
 
 
-@click.group(name="flows")
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # the registry unreachable: a one-line reason, no traceback, no password
+            if not type(exc).__module__.startswith("redis"):
+                raise
+            ext = getattr(getattr(ctx.obj, "app", None), "flows", None)
+            _fail(RuntimeError(f"the registry Redis failed: {type(exc).__name__}: {exc}"),
+                  ext)
+
+
+@click.group(name="flows", cls=_Group)
 @click.pass_context
 def flows(ctx: click.Context) -> None:
     """Inspect and manage celery-flows flows."""
@@ -55,7 +77,7 @@ def inspect(ctx: click.Context, flow_id: str, as_json: bool, watch: bool) -> Non
             return
         doc = describe(ext, flow_id)
     except FlowsError as exc:
-        _fail(exc)
+        _fail(exc, ext)
         return
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
@@ -73,7 +95,7 @@ def _change_command(name: str, doc: str, terminate: bool = False) -> None:
         try:
             report = getattr(ext, name)(flow_id, dry_run=dry_run, **kwargs)
         except FlowsError as exc:
-            _fail(exc)
+            _fail(exc, ext)
             return
         _print_report(report)
 
@@ -119,7 +141,7 @@ def signal(ctx: click.Context, flow_id: str, node_id: str, result_json: str | No
     try:
         state = ext.signal(flow_id, node_id, result=result, error=error)
     except FlowsError as exc:
-        _fail(exc)
+        _fail(exc, ext)
         return
     click.echo(f"flow state: {state}")
 
@@ -133,20 +155,25 @@ def list_flows(ctx: click.Context, state_filter: str | None, name_filter: str | 
                limit: int) -> None:
     """List flows, newest first."""
     ext = _flows(ctx)
-    shown = 0
-    for fid in ext.store.flow_ids():
-        meta = ext.store.meta(fid)
-        if meta is None:
-            continue
-        if state_filter and meta.get("state") != state_filter:
-            continue
-        if name_filter and meta.get("name") != name_filter:
-            continue
-        click.echo(f"{fid}\t{meta.get('name')}\t{meta.get('state')}\t"
-                   f"{meta.get('done')}/{meta.get('total')} nodes finished")
-        shown += 1
-        if shown >= limit:
-            break
+    shown = start = 0
+    # bounded pages of the index until enough matches: never the whole index at once
+    page = min(max(limit, 100), LIST_PAGE)
+    more = True
+    while more and shown < limit:
+        rows, more = ext.store.flow_summaries(start, page)
+        start += len(rows)
+        for fid, meta in rows:
+            if meta is None:
+                continue  # expired; the --flows workers prune it from the index
+            if state_filter and meta.get("state") != state_filter:
+                continue
+            if name_filter and meta.get("name") != name_filter:
+                continue
+            click.echo(f"{fid}\t{meta.get('name')}\t{meta.get('state')}\t"
+                       f"{meta.get('done')}/{meta.get('total')} nodes finished")
+            shown += 1
+            if shown >= limit:
+                break
 
 
 @flows.command()
@@ -162,7 +189,7 @@ def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
     try:
         doc = describe(ext, flow_id)
     except FlowsError as exc:
-        _fail(exc)
+        _fail(exc, ext)
         return
     click.echo(to_mermaid(doc) if fmt == "mermaid" else to_dot(doc))
 

@@ -14,7 +14,7 @@ from . import faults
 from .changes import ChangesMixin
 from .codec import Codec
 from .compile import CompiledFlow
-from .config import FlowsConfig
+from .config import FlowsConfig, redact_webhook
 from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .errors import FlowDefinitionError, FlowStateError
 from .flow import Flow
@@ -170,6 +170,10 @@ class Flows(ChangesMixin):
         if not isinstance(flow, Flow):
             raise FlowDefinitionError(f"submit() takes a Flow, got {flow!r}")
         compiled = flow.compile(self.app, self.config)
+        hook = compiled.options["webhook"]
+        if hook and not self.config.webhook_allowed(hook):
+            raise FlowDefinitionError(f"flow {compiled.name!r}: webhook {redact_webhook(hook)} "
+                                      "is not in flows_webhook_allowed_hosts")
         if not compiled.records:
             raise FlowDefinitionError(f"flow {flow.name!r} has no nodes")
         # user data as opaque blobs (Lua only copies them): exact under the serializer

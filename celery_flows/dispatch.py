@@ -120,7 +120,7 @@ class Dispatcher:
             if claim.next_due is not None:
                 store.set_timer(fid, claim.next_due)
             if claim.webhook_pending:
-                store.client.zadd(store.keys.webhooks, {fid: time.time()}, nx=True)
+                store.client.zadd(store.keys.webhooks, {fid: store.now()}, nx=True)
             if claim.code != 0:
                 # gone, paused or cancelled: resume/retry mark the flow dirty themselves
                 if token is not None:
@@ -192,7 +192,9 @@ class Dispatcher:
             options=options or dict(rec.get("opts") or {}),
             rec=rec,
             path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
-            retries=int(rec.get("retries") or 0) if rec.get("state") == "retrying" else 0,
+            # also for a retry put back in the outbox (requeued, paused): start.lua
+            # refuses a message below the node's retry count
+            retries=int(rec.get("retries") or 0),
         )
 
     def _admitted(self, fid: str, flow_rate: str, call: Prepared, member: str | None = None,
@@ -209,7 +211,8 @@ class Dispatcher:
             priority = call.priority
             if priority is None:
                 priority = self.app.conf.task_default_priority
-            ready_at = call.rec.get("retry_at") or call.rec.get("ready_at") or time.time()
+            ready_at = (call.rec.get("retry_at") or call.rec.get("ready_at")
+                        or self.flows.store.now())
             member = member_for(order_key(call.path, priority, float(ready_at)), fid,
                                 call.node_id, call.attempt)
         while True:
@@ -237,7 +240,7 @@ class Dispatcher:
             store.published(fid, [], clear_token=token)
             held = store.node(fid, nid) or {}
             until = (held.get("held") or {}).get("until")
-            return "held", max(float(until) - time.time(), 0.0) if until else 0.0
+            return "held", max(float(until) - store.now(), 0.0) if until else 0.0
         faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, released or None)

@@ -45,7 +45,7 @@ def run_eager(flows: Flows, fid: str) -> None:
         code, nonce, entries = claim.code, claim.nonce, claim.entries
         if code == 0 and not entries and claim.next_due is not None and _poking(flows, fid):
             # a sensor waits for its next poke (or a held retry): in this process too
-            time.sleep(max(claim.next_due - time.time(), 0.0))
+            time.sleep(max(claim.next_due - store.now(), 0.0))
             continue
         if code != 0 or not entries:
             return

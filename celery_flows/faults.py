@@ -6,6 +6,10 @@ a crash matters with ``faults.point("name")``; a test process sets, for example:
     CELERY_FLOWS_FAULTS="after-record=kill"            # SIGKILL this process there
     CELERY_FLOWS_FAULTS="before-publish=sleep:3,after-record=exit"
 
+``clock=skew:<seconds>`` is not a point: it makes this process's wall clock
+(``time.time``) run that many seconds off, as on a machine whose clock drifted, to show
+that timers, leases and limits are timed by Redis ``TIME``, not by any machine's clock.
+
 Actions: ``kill`` (SIGKILL the calling process), ``exit`` (``os._exit(70)``), ``raise``
 (``FaultInjected``), ``sleep:<seconds>``. ``<name>@<n>`` fires only on the n-th time
 the point is reached in this process (1-based), so "die in the middle of a chunked
@@ -38,6 +42,18 @@ def _parse(spec: str) -> dict[str, tuple[str, int]]:
 _PLAN = _parse(os.environ.get(ENV, ""))
 _HITS: dict[str, int] = {}
 _LOCK = threading.Lock()
+
+
+def _skew_clock() -> None:
+    action = _PLAN.get("clock", ("", 0))[0]
+    if not action.startswith("skew:"):
+        return
+    skew = float(action.split(":", 1)[1])
+    real = time.time
+    time.time = lambda: real() + skew
+
+
+_skew_clock()
 
 
 def reload() -> None:

@@ -42,9 +42,12 @@ Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``
 
     <prefix>:{<fid>}:done      the new state is published when the flow ends
 
-Global keys, one slot each, never touched by a flow script::
+Global keys, one slot each, never touched by a flow script. Every time in a score is
+Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's clock::
 
-    <prefix>:index             zset   flow id -> creation time (``flows list``)
+    <prefix>:index             zset   flow id -> creation time (``flows list``, read in
+                                      bounded pages); entries of expired flows are pruned
+                                      a chunk at a time by the --flows workers
     <prefix>:dispatch          zset   flow id -> time a process began a transition that
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period

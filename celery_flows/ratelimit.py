@@ -126,7 +126,7 @@ def release_held(ext: Flows, budget: float = 0.5) -> float:
                 # a rate limiter: wait for its next slot without a full admission try
                 tat = store.client.get(keys.limiter_state(limiter_id))
                 # a hint only (admit.lua decides with Redis TIME): wake a little early
-                ahead = float(tat) - time.time() - 0.002 if tat else 0.0
+                ahead = float(tat) - store.now() - 0.002 if tat else 0.0
                 if ahead > 0.0005:
                     sleep = min(sleep, ahead)
                     break
@@ -165,7 +165,7 @@ def fire_timers(ext: Flows) -> float:
         ext.dispatcher.release(fid, token)
     if nxt is None:
         return 1.0
-    return max(nxt - time.time(), 0.002)
+    return max(nxt - store.now(), 0.002)
 
 
 def collect_slots(ext: Flows) -> int:

@@ -214,7 +214,8 @@ def rescue_stranded(ext: Flows) -> int:
     store = ext.store
     keys = store.keys
     stale = store.client.zrangebyscore(keys.queued, "-inf",
-                                       time.time() - ext.config.lease_timeout, start=0, num=200)
+                                       store.now() - ext.config.lease_timeout, start=0,
+                                       num=200)
     if not stale:
         return 0
     live = [inst for inst, (beat, _info) in store.workers().items()]

@@ -24,7 +24,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import faults
+from . import faults  # also applies a test clock skew before anything reads time
 from .codec import Codec
 from .config import FlowsConfig
 from .errors import FlowNotFoundError, FlowsError, FlowVersionError
@@ -32,6 +32,8 @@ from .keys import Keys, new_request_id
 from .models import as_list
 
 LUA_DIR = Path(__file__).with_name("lua")
+CLOCK_REFRESH = 30.0  # seconds between measurements of the offset to Redis TIME
+INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
 
 #: Seconds a transition's reply is kept for a re-sent call: well past redis-py's retry
 #: window (8 tries with a backoff capped at 2 s, see Store.client) and a failover.
@@ -171,6 +173,9 @@ class Store:
         self.codec = codec  # decodes the contexts start.lua hands back
         self.keys = Keys(config.key_prefix)
         self._pid = os.getpid()
+        # Redis TIME minus this process's monotonic clock, and when it was measured
+        self._offset: float | None = None
+        self._offset_at = 0.0
 
     @cached_property
     def client(self) -> redis.Redis:
@@ -284,7 +289,7 @@ class Store:
         # the record first: the sweeper finds a batch by its index entry and then
         # needs the record to know its flows
         self.run_global("batch", [self.keys.batch(batch_id)], ["open", json.dumps(fids)])
-        self.client.zadd(self.keys.batches, {batch_id: time.time()})
+        self.client.zadd(self.keys.batches, {batch_id: self.now()})
 
     def batch_decide(self, batch_id: str, op: str, grace: float = 0.0) -> str:
         """'commit', 'abort' or 'expire' a pending batch; returns its state after."""
@@ -328,7 +333,7 @@ class Store:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            pipe.zadd(self.keys.dispatch, {token: self.now()})
             self._queue(pipe, "claim", fid, [lease, len(node_ids), self.want_paths, *node_ids])
 
         return token, Claim.of(self._execute(build)[1])
@@ -345,7 +350,7 @@ class Store:
         argv: list[Any] = []
         for nid, attempt, queue, task_id, released in items:
             argv += [nid, attempt, queue, "" if released is None else repr(released), task_id]
-        now = time.time()
+        now = self.now()
 
         def build(pipe: Any) -> None:
             if argv:
@@ -368,7 +373,7 @@ class Store:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            pipe.zadd(self.keys.dispatch, {token: self.now()})
             self._queue(pipe, "complete", fid,
                         [nid, attempt, outcome, result, error, "1" if external else "", "",
                          "0" if falsy else ""])
@@ -386,7 +391,7 @@ class Store:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            pipe.zadd(self.keys.dispatch, {token: self.now()})
             self._queue(pipe, "recover", fid,
                         [nid, attempt, max_recoveries, error, lost_instance])
             self._queue(pipe, "claim", fid, [lease, limit, self.want_paths])
@@ -403,7 +408,7 @@ class Store:
         its roots, in one round trip. ``blobs`` are user data for the args hash."""
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
         argv = _create_argv(meta, digest, nodes, blobs)
-        now = time.time()
+        now = self.now()
 
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.index, {fid: now}, nx=True)
@@ -436,13 +441,14 @@ class Store:
         """Record an outcome. A retry held in Redis (``retry_delay``) also sets a timer
         for the releaser, in the same round trip."""
         delay: Any = "" if retry_delay is None else max(float(retry_delay), 0.0)
+        now = self.now() if delay != "" else 0.0
 
         def build(pipe: Any) -> None:
             self._queue(pipe, "complete", fid, [nid, attempt, outcome, result, error,
                                                 "1" if external else "", delay,
                                                 "0" if falsy else ""])
             if delay != "":
-                pipe.zadd(self.keys.timers, {fid: time.time() + float(delay)}, lt=True)
+                pipe.zadd(self.keys.timers, {fid: now + float(delay)}, lt=True)
 
         out = self._execute(build)[0]
         return int(out[0]), int(out[1]), _s(out[2]), _s(out[3])
@@ -452,8 +458,8 @@ class Store:
         self.client.zadd(self.keys.timers, {fid: due}, lt=True)
 
     def due_timers(self, limit: int = 100) -> tuple[list[str], float | None]:
-        """Timers due now, and when the next one is due."""
-        now = time.time()
+        """Timers due now, and when the next one is due (Redis time)."""
+        now = self.now()
         due = [_s(m) for m in self.client.zrangebyscore(self.keys.timers, "-inf", now,
                                                           start=0, num=limit)]
         nxt = self.client.zrange(self.keys.timers, 0, 0, withscores=True)
@@ -474,7 +480,7 @@ class Store:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
 
         def build(pipe: Any) -> None:
-            pipe.zadd(self.keys.dispatch, {token: time.time()})
+            pipe.zadd(self.keys.dispatch, {token: self.now()})
             self._queue(pipe, name, fid, argv)
             if claim is not None:
                 self._queue(pipe, "claim", fid, [*claim, self.want_paths])
@@ -491,14 +497,14 @@ class Store:
 
     def mark_dirty(self, fid: str) -> str:
         token = f"{fid}|{uuid.uuid4().hex[:12]}"
-        self.client.zadd(self.keys.dispatch, {token: time.time()})
+        self.client.zadd(self.keys.dispatch, {token: self.now()})
         return token
 
     def clear_dirty(self, token: str) -> None:
         self.client.zrem(self.keys.dispatch, token)
 
     def stale_dirty(self, older_than: float, limit: int = 200) -> list[str]:
-        raw = self.client.zrangebyscore(self.keys.dispatch, "-inf", time.time() - older_than,
+        raw = self.client.zrangebyscore(self.keys.dispatch, "-inf", self.now() - older_than,
                                         start=0, num=limit)
         return [_s(m) for m in raw]
 
@@ -509,13 +515,13 @@ class Store:
         return float(_s(self.run_global("heartbeat", keys, [instance, json.dumps(info)])))
 
     def lease_add(self, instance: str, task_id: str) -> None:
-        self.client.zadd(self.keys.leases(instance), {task_id: time.time()})
+        self.client.zadd(self.keys.leases(instance), {task_id: self.now()})
 
     def lease_drop(self, instance: str, task_id: str) -> None:
         self.client.zrem(self.keys.leases(instance), task_id)
 
     def leases(self, instance: str, older_than: float | None = None) -> list[str]:
-        top = "+inf" if older_than is None else time.time() - older_than
+        top = "+inf" if older_than is None else self.now() - older_than
         return [_s(m) for m in self.client.zrangebyscore(self.keys.leases(instance), "-inf", top)]
 
     def lost_instances(self, lease_timeout: float) -> list[str]:
@@ -546,8 +552,24 @@ class Store:
     # -- reads ------------------------------------------------------------------------
 
     def time(self) -> float:
+        """Redis ``TIME`` (one round trip)."""
         secs, micros = self.client.time()
         return secs + micros / 1e6
+
+    def now(self) -> float:
+        """Redis ``TIME`` without a round trip: scores compared with times written by
+        other processes (or by the scripts, which read TIME) must not depend on this
+        machine's clock. Kept as an offset from the monotonic clock (immune to wall
+        clock steps), measured again every CLOCK_REFRESH seconds."""
+        mono = time.monotonic()
+        if self._offset is None or mono - self._offset_at > CLOCK_REFRESH:
+            before = time.monotonic()
+            redis_now = self.time()
+            after = time.monotonic()
+            self._offset = redis_now - (before + after) / 2
+            self._offset_at = after
+            mono = after
+        return mono + self._offset
 
     def meta(self, fid: str) -> dict[str, str] | None:
         raw = self.client.hgetall(self.keys.meta(fid))
@@ -592,6 +614,51 @@ class Store:
         values = self.client.hmget(key, ids)
         return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
-    def flow_ids(self, limit: int | None = None) -> list[str]:
-        end = -1 if limit is None else limit - 1
-        return [_s(m) for m in self.client.zrevrange(self.keys.index, 0, end)]
+    def flow_ids(self, limit: int = 1000, start: int = 0) -> list[str]:
+        """Flow ids of the index, newest first: ``limit`` of them from rank ``start``
+        (always a bounded read: the index may hold millions)."""
+        if limit < 1:
+            return []
+        return [_s(m) for m in self.client.zrevrange(self.keys.index, start,
+                                                     start + limit - 1)]
+
+    def flow_summaries(self, start: int, count: int
+                       ) -> tuple[list[tuple[str, dict[str, str] | None]], bool]:
+        """One page of the index, newest first, with each flow's name, state and
+        counters (None once expired), and whether the index goes on past it."""
+        ids = self.flow_ids(count, start)
+        fields = ("name", "state", "done", "total", "created_at")
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.hmget(self.keys.meta(fid), fields)
+        out: list[tuple[str, dict[str, str] | None]] = []
+        for fid, values in zip(ids, pipe.execute() if ids else [], strict=True):
+            if values is None or values[1] is None:
+                out.append((fid, None))
+            else:
+                out.append((fid, {k: _s(v) for k, v in zip(fields, values, strict=True)
+                                  if v is not None}))
+        return out, len(ids) == count
+
+    def prune_index(self, cursor: int = 0, chunk: int = 200) -> tuple[int, int]:
+        """Drop index entries of expired flows, ``chunk`` entries at a time, oldest
+        first; returns (entries removed, cursor for the next call; 0 = start over).
+        Entries younger than INDEX_GRACE are left: their flow may still be being
+        created (the index is written just before the flow)."""
+        index = self.keys.index
+        raw: list[Any] = list(self.client.zrange(index, cursor, cursor + chunk - 1,
+                                                 withscores=True))
+        if not raw:
+            return 0, 0
+        old_enough = self.now() - INDEX_GRACE
+        ids = [_s(m) for m, score in raw if float(score) < old_enough]
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.exists(self.keys.meta(fid))
+        gone = [fid for fid, n in zip(ids, pipe.execute() if ids else [], strict=True)
+                if not n]
+        if gone:
+            self.client.zrem(index, *gone)
+        if len(raw) < chunk or len(ids) < len(raw):
+            return len(gone), 0  # the end, or the young entries: start over
+        return len(gone), cursor + chunk - len(gone)

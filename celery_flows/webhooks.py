@@ -11,13 +11,17 @@ deduplicate.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import logging
-import time
+import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from .config import redact_webhook, scrub
 
 if TYPE_CHECKING:
     from .core import Flows
@@ -37,7 +41,7 @@ def payload(ext: Flows, fid: str, meta: dict[str, str]) -> dict[str, Any]:
     finished = meta.get("finished_at") or ""
     return {
         "event_id": f"{fid}:{meta.get('state')}:{finished}",
-        "timestamp": float(finished) if finished else time.time(),
+        "timestamp": float(finished) if finished else ext.store.now(),
         "flow_id": fid,
         "name": meta.get("name"),
         "state": meta.get("state"),
@@ -53,13 +57,32 @@ def sign(secret: str | None, body: bytes) -> str | None:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is a failed delivery (retried), never followed."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
+
+
 def post(url: str, body: bytes, signature: str | None) -> int:
     headers = {"Content-Type": "application/json", "User-Agent": "celery-flows"}
     if signature:
         headers["X-Flows-Signature"] = signature
+    parts = urlsplit(url)
+    if parts.username is not None:
+        # credentials in the URL are HTTP basic auth, not part of the host
+        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
-        return int(response.status)
+    try:
+        with _OPENER.open(request, timeout=TIMEOUT) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:  # non-2xx (3xx included): a failed delivery
+        return int(exc.code)
 
 
 def deliver_due(ext: Flows) -> int:
@@ -68,7 +91,7 @@ def deliver_due(ext: Flows) -> int:
     keys = store.keys
     client = store.client
     delivered = 0
-    for raw in client.zrangebyscore(keys.webhooks, "-inf", time.time(), start=0, num=20):
+    for raw in client.zrangebyscore(keys.webhooks, "-inf", store.now(), start=0, num=20):
         fid = raw.decode() if isinstance(raw, bytes) else str(raw)
         if not client.set(keys.webhook_lock(fid), "1", nx=True, ex=int(TIMEOUT * 3)):
             continue
@@ -78,12 +101,24 @@ def deliver_due(ext: Flows) -> int:
             if not meta or meta.get("webhook_pending") != "1" or not url:
                 client.zrem(keys.webhooks, fid)
                 continue
+            where = redact_webhook(url)
+            if not ext.config.webhook_allowed(url):
+                logger.error("celery-flows: not sending the webhook of flow %s: %s is not "
+                             "in flows_webhook_allowed_hosts", fid, where)
+                client.hset(keys.meta(fid), "webhook_pending", "refused")
+                client.zrem(keys.webhooks, fid)
+                continue
             body = json.dumps(payload(ext, fid, meta), sort_keys=True).encode()
             try:
                 status = post(url, body, sign(ext.config.webhook_secret, body))
                 ok = 200 <= status < 300
+                if not ok:
+                    logger.warning("celery-flows: webhook of flow %s to %s answered %d",
+                                   fid, where, status)
             except Exception as exc:
-                logger.warning("celery-flows: webhook for flow %s failed: %r", fid, exc)
+                # an exception's text may quote the URL's path, query or credentials
+                logger.warning("celery-flows: webhook of flow %s to %s failed: %s", fid,
+                               where, scrub(f"{type(exc).__name__}: {exc}", ext.config, url))
                 ok = False
             if ok:
                 client.hset(keys.meta(fid), "webhook_pending", "0")
@@ -92,12 +127,12 @@ def deliver_due(ext: Flows) -> int:
                 continue
             attempts = int(client.hincrby(keys.meta(fid), "webhook_attempts", 1))
             if attempts >= MAX_ATTEMPTS:
-                logger.error("celery-flows: giving up the webhook of flow %s after %d "
-                             "attempts", fid, attempts)
+                logger.error("celery-flows: giving up the webhook of flow %s to %s after "
+                             "%d attempts", fid, where, attempts)
                 client.hset(keys.meta(fid), "webhook_pending", "gave-up")
                 client.zrem(keys.webhooks, fid)
             else:
-                client.zadd(keys.webhooks, {fid: time.time() + backoff(attempts)}, xx=True)
+                client.zadd(keys.webhooks, {fid: store.now() + backoff(attempts)}, xx=True)
         finally:
             client.delete(keys.webhook_lock(fid))
     return delivered

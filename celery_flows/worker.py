@@ -184,6 +184,7 @@ class FlowsStep(bootsteps.StartStopStep):
 
     def _manager_loop(self) -> None:
         rounds = 0
+        self._index_cursor = 0  # expired flows leave the index a chunk at a time
         while not self._stop.wait(SWEEP_INTERVAL):
             rounds += 1
             try:
@@ -194,6 +195,8 @@ class FlowsStep(bootsteps.StartStopStep):
                     recovery.rescue_stranded(self.ext)
                 if rounds % 2 == 0 and self.ext.config.queue_limits:
                     ratelimit.collect_slots(self.ext)
+                if rounds % 5 == 0:
+                    self._index_cursor = self.ext.store.prune_index(self._index_cursor)[1]
             except Exception:
                 logger.exception("celery-flows: sweep failed; retrying")
 
@@ -226,17 +229,39 @@ def sweep(ext: Flows) -> int:
 
 
 def check_redis(ext: Flows) -> None:
-    """Refuse a registry Redis that may evict keys."""
-    try:
-        conf = ext.store.client.config_get("maxmemory-policy")
-    except Exception as exc:  # CONFIG may be disabled on managed Redis
-        logger.warning("celery-flows: cannot read maxmemory-policy (%r); make sure it is "
-                       "noeviction", exc)
-        return
-    policy = conf.get("maxmemory-policy") if isinstance(conf, dict) else None
-    if policy is not None and str(policy) != "noeviction":
-        raise FlowsConfigError(
-            f"the registry Redis at flows_redis_url runs with maxmemory-policy={policy}; "
-            "celery-flows needs noeviction (an evicted key loses a flow): "
-            "CONFIG SET maxmemory-policy noeviction"
-        )
+    """Refuse a registry Redis that may evict keys: on a cluster, every master holds
+    flows, so every master is checked."""
+    from .config import redact_url, scrub
+
+    client: Any = ext.store.client
+    if ext.config.redis_cluster:
+        nodes = [(f"{n.host}:{n.port}", n) for n in client.get_primaries()]
+    else:
+        kwargs = client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        nodes = [(str(where), None)]
+    for where, node in nodes:
+        try:
+            if node is None:
+                conf = client.config_get("maxmemory-policy")
+            else:
+                conf = client.config_get("maxmemory-policy", target_nodes=node)
+        except Exception as exc:  # CONFIG may be disabled on managed Redis
+            logger.warning("celery-flows: cannot read maxmemory-policy of %s (%s); make "
+                           "sure it is noeviction", where,
+                           scrub(f"{type(exc).__name__}: {exc}", ext.config))
+            continue
+        if isinstance(conf, dict) and node is not None and "maxmemory-policy" not in conf:
+            conf = next(iter(conf.values()), {})  # redis-py keyed the answer by node
+        policy = conf.get("maxmemory-policy") if isinstance(conf, dict) else None
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        if policy is not None and str(policy) != "noeviction":
+            raise FlowsConfigError(
+                f"the registry Redis node {where} (flows_redis_url) runs with "
+                f"maxmemory-policy={policy}; celery-flows needs noeviction (an evicted key "
+                f"loses a flow): CONFIG SET maxmemory-policy noeviction on {where}"
+            )
+    logger.info("celery-flows: registry %s%s, maxmemory-policy checked on %d node(s)",
+                redact_url(ext.config.redis_url),
+                " (cluster)" if ext.config.redis_cluster else "", len(nodes))

@@ -11,6 +11,8 @@
           poke_interval, or fails once its timeout has passed
   Returns: {code, released, flow state, the node's queue}
     1 recorded | 0 late or duplicate report, kept in the node's history only
+    6 recorded a sensor's falsy check: it pokes again later as the same attempt and
+      keeps its queue slot (SPEC 7: a retrying node keeps its slot)
     -1 no such flow | -2 version | -4 no such node
   Emits: the node -> succeeded|failed|retrying; dependents whose edges are all terminal
          -> scheduled (outbox), awaiting, or skipped (cascading; fail_fast cancels the
@@ -61,10 +63,13 @@ if outcome == 'succeeded' and rec.kind == 'sensor' and ARGV[8] == '0' then
     rec.state = 'retrying'
     rec.retries = (rec.retries or 0) + 1
     rec.retry_at = now + poke
+    -- nothing grows per poke: start.lua refuses a start key below rec.retries, so the
+    -- keys of earlier pokes need not be kept
+    rec.starts = {}
     save(id, rec)
     timed_add(id, now + poke)
     flush()
-    return {1, 0, mget('state'), val(rec.queue) or ''}
+    return {6, 0, mget('state'), val(rec.queue) or ''}
   end
 end
 rec.state = outcome

@@ -31,6 +31,12 @@ if rec.state == 'pending' or rec.state == 'awaiting' then return {2} end
 if contains(rec.starts, key) then return {0} end
 local now = now_ts()
 local retries, nesting = string.match(key, '^(%d+):(%d+)$')
+-- a message of an earlier retry or sensor poke: that start was made (its key may
+-- have been dropped to keep rec.starts small) or superseded. Not for a replacement
+-- (self.replace()), whose message counts its retries afresh.
+if tonumber(nesting) == 0 and (tonumber(retries) or 0) < (tonumber(val(rec.retries)) or 0) then
+  return {0}
+end
 if mget('paused') == '1' and tonumber(nesting) == 0 then
   -- a message released just before pause() arrived after it: nothing starts while paused
   rec.state = (tonumber(retries) or 0) > 0 and 'retrying' or 'scheduled'

@@ -33,9 +33,13 @@ for i = 1, n do
 end
 
 local refused, wait = nil, 0
+-- a node that holds its queue slot already (a retry, a sensor's next poke) keeps it:
+-- it does not queue behind the nodes waiting for that slot
+local holds = cap > 0 and redis.call('ZSCORE', KEYS[2 * n], task_id)
 -- nodes already waiting for a limiter in a better order go first
 for i = 1, n do
   local head = redis.call('ZRANGE', KEYS[2 * i + 1], 0, 0)[1]
+  if holds and i == n then head = nil end
   if head and head ~= member and head < member then
     refused, wait = i, 0
     break
@@ -53,7 +57,7 @@ if not refused then
 end
 if not refused and cap > 0 then
   local slots = KEYS[2 * n]
-  if not redis.call('ZSCORE', slots, task_id) and redis.call('ZCARD', slots) >= cap then
+  if not holds and redis.call('ZCARD', slots) >= cap then
     refused, wait = n, -1
   end
 end
