@@ -43,8 +43,8 @@ def main() -> None:
         os.environ["BENCH_REDIS_URL"] = server.celery_url
         bench: Any = importlib.import_module("benchmarks.bench_app")
         from celery_flows import Flow
-        from celery_flows.keys import new_request_id
-        from celery_flows.store import LUA_DIR
+        from celery_flows.registry.ids import new_request_id
+        from celery_flows.registry.scripts import LUA_DIR
 
         bench.app.conf.task_always_eager = True
         client = server.client()

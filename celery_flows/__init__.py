@@ -1,7 +1,10 @@
 """celery-flows: durable, inspectable workflows (DAGs and trees) of Celery tasks."""
 
-from .context import current_flow
+from ._version import __version__
 from .core import Flows
+from .define.flow import Flow, Node
+from .define.states import FlowState, NodeState
+from .engine.context import current_flow
 from .errors import (
     FlowDefinitionError,
     FlowNotFoundError,
@@ -11,13 +14,10 @@ from .errors import (
     FlowTimeoutError,
     FlowVersionError,
 )
-from .flow import Flow, Node
-from .handle import FlowHandle
-from .models import FlowState, NodeState
-
-__version__ = "0.1.0"
+from .observe.handle import FlowHandle
 
 __all__ = [
+    "__version__",
     # setup
     "Flows",
     # defining flows

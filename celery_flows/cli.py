@@ -1,23 +1,28 @@
 """``celery -A proj flows ...``: a thin click group over the extension.
 
 Imported on every ``celery`` invocation (entry point ``celery.commands``), so it stays
-light and finds the app at call time. Exit codes: 0 ok, 1 not found or refused, 2 usage.
+light and finds the app at call time. It stands above the :class:`~celery_flows.Flows`
+facade (it finds the facade on the app), not in ``observe/``, which the facade uses.
+Exit codes: 0 ok, 1 not found or refused, 2 usage.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .errors import FlowsError
 
+if TYPE_CHECKING:
+    from .core import Flows
+
 LIST_PAGE = 500  # most index entries `flows list` reads in one request
 
 
-def _flows(ctx: click.Context) -> Any:
+def _flows(ctx: click.Context) -> Flows:
     from .core import Flows
 
     app = getattr(ctx.obj, "app", None)
@@ -67,15 +72,16 @@ def flows(ctx: click.Context) -> None:
 @click.pass_context
 def inspect(ctx: click.Context, flow_id: str, as_json: bool, watch: bool) -> None:
     """Show a flow's nodes: state, queue, attempts, timing, errors, what each waits for."""
-    from .inspect import describe, render_tree
-    from .inspect import watch as watch_flow
+    from .observe.inspect import describe
+    from .observe.render import render_tree
+    from .observe.render import watch as watch_flow
 
     ext = _flows(ctx)
     try:
         if watch and not as_json:
-            watch_flow(ext, flow_id, click.echo)
+            watch_flow(ext.store, flow_id, click.echo)
             return
-        doc = describe(ext, flow_id)
+        doc = describe(ext.store, flow_id)
     except FlowsError as exc:
         _fail(exc, ext)
         return
@@ -183,11 +189,12 @@ def list_flows(ctx: click.Context, state_filter: str | None, name_filter: str | 
 @click.pass_context
 def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
     """Print the flow's graph with node states."""
-    from .inspect import describe, to_dot, to_mermaid
+    from .observe.inspect import describe
+    from .observe.render import to_dot, to_mermaid
 
     ext = _flows(ctx)
     try:
-        doc = describe(ext, flow_id)
+        doc = describe(ext.store, flow_id)
     except FlowsError as exc:
         _fail(exc, ext)
         return
@@ -198,10 +205,10 @@ def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
 @click.pass_context
 def stats(ctx: click.Context) -> None:
     """Flows by state, queue slots, limiter levels, live workers and their heartbeats."""
-    from .stats import collect
+    from .observe.stats import collect
 
     ext = _flows(ctx)
-    doc = collect(ext)
+    doc = collect(ext.store, ext.config)
     click.echo("flows: " + (", ".join(f"{k}: {v}" for k, v in sorted(doc["flows"].items()))
                             or "none"))
     click.echo("queue slots (flow tasks queued or running / cap):")

@@ -20,7 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from celery_flows import Flows, current_flow
-from celery_flows.store import to_redis_py_url
+from celery_flows.registry.connection import to_redis_py_url
 
 BROKER_URL = os.environ["FLOWS_TEST_BROKER"]
 # results, the bodies' log and the registry live on the test's Redis, which is also the

@@ -15,8 +15,8 @@ from celery import chain, chord, group
 from celery.canvas import Signature, _chain
 
 from celery_flows import Flow, FlowDefinitionError, FlowState
-from celery_flows.canvas import add_canvas
-from celery_flows.models import Ref
+from celery_flows.define.canvas import add_canvas
+from celery_flows.define.records import Ref
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 
 

@@ -317,7 +317,7 @@ def test_add_bulk_producer_killed_before_commit_leaves_nothing(
     kind: str, request: pytest.FixtureRequest, import_app: ImportApp,
     worker_factory: WorkerFactory, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from celery_flows import batch
+    from celery_flows.engine import batch
 
     env = _registry_env(request, kind)
     for k, v in env.items():

@@ -208,7 +208,7 @@ def test_webhook_delivery_logs_show_only_scheme_host_and_port(
     import_app: ImportApp, redis_db: RedisDB, refusing_hook: int,
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from celery_flows import webhooks
+    from celery_flows.worker import webhooks
 
     monkeypatch.setenv("FLOWS_TEST_WEBHOOK_SECRET", "WHSECRET")
     proj = import_app("tests.proj")
@@ -224,7 +224,7 @@ def test_webhook_delivery_logs_show_only_scheme_host_and_port(
     store = proj.flows.store
     store.client.zadd(store.keys.webhooks, {fid: 0 for fid in ids})
     with caplog.at_level(logging.WARNING, logger="celery_flows.webhooks"):
-        webhooks.deliver_due(proj.flows)
+        webhooks.deliver_due(proj.flows.store, proj.flows.config)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert text.count(f"http://127.0.0.1:{refusing_hook}") == 2, text
     for secret in ("HOOKPASS", "hookuser", "PATHTOKEN", "QTOKEN", "WHSECRET"):

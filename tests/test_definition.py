@@ -168,15 +168,15 @@ def test_config_errors_name_the_key(redis_db: RedisDB) -> None:
 
 
 def test_evicting_redis_is_refused_at_worker_start(redis_db: RedisDB) -> None:
-    from celery_flows.worker import check_redis
+    from celery_flows.worker.step import check_redis
 
     app = Celery("evict", broker=redis_db.celery_url, set_as_current=False)
     flows = Flows(app)
-    check_redis(flows)  # the test server runs noeviction
+    check_redis(flows.engine)  # the test server runs noeviction
     redis_db.client.config_set("maxmemory-policy", "allkeys-lru")
     try:
         with pytest.raises(FlowsConfigError, match="noeviction"):
-            check_redis(flows)
+            check_redis(flows.engine)
     finally:
         redis_db.client.config_set("maxmemory-policy", "noeviction")
 

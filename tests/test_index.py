@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from celery_flows import Flow, FlowState
-from celery_flows.store import INDEX_GRACE
+from celery_flows.registry.reads import INDEX_GRACE
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.harness import wait_until
 from tests.test_engine import FLOWS, _cli

@@ -82,5 +82,5 @@ def test_unknown_major_version_is_refused(import_app: ImportApp, redis_db: Redis
         assert "upgrade celery-flows" in str(exc)
     else:
         raise AssertionError("a flow of major version 2 must be refused")
-    code, _ctx, _overlay = proj.flows.store.start(handle.id, "a", 1, "0:0", "t", "w")
+    code = proj.flows.store.start(handle.id, "a", 1, "0:0", "t", "w").code
     assert code == -2

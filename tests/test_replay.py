@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState, FlowStateError
-from celery_flows.store import script_texts
+from celery_flows.registry.scripts import script_texts
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.harness import wait_until
 from tests.test_engine import FLOWS, run_counts

@@ -1,0 +1,232 @@
+"""States, option vocabularies, id rules and the flat node records a flow compiles to.
+
+A node record is the JSON document stored per node in ``<prefix>:{fid}:nodes``; the Lua
+transitions read and update it, Python builds it here. Field names are short because
+every transition decodes them:
+
+======== =====================================================================
+task     Celery task name (``None`` for external nodes)
+kind     ``task`` | ``external`` | ``sensor``
+after    dependency node ids, in order
+deps_of  dependents (filled in by :func:`link`)
+input    how results reach the args: a node id, a list of refs or
+         ``{"map": [[k, ref], ...]}`` (a dict in that key order; pairs, because cjson
+         does not keep an object's key order)
+         (``None``: nothing is prepended, e.g. an immutable signature)
+queue, priority, rate, policy, rule, max_rec, timeout, poke   node options
+epol     set on a sub-flow's final nodes only: the sub-flow node's policy, applied to
+         outgoing edges when the node failed or was skipped as ``upstream_failed``
+fpol     policy deciding whether a failure fails the whole flow
+ctx      field of the args hash holding the node's context overlay (sub-flows)
+
+User data (arguments, signature options, contexts, results) never goes into a record:
+it is stored as serialised blobs that Lua only copies (see :mod:`celery_flows.codec`).
+state, attempt, waiting, removed, skip_reason, error, ... runtime fields
+======== =====================================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias, TypedDict
+
+from ..errors import FlowDefinitionError
+from .states import NodeState
+
+__all__ = ["NodeRecord", "Ref", "as_list", "check_acyclic", "context_field", "link",
+           "map_pairs",
+           "new_record", "ref_ids", "rename_ref"]
+
+Ref: TypeAlias = "str | list[Ref] | dict[str, Any] | None"
+
+
+def context_field(scope: str = "") -> str:
+    """The field of the args hash holding a context: the flow's (``scope=""``) or the
+    overlay of the sub-flow node ``scope`` (a record's ``ctx`` names it; ``#`` is never
+    in a node id)."""
+    return f"ctx#{scope}"
+
+
+class NodeRecord(TypedDict, total=False):
+    """A node's record as stored (JSON) and as the Lua transitions keep it. The
+    definition fields come from :func:`new_record`; the others are written by the
+    transitions while the flow runs (never all present at once, hence ``total=False``).
+    """
+
+    # definition
+    task: str | None
+    kind: str
+    after: list[str]
+    deps_of: list[str]
+    input: Ref
+    queue: str | None
+    priority: int | None
+    rate: str | None
+    policy: str
+    epol: str | None
+    fpol: str
+    rule: str
+    max_rec: int | None
+    timeout: float | None
+    poke: float | None
+    ctx: str | None
+    seq: int
+    # runtime
+    state: str
+    attempt: int
+    waiting: int
+    removed: list[str]
+    skip_reason: str | None
+    error: str | None
+    task_ids: list[str]
+    starts: list[str]
+    retries: int
+    recoveries: int
+    queued_at: float | None
+    released_at: float | None
+    ready_at: float | None
+    retry_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    worker: str | None
+    lease: str | None
+    held: dict[str, Any]
+    progress: list[dict[str, Any]]
+    history: list[Any]
+    ignored: bool
+    cancel_reason: str | None
+    counted_fail: bool
+    prev_state: str | None
+    putback: bool
+    sensor_since: float | None
+    opts: dict[str, Any]  # format 1.0 kept signature options here
+
+
+def map_pairs(ref: dict[str, Any]) -> list[tuple[str, Ref]]:
+    """The (key, ref) pairs of a ``{"map": ...}`` ref, in order (a dict in records
+    written before the pairs form)."""
+    m = ref["map"]
+    if isinstance(m, dict):
+        return list(m.items())
+    return [(k, r) for k, r in m]
+
+
+def ref_ids(ref: Ref) -> list[str]:
+    """Every node id a result reference mentions, in order."""
+    if ref is None:
+        return []
+    if isinstance(ref, str):
+        return [ref]
+    if isinstance(ref, dict):
+        return [i for _k, r in map_pairs(ref) for i in ref_ids(r)]
+    return [i for r in ref for i in ref_ids(r)]
+
+
+def rename_ref(ref: Ref, rename: dict[str, Ref]) -> Ref:
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return rename.get(ref, ref)
+    if isinstance(ref, dict):
+        return {"map": [[k, rename_ref(r, rename)] for k, r in map_pairs(ref)]}
+    return [rename_ref(r, rename) for r in ref]
+
+
+def check_acyclic(records: dict[str, NodeRecord]) -> list[str]:
+    """Topological order of the nodes; FlowDefinitionError naming a node on a cycle."""
+    indeg = {nid: 0 for nid in records}
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            if dep not in records:
+                raise FlowDefinitionError(
+                    f"node {nid!r}: 'after' names unknown node {dep!r}"
+                )
+            indeg[nid] += 1
+    dependents: dict[str, list[str]] = {nid: [] for nid in records}
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            dependents[dep].append(nid)
+    order = [nid for nid, d in indeg.items() if d == 0]
+    i = 0
+    while i < len(order):
+        for nxt in dependents[order[i]]:
+            indeg[nxt] -= 1
+            if indeg[nxt] == 0:
+                order.append(nxt)
+        i += 1
+    if len(order) != len(records):
+        stuck = sorted(nid for nid, d in indeg.items() if d > 0)
+        raise FlowDefinitionError(
+            f"the flow has a cycle through node {stuck[0]!r} (nodes on or after a cycle: "
+            f"{', '.join(stuck[:10])})"
+        )
+    return order
+
+
+def link(records: dict[str, NodeRecord]) -> None:
+    """Fill each record's dependents list and its count of unfinished dependencies."""
+    for rec in records.values():
+        rec["deps_of"] = []
+    for nid, rec in records.items():
+        for dep in rec["after"]:
+            records[dep]["deps_of"].append(nid)
+    for rec in records.values():
+        rec["waiting"] = len(rec["after"])
+
+
+def new_record(
+    *,
+    task: str | None,
+    kind: str = "task",
+    after: list[str],
+    input: Ref,
+    queue: str | None = None,
+    priority: int | None = None,
+    rate: str | None = None,
+    policy: str = "fail",
+    rule: str = "all_success",
+    max_rec: int | None = None,
+    timeout: float | None = None,
+    poke: float | None = None,
+) -> NodeRecord:
+    return {
+        "task": task,
+        "kind": kind,
+        "after": list(after),
+        "deps_of": [],
+        "input": input,
+        "queue": queue,
+        "priority": priority,
+        "rate": rate,
+        "policy": policy,
+        "epol": None,
+        "fpol": policy,
+        "rule": rule,
+        "max_rec": max_rec,
+        "timeout": timeout,
+        "poke": poke,
+        "ctx": None,
+        "state": NodeState.PENDING.value,
+        "attempt": 0,
+        "waiting": len(after),
+        "removed": [],
+        "skip_reason": None,
+        "error": None,
+        "task_ids": [],
+        "starts": [],
+        "retries": 0,
+        "recoveries": 0,
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "worker": None,
+        "progress": [],
+        "history": [],
+        "ignored": False,
+    }
+
+
+def as_list(value: Any) -> list[Any]:
+    """Lua's cjson encodes an empty array as ``{}``; read it back as a list."""
+    if not value:
+        return []
+    return list(value)

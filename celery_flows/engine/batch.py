@@ -1,0 +1,165 @@
+"""add_bulk's batches: every flow of a batch becomes visible and runs, or none does,
+on a single Redis and on Redis Cluster alike, even if the producer dies mid-batch.
+
+A cluster has no transaction across flows (each flow is its own hash tag), so a batch
+is a small commit protocol around one record under its own tag (``{batch:<id>}``):
+
+1. *open*: the record is written ``pending`` with the batch's flow ids and indexed in
+   ``batches``.
+2. *create*: each flow is stored with ``hidden=<batch id>`` in its meta. A hidden flow
+   is invisible (``get``, ``list`` and ``inspect`` do not see it) and inert:
+   ``claim.lua`` releases nothing of it, so no task runs and no timer is set.
+3. *commit*: one atomic write turns the record ``committed`` - unless it was aborted
+   first (a clash, or the sweeper gave up on a producer that took longer than
+   :data:`GRACE`). Committed and aborted exclude each other: ``batch.lua`` decides once.
+4. *finish*: each flow is un-hidden, indexed and released; then the record goes.
+
+Readers count a hidden flow as visible exactly when its batch is committed, so a batch
+appears whole at step 3. A ``--flows`` worker's sweeper (:func:`sweep_batches`) finishes
+committed batches whose producer died, and aborts pending ones older than
+:data:`GRACE` and deletes their hidden flows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from .. import faults
+from ..define.flow import Flow
+from ..errors import FlowDefinitionError, FlowStateError
+from ..registry.ids import new_batch_id
+from ..registry.transitions import CreateRow
+from .eager import run_eager
+from .submit import Submitter
+
+__all__ = ["finish", "submit_batch", "sweep_batches"]
+
+logger = logging.getLogger(__name__)
+
+GRACE = 30.0  # seconds a producer may take from opening a batch to committing it
+FINISH_AFTER = 5.0  # a committed batch still listed this long: its producer died
+
+def submit_batch(ext: Submitter, flows: list[Flow]) -> list[str]:
+    """Store and release every flow, or none (see the module docstring); their ids."""
+    prepared = [ext.prepare(f)[1] for f in flows]
+    ids = [row[0] for row in prepared]
+    dupes = sorted(fid for fid, n in Counter(ids).items() if n > 1)
+    if dupes:
+        raise FlowDefinitionError(f"add_bulk: flow id {dupes[0]!r} appears twice")
+    store = ext.store
+    for fid, _meta, digest, _nodes, _blobs in prepared:
+        meta = store.meta(fid)
+        if meta is not None and meta.get("digest") != digest:
+            raise FlowStateError(
+                f"add_bulk: flow {fid!r} already exists with a different "
+                "definition; nothing of this batch was created"
+            )
+    if not prepared:
+        return []
+    bid = new_batch_id()
+    store.batch_open(bid, ids)
+    faults.point("bulk-open")
+    try:
+        rows: list[CreateRow] = [(r[0], {**r[1], "hidden": bid}, r[2], r[3], r[4])
+                                 for r in prepared]
+        codes = store.create_many(rows)
+        clash = None
+        for row, code in zip(rows, codes, strict=True):
+            if code == 0:
+                code = _settle_existing(ext, row)
+            if code not in (0, 1):
+                clash = row[0]
+        if clash is None:
+            faults.point("bulk-commit")
+            state = store.batch_decide(bid, "commit")
+        else:
+            state = store.batch_decide(bid, "abort")
+    except BaseException:
+        # e.g. a lost connection: whatever was created stays hidden; abort if we can
+        _abort(ext, bid, ids)
+        raise
+    if state != "committed":
+        _abort(ext, bid, ids)
+        if clash is not None:
+            raise FlowStateError(
+                f"add_bulk: flow {clash!r} of this batch was created concurrently with "
+                "another definition; nothing of this batch was created"
+            )
+        raise FlowStateError(
+            f"add_bulk: the batch took longer than {GRACE:g} s to store and was given up; "
+            "nothing of this batch was created (submit fewer flows per batch)"
+        )
+    faults.point("bulk-committed")
+    finish(ext, bid, ids)
+    return ids
+
+
+def _settle_existing(ext: Submitter, row: CreateRow) -> int:
+    """A flow id of the batch exists with the same definition: 0 when it stays (it is
+    visible, or its batch is committed), else the code of creating it afresh after
+    deleting the hidden flow of an aborted batch."""
+    store = ext.store
+    fid = row[0]
+    other = store.hidden_by(fid)
+    if other is None or other == row[1]["hidden"]:
+        return 0
+    # a pending batch here is undone: one of two batches creating the same id wins
+    if store.batch_decide(other, "abort") == "committed":
+        return 0
+    store.discard(fid, other)
+    return store.create_many([row])[0]
+
+
+def _abort(ext: Submitter, bid: str, fids: list[str]) -> None:
+    store = ext.store
+    if store.batch_decide(bid, "abort") == "committed":
+        return  # decided already: the sweeper finishes it
+    for fid in fids:
+        store.discard(fid, bid)
+    store.batch_forget(bid)
+
+
+def finish(ext: Submitter, bid: str, fids: list[str]) -> None:
+    """Un-hide, index and release the flows of a committed batch (idempotent)."""
+    store = ext.store
+    eager = ext.eager
+    now = store.time()
+    for fid in fids:
+        token = store.mark_dirty(fid)
+        code = store.unhide(fid, bid)
+        if code < 0:  # gone or taken over: nothing of ours to release
+            store.clear_dirty(token)
+            continue
+        store.index_add(fid, now)
+        faults.point("bulk-unhidden")
+        if eager:
+            run_eager(ext.outcomes, fid)
+            store.clear_dirty(token)
+        else:
+            ext.dispatcher.release(fid, token)
+    store.batch_forget(bid)
+
+
+def sweep_batches(ext: Submitter) -> int:
+    """Manager service: finish committed batches whose producer died; abort pending
+    batches older than :data:`GRACE` and delete their hidden flows."""
+    store = ext.store
+    acted = 0
+    for bid in store.batch_ids():
+        state, fids = store.batch_record(bid)
+        if state == "pending":
+            state = store.batch_decide(bid, "expire", GRACE)
+            if state == "pending":
+                continue
+        if state == "committed":
+            if store.batch_age(bid) < FINISH_AFTER:
+                continue  # its producer is probably finishing it
+            logger.warning("celery-flows: finishing add_bulk batch %s for its producer", bid)
+            finish(ext, bid, fids)
+        else:  # aborted, or the record is gone
+            for fid in fids:
+                store.discard(fid, bid)
+            store.batch_forget(bid)
+        acted += 1
+    return acted

@@ -1,0 +1,263 @@
+"""Ready node -> Celery message: drains a flow's outbox under a claim and publishes each
+node through a canvas signature with a deterministic task id (registry/ids.py), after
+its limiters admitted it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, NamedTuple
+
+import redis
+from kombu.exceptions import OperationalError
+
+from .. import faults
+from ..define.records import NodeRecord, Ref, as_list, map_pairs
+from ..registry import Store
+from ..registry.codec import Codec
+from ..registry.ids import member_for, order_key, task_id_for
+from ..registry.replies import Claim, Published
+from .limits import Limits
+from .routing import route_queue
+
+__all__ = ["BATCH", "CLAIM", "CLAIM_LEASE", "Call", "Dispatcher", "resolve_input"]
+
+logger = logging.getLogger(__name__)
+
+CLAIM_LEASE = 15.0  # seconds before another process may publish an unacknowledged claim
+BATCH = 200
+CLAIM = (CLAIM_LEASE, BATCH)  # a claim after a transition: (lease, most entries)
+
+
+# Errors that say nothing about the node itself: leave it claimed for the sweeper.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    OperationalError, ConnectionError, TimeoutError, redis.RedisError,
+)
+
+
+def _entry_id(entry: list[Any]) -> str:
+    return entry[0].decode() if isinstance(entry[0], bytes) else str(entry[0])
+
+
+def _entry_attempt(entry: list[Any]) -> int:
+    return int(json.loads(entry[1])["attempt"])
+
+
+def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
+    """Build the value a node receives from its dependencies: a failed or skipped
+    dependency gives None, a removed one is dropped from lists."""
+    if isinstance(ref, str):
+        return None if kinds.get(ref) == "removed" else values.get(ref)
+    if isinstance(ref, dict) and "map" in ref:  # cjson turns an empty list into {}
+        return {
+            k: resolve_input(r, values, kinds)
+            for k, r in map_pairs(ref)
+            if not (isinstance(r, str) and kinds.get(r) == "removed")
+        }
+    out = []
+    for r in as_list(ref):
+        if isinstance(r, str) and kinds.get(r) == "removed":
+            continue
+        out.append(resolve_input(r, values, kinds))
+    return out
+
+
+class Call(NamedTuple):
+    """A claimed outbox entry decoded into the call to make."""
+
+    node_id: str
+    attempt: int
+    task_name: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    queue: str
+    priority: int | None
+    task_id: str
+    options: dict[str, Any]
+    rec: NodeRecord
+    path: int
+    retries: int
+
+
+class Release(NamedTuple):
+    """What the limiters said: ``held`` (the node waits in its flow), else the Redis
+    time they admitted it at (None when no limiter applies)."""
+
+    held: bool
+    at: float | None = None
+
+
+class Dispatcher:
+    """Publishes what a flow's outbox holds; the releaser's single sends too."""
+
+    def __init__(self, app: Any, store: Store, codec: Codec, limits: Limits) -> None:
+        self.app = app
+        self.store = store
+        self.codec = codec
+        self.limits = limits
+
+    def drain(self, fid: str, token: str | None = None, claim: Claim | None = None) -> None:
+        """Publish everything claimable in the flow's outbox, starting with ``claim`` if
+        the caller already made one. The dirty marker ``token`` is cleared once nothing
+        is left that another process still holds a claim on; otherwise it stays for the
+        sweeper."""
+        store = self.store
+        while True:
+            if claim is None:
+                claim = store.claim(fid, CLAIM_LEASE, BATCH)
+            if claim.next_due is not None:
+                store.set_timer(fid, claim.next_due)
+            if claim.webhook_pending:
+                store.queue_webhook(fid)
+            if claim.code != 0:
+                # gone, paused or cancelled: resume/retry mark the flow dirty themselves
+                if token is not None:
+                    store.published(fid, [], clear_token=token)
+                return
+            sent: list[Published] = []
+            refused: list[tuple[str, int, str]] = []
+            short = len(claim.entries) < BATCH
+            try:
+                if claim.entries:
+                    with self.app.producer_or_acquire() as producer:
+                        for entry in claim.entries:
+                            try:
+                                call = self.prepare(fid, claim.nonce, entry)
+                                release = self._admit(fid, claim.flow_rate, call)
+                                if release.held:
+                                    continue
+                                faults.point("claimed-before-publish")
+                                sent.append(self._send(call, producer, release.at))
+                            except TRANSIENT:
+                                raise
+                            except Exception as exc:
+                                # the call itself is wrong (arguments, serialisation...):
+                                # fail the node rather than retry it forever
+                                refused.append((_entry_id(entry), _entry_attempt(entry),
+                                                f"{type(exc).__name__}: {exc}"))
+            except BaseException:
+                store.published(fid, sent)
+                raise
+            if sent:
+                faults.point("sent-before-ack")
+            for nid, attempt, error in refused:
+                logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
+                             nid, fid, error)
+                store.complete(fid, nid, attempt, "failed", b"", error)
+            if short and not refused:
+                store.published(fid, sent, clear_token=token if claim.left == 0 else None)
+                return
+            store.published(fid, sent)
+            claim = None
+
+    def prepare(self, fid: str, nonce: str, entry: list[Any]) -> Call:
+        """Decode a claimed outbox entry into the call to make."""
+        nid = _entry_id(entry)
+        rec: NodeRecord = json.loads(entry[1])
+        args, kwargs, options = self.codec.load_node_call(entry[2])
+        kinds_list = json.loads(entry[3]) or []
+        after = as_list(rec.get("after"))
+        raw_results = entry[4] if len(entry) > 4 else []
+        kinds = dict(zip(after, kinds_list, strict=False))
+        values = {
+            dep: self.codec.load_result(raw)
+            for dep, raw in zip(after, raw_results, strict=False)
+            if raw is not None
+        }
+        if rec.get("input") is not None:
+            args = [resolve_input(rec["input"], values, kinds), *args]
+        task_name = str(rec["task"])
+        attempt = int(rec["attempt"])
+        return Call(
+            node_id=nid,
+            attempt=attempt,
+            task_name=task_name,
+            args=args,
+            kwargs=kwargs,
+            queue=route_queue(self.app, rec, task_name, args, kwargs),
+            priority=rec.get("priority"),
+            task_id=task_id_for(fid, nid, attempt, nonce),
+            # records of format 1.0 kept the options in the record
+            options=options or dict(rec.get("opts") or {}),
+            rec=rec,
+            path=int(entry[5]) if len(entry) > 5 and entry[5] is not None else 0,
+            # also for a retry put back in the outbox (requeued, paused): start.lua
+            # refuses a message below the node's retry count
+            retries=int(rec.get("retries") or 0),
+        )
+
+    def _admit(self, fid: str, flow_rate: str, call: Call, member: str | None = None,
+               patience: float = 0.0) -> Release:
+        """Pass the node through its limiters; a refused node is held in its flow. With
+        ``patience``, a rate limiter due within that many seconds is waited for here
+        rather than by holding the node (the releaser's precise timing)."""
+        limiters = self.limits.limiters(fid, flow_rate, call.rec, call.queue)
+        if not limiters:
+            return Release(False)
+        if member is None:
+            priority = call.priority
+            if priority is None:
+                priority = self.app.conf.task_default_priority
+            ready_at = (call.rec.get("retry_at") or call.rec.get("ready_at")
+                        or self.store.now())
+            member = member_for(order_key(call.path, priority, float(ready_at)), fid,
+                                call.node_id, call.attempt)
+        while True:
+            answer = self.limits.admit(limiters, member, call.task_id)
+            if answer.admitted or not 0 < answer.wait <= patience:
+                break
+            time.sleep(answer.wait)
+        if not answer.admitted:
+            self.store.hold(fid, call.node_id, call.attempt, member, answer.refused_by,
+                            answer.wait)
+            return Release(True)
+        return Release(False, answer.at or None)
+
+    def release_one(self, fid: str, nid: str, attempt: int, member: str) -> tuple[str, float]:
+        """Releaser: try to send one held node. ("published"|"held"|"stale", wait)."""
+        store = self.store
+        marked = store.mark_and_claim(fid, CLAIM_LEASE, [nid])
+        token, claim = marked.token, marked.claim
+        assert claim is not None
+        entry = claim.entries[0] if claim.code == 0 and claim.entries else None
+        if entry is None or _entry_attempt(entry) != attempt:
+            store.published(fid, [], clear_token=token)
+            return "stale", 0.0
+        call = self.prepare(fid, claim.nonce, entry)
+        release = self._admit(fid, claim.flow_rate, call, member, patience=0.05)
+        if release.held:
+            store.published(fid, [], clear_token=token)
+            held = (store.node(fid, nid) or {}).get("held") or {}
+            until = held.get("until")
+            return "held", max(float(until) - store.now(), 0.0) if until else 0.0
+        faults.point("claimed-before-publish")
+        with self.app.producer_or_acquire() as producer:
+            sent = self._send(call, producer, release.at)
+        store.published(fid, [sent], clear_token=token)
+        return "published", 0.0
+
+    def _send(self, call: Call, producer: Any, released: float | None = None) -> Published:
+        options: dict[str, Any] = {
+            **call.options,
+            "task_id": call.task_id,
+            "queue": call.queue,
+            "producer": producer,
+        }
+        if call.priority is not None:
+            options["priority"] = call.priority
+        if call.retries:
+            options["retries"] = call.retries  # a retry held in Redis, not by Celery
+        sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
+        sig.apply_async(**options)
+        return Published(call.node_id, call.attempt, call.queue, call.task_id, released)
+
+    def release(self, fid: str, token: str | None = None, claim: Claim | None = None
+                ) -> None:
+        """:meth:`drain`, logging instead of raising: a failed publish is retried by the
+        sweeper of a ``--flows`` worker once the dirty marker is old enough."""
+        try:
+            self.drain(fid, token, claim)
+        except Exception:
+            logger.exception("celery-flows: publishing ready nodes of flow %s failed; the "
+                             "sweeper of a --flows worker will retry", fid)

@@ -1,0 +1,86 @@
+"""What the releaser of a ``--flows`` worker does each round: admit the heads of the
+limiters' wait queues as soon as they allow, fire due timers (retries held in Redis,
+sensor pokes, deadlines), and free queue-cap slots whose holder is gone."""
+
+from __future__ import annotations
+
+import time
+
+from ..config import FlowsConfig
+from ..define.states import NodeState
+from ..registry import Store
+from ..registry.ids import is_queue_limiter, parse_member, parse_task_id, queue_limiter
+from .dispatch import Dispatcher
+
+__all__ = ["collect_slots", "fire_timers", "release_held"]
+
+_ALIVE = (NodeState.SCHEDULED.value, NodeState.QUEUED.value, NodeState.RUNNING.value,
+          NodeState.RETRYING.value)
+
+
+def release_held(store: Store, dispatcher: Dispatcher, budget: float = 0.5) -> float:
+    """Admit the heads of the wait queues. Returns how long the caller may sleep before
+    something could be admitted."""
+    deadline = time.monotonic() + budget
+    sleep = 0.05
+    for limiter_id in store.waiting_limiters():
+        while time.monotonic() < deadline:
+            if not is_queue_limiter(limiter_id):
+                # a rate limiter: wait for its next slot without a full admission try
+                tat = store.limiter_tat(limiter_id)
+                # a hint only (admit.lua decides with Redis TIME): wake a little early
+                ahead = tat - store.now() - 0.002 if tat else 0.0
+                if ahead > 0.0005:
+                    sleep = min(sleep, ahead)
+                    break
+            member = store.wait_head(limiter_id)
+            if member is None:
+                store.drop_empty_wait(limiter_id)
+                break
+            parsed = parse_member(member)
+            if parsed is None:
+                store.wait_drop(limiter_id, member)
+                continue
+            outcome, wait = dispatcher.release_one(parsed.flow_id, parsed.node_id,
+                                                   parsed.attempt, member)
+            if outcome == "stale":
+                store.wait_drop(limiter_id, member)
+                continue
+            if outcome == "published":
+                continue
+            # still refused: this queue waits; look at the others
+            if wait > 0:
+                sleep = min(sleep, wait)
+            break
+    return max(sleep, 0.002)
+
+
+def fire_timers(store: Store, dispatcher: Dispatcher) -> float:
+    """Drain the outboxes of flows whose timers are due. Returns the seconds until the
+    next timer (at most 1)."""
+    due, nxt = store.due_timers()
+    for fid in due:
+        # dirty first: if this process dies now, the sweeper drains (and re-times) it
+        token = store.mark_dirty(fid)
+        store.drop_timer(fid)
+        dispatcher.release(fid, token)
+    if nxt is None:
+        return 1.0
+    return max(nxt - store.now(), 0.002)
+
+
+def collect_slots(store: Store, config: FlowsConfig) -> int:
+    """Free queue-cap slots whose holder is no longer queued or running (its worker was
+    lost, its flow cancelled, the process died between admitting and publishing)."""
+    freed = 0
+    for queue in config.queue_limits:
+        limiter = queue_limiter(queue)
+        for task_id in store.slot_holders(limiter):
+            ref = parse_task_id(task_id)
+            rec = store.node(ref.flow_id, ref.node_id) if ref else None
+            alive = (rec is not None and ref is not None and rec.get("attempt") == ref.attempt
+                     and rec.get("state") in _ALIVE)
+            if not alive:
+                store.release_slot(limiter, task_id)
+                freed += 1
+    return freed

@@ -1,0 +1,89 @@
+"""What ``flows inspect`` shows: the JSON document of SPEC section 10, and what each node
+waits for. Drawing it (tree, Mermaid, dot) is render.py's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..define.records import NodeRecord
+from ..define.states import TERMINAL_NODE_STATES, NodeState
+from ..registry import Store
+
+__all__ = ["describe"]
+
+
+def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
+                 meta: dict[str, str], now: float) -> str | None:
+    state = rec["state"]
+    if state == NodeState.PENDING.value:
+        open_deps = [d for d in rec["after"]
+                     if d not in rec["removed"]
+                     and NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
+        return "dependencies: " + ", ".join(open_deps) if open_deps else "evaluation"
+    if state in (NodeState.SCHEDULED.value, NodeState.RETRYING.value) and rec.get("held"):
+        held = rec["held"]
+        until = held.get("until")
+        if isinstance(until, (int, float)):
+            when = f"next release in {max(until - now, 0):.2f}s"
+        elif str(held.get("by", "")).startswith("queue:"):
+            when = "until a slot frees"
+        else:
+            when = "behind nodes released first"
+        return f"{held.get('by')} ({when}), released by a --flows worker"
+    retry_at = rec.get("retry_at")
+    if state == NodeState.RETRYING.value and isinstance(retry_at, (int, float)):
+        return f"its retry, due in {max(retry_at - now, 0):.2f}s"
+    if state == NodeState.SCHEDULED.value:
+        if meta.get("paused") == "1":
+            return "resume: the flow is paused"
+        return "release: in the outbox, to be published by this process or a --flows worker"
+    if state == NodeState.QUEUED.value:
+        since = rec.get("queued_at")
+        when = (f" (queued {max(now - since, 0):.1f}s ago)"
+                if isinstance(since, (int, float)) else "")
+        return f"a worker consuming queue {rec.get('queue')!r}{when}"
+    if state == NodeState.RETRYING.value:
+        return f"its Celery retry (retries so far: {rec.get('retries', 0)})"
+    if state == NodeState.AWAITING.value:
+        return "an external signal (flows.signal or celery flows signal)"
+    return None
+
+
+def describe(store: Store, fid: str) -> dict[str, Any]:
+    """The ``inspect --json`` document of a flow (FlowNotFoundError if unknown)."""
+    meta = store.require_meta(fid)
+    nodes = store.nodes(fid)
+    now = store.time()
+    out_nodes: dict[str, Any] = {}
+    for nid, rec in nodes.items():
+        progress = [
+            {"percent": p.get("pct"), "message": p.get("msg"), "at": p.get("at")}
+            for p in rec["progress"]
+        ]
+        out_nodes[nid] = {
+            "state": rec["state"],
+            "after": rec["after"],
+            "queue": rec.get("queue"),
+            "attempts": rec.get("attempt", 0),
+            "recoveries": rec.get("recoveries", 0),
+            "retries": rec.get("retries", 0),
+            "task_ids": rec["task_ids"],
+            "queued_at": float(released) if (released := rec.get("released_at"))
+            else rec.get("queued_at"),
+            "started_at": rec.get("started_at"),
+            "finished_at": rec.get("finished_at"),
+            "error": rec.get("error"),
+            "progress": progress,
+            "waiting_for": _waiting_for(rec, nodes, meta, now),
+            "skip_reason": rec.get("skip_reason"),
+            "task": rec.get("task"),
+        }
+    return {
+        "id": fid,
+        "name": meta.get("name"),
+        "state": meta.get("state"),
+        "created_at": float(meta["created_at"]) if meta.get("created_at") else None,
+        "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
+        "now": now,
+        "nodes": out_nodes,
+    }

@@ -1,0 +1,113 @@
+"""Drawing a flow's ``inspect`` document: the text tree of ``flows inspect``, Mermaid and
+Graphviz dot for ``flows graph``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..registry import Store
+from .inspect import describe
+
+__all__ = ["render_tree", "to_dot", "to_mermaid", "watch"]
+
+
+def _fmt_secs(a: Any, b: Any) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return f"{b - a:.2f}s"
+    return ""
+
+
+def render_tree(doc: dict[str, Any]) -> str:
+    """A node is drawn under its first dependency; other dependencies are named."""
+    nodes: dict[str, Any] = doc["nodes"]
+    children: dict[str | None, list[str]] = {}
+    for nid, n in nodes.items():
+        parent = n["after"][0] if n["after"] else None
+        children.setdefault(parent, []).append(nid)
+    counts: dict[str, int] = {}
+    for n in nodes.values():
+        counts[n["state"]] = counts.get(n["state"], 0) + 1
+    summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    lines = [f"flow {doc['name']} [{doc['id']}]  {doc['state'].upper()}  ({summary})"]
+    depth: dict[str, int] = {}
+    for nid in nodes:  # definition order puts a node's first dependency before it
+        parent = nodes[nid]["after"][0] if nodes[nid]["after"] else None
+        depth[nid] = depth.get(parent, -1) + 1 if parent in depth else 0
+    width = max((3 * depth[n] + len(n) for n in nodes), default=4)
+
+    def line(nid: str, prefix: str, last: bool) -> str:
+        n = nodes[nid]
+        label = f"{prefix}{'└─ ' if last else '├─ '}{nid}"
+        parts = [f"{label:<{width + 3}}  {n['state']:<9}"]
+        if n["queue"]:
+            parts.append(f"queue={n['queue']}")
+        if n["attempts"] > 1 or n["recoveries"] or n["retries"]:
+            parts.append(f"attempts={n['attempts']} retries={n['retries']} "
+                         f"recoveries={n['recoveries']}")
+        took = _fmt_secs(n["started_at"], n["finished_at"])
+        if took:
+            parts.append(took)
+        extra = n["after"][1:]
+        if extra:
+            parts.append("also after: " + ", ".join(extra))
+        if n["skip_reason"]:
+            parts.append(f"({n['skip_reason']})")
+        if n["progress"]:
+            p = n["progress"][-1]
+            pct = "" if p["percent"] is None else f"{p['percent']:g}% "
+            parts.append(f"[{pct}{p['message']}]")
+        if n["error"]:
+            parts.append(f"error: {n['error']}")
+        if n["waiting_for"]:
+            parts.append(f"waiting for {n['waiting_for']}")
+        return "  ".join(parts)
+
+    stack: list[tuple[str, str, bool]] = []
+    roots = children.get(None, [])
+    for i, r in enumerate(reversed(roots)):
+        stack.append((r, "", i == 0))
+    while stack:
+        nid, prefix, last = stack.pop()
+        lines.append(line(nid, prefix, last))
+        kids = children.get(nid, [])
+        child_prefix = prefix + ("   " if last else "│  ")
+        for i, k in enumerate(reversed(kids)):
+            stack.append((k, child_prefix, i == 0))
+    return "\n".join(lines)
+
+
+def watch(store: Store, fid: str, echo: Any, interval: float = 1.0) -> dict[str, Any]:
+    """Redraw the tree until the flow is terminal; returns the last document."""
+    while True:
+        doc = describe(store, fid)
+        echo("\x1b[2J\x1b[H" + render_tree(doc))
+        if doc["state"] in ("succeeded", "failed", "cancelled"):
+            return doc
+        time.sleep(interval)
+
+
+def to_mermaid(doc: dict[str, Any]) -> str:
+    ids = {nid: f"n{i}" for i, nid in enumerate(doc["nodes"])}
+    lines = ["flowchart TD"]
+    for nid, n in doc["nodes"].items():
+        lines.append(f'    {ids[nid]}["{nid}<br/>{n["state"]}"]:::{n["state"]}')
+    for nid, n in doc["nodes"].items():
+        for dep in n["after"]:
+            lines.append(f"    {ids[dep]} --> {ids[nid]}")
+    colours = {"succeeded": "#c8e6c9", "failed": "#ffcdd2", "running": "#bbdefb",
+               "skipped": "#eeeeee", "cancelled": "#e0e0e0", "queued": "#fff9c4"}
+    for state, colour in colours.items():
+        lines.append(f"    classDef {state} fill:{colour}")
+    return "\n".join(lines)
+
+
+def to_dot(doc: dict[str, Any]) -> str:
+    lines = [f'digraph "{doc["id"]}" {{', "    rankdir=TB;"]
+    for nid, n in doc["nodes"].items():
+        lines.append(f'    "{nid}" [label="{nid}\\n{n["state"]}"];')
+    for nid, n in doc["nodes"].items():
+        for dep in n["after"]:
+            lines.append(f'    "{dep}" -> "{nid}";')
+    lines.append("}")
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""The registry's Redis connection: the client, its registered scripts, how calls are
+sent (one by one, or batched in one round trip), and Redis time."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from .. import faults  # noqa: F401  (applies a test clock skew before anything reads time)
+from ..config import FlowsConfig
+from .codec import Codec
+from .ids import new_request_id
+from .keys import Keys
+from .scripts import NO_REQUEST, Batch, Sequential, script_texts
+
+__all__ = ["CLOCK_REFRESH", "Connection", "to_redis_py_url"]
+
+CLOCK_REFRESH = 30.0  # seconds between measurements of the offset to Redis TIME
+
+
+
+def to_redis_py_url(url: str) -> str:
+    """kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix://``."""
+    if url.startswith("redis+socket://"):
+        parsed = urlparse(url)
+        query = parse_qs(parsed.query)
+        db = query.get("virtual_host", query.get("db", ["0"]))[0] or "0"
+        return f"unix://{parsed.path}?db={db}"
+    return url
+
+
+class Connection:
+    """The client and the scripts; the base of :class:`~celery_flows.registry.Store`."""
+
+    def __init__(self, config: FlowsConfig, codec: Codec) -> None:
+        self.config = config
+        self.codec = codec  # decodes the contexts start.lua hands back
+        self.keys = Keys(config.key_prefix)
+        self._pid = os.getpid()
+        # Redis TIME minus this process's monotonic clock, and when it was measured
+        self._offset: float | None = None
+        self._offset_at = 0.0
+
+    @cached_property
+    def client(self) -> redis.Redis:
+        retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), 8)
+        url = to_redis_py_url(self.config.redis_url)
+        if self.config.redis_cluster:
+            from .cluster import FailoverCluster
+
+            return FailoverCluster.from_url(url, retry=retry)  # type: ignore[return-value]
+        return redis.Redis.from_url(
+            url,
+            retry=retry,
+            # a restarted Redis answers BUSY LOADING until its data is back
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError,
+                            redis.exceptions.BusyLoadingError],
+            health_check_interval=30,
+        )
+
+    def close(self) -> None:
+        """Close the connections (they reopen on next use)."""
+        if "client" in self.__dict__:
+            self.client.close()
+            del self.__dict__["client"]
+            self.__dict__.pop("_scripts", None)
+
+    @cached_property
+    def _scripts(self) -> dict[str, Any]:
+        return {name: self.client.register_script(text) for name, text in script_texts().items()}
+
+    def sha(self, name: str) -> str:
+        """The SHA1 of a script as sent to Redis (EVALSHA)."""
+        return str(self._scripts[name].sha)
+
+    def _flow_keys(self, fid: str, request_id: str) -> list[str]:
+        keys = self.keys.flow(fid)
+        return [*keys, self.keys.request(keys[0], request_id)]
+
+    def _run(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool = False) -> Any:
+        """One flow transition; ``dry_run`` keeps no reply (the script writes nothing)."""
+        rid = NO_REQUEST if dry_run else new_request_id()
+        return self._scripts[name](keys=self._flow_keys(fid, rid), args=list(args))
+
+    def _run_global(self, name: str, keys: list[str], args: Sequence[Any]) -> Any:
+        """A script of ``lua/global/``: its reply is kept beside ``keys[0]``."""
+        request = self.keys.request(keys[0], new_request_id())
+        return self._scripts[name](keys=[*keys, request], args=list(args))
+
+    def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any]) -> None:
+        rid = pipe.request_id() if isinstance(pipe, Batch) else new_request_id()
+        keys = self._flow_keys(fid, rid)
+        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+
+    def _execute(self, build: Callable[[Any], None]) -> list[Any]:
+        """One round trip for several commands (scripts by SHA). After NOSCRIPT (a
+        restarted Redis) the whole batch is re-sent with the same request ids: the
+        commands are idempotent and the scripts that ran answer from their kept reply."""
+        ids: list[str] = []
+        for _ in range(3):
+            pipe: Any = Batch(Sequential(self.client) if self.config.redis_cluster
+                              else self.client.pipeline(transaction=False), ids)
+            build(pipe)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                for script in self._scripts.values():
+                    self.client.script_load(script.script)
+        raise redis.exceptions.NoScriptError("scripts could not be loaded")
+
+    # -- time ---------------------------------------------------------------------------
+
+    def time(self) -> float:
+        """Redis ``TIME`` (one round trip)."""
+        secs, micros = self.client.time()
+        return float(secs) + float(micros) / 1e6
+
+    def now(self) -> float:
+        """Redis ``TIME`` without a round trip: scores compared with times written by
+        other processes (or by the scripts, which read TIME) must not depend on this
+        machine's clock. Kept as an offset from the monotonic clock (immune to wall
+        clock steps), measured again every CLOCK_REFRESH seconds."""
+        mono = time.monotonic()
+        if self._offset is None or mono - self._offset_at > CLOCK_REFRESH:
+            before = time.monotonic()
+            redis_now = self.time()
+            after = time.monotonic()
+            self._offset = redis_now - (before + after) / 2
+            self._offset_at = after
+            mono = after
+        return mono + self._offset

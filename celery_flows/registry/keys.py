@@ -1,0 +1,179 @@
+"""The only place registry keys are built. This docstring is the key schema.
+
+All keys of one flow share the hash tag ``{<flow id>}`` so that every Lua
+transition touches a single Redis Cluster slot::
+
+    <prefix>:{<fid>}:meta      hash   flow record: v, id, name, state, nonce,
+                                      counters (total, done, failed), times, digest
+    <prefix>:{<fid>}:nodes     hash   node id -> JSON node record (definition + state)
+    <prefix>:{<fid>}:args      hash   user data, serialised with task_serializer and
+                                      only copied by Lua: node id -> [args, kwargs] or
+                                      [args, kwargs, signature options];
+                                      "ctx#" -> the flow's context; "ctx#<sub-flow id>"
+                                      -> a sub-flow's context overlay (``#`` is never
+                                      in a node id)
+    <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
+    <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
+                                      publishing (0 = now; a claim pushes it forward;
+                                      1e15 = held by a limiter)
+    <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
+                                      external node's deadline, a held retry, a poke
+
+Reply caches, one per transition call, so that a call redis-py re-sends after a
+connection error gets the first answer (``lua/_request.lua``)::
+
+    <prefix>:{<tag>}:req:<rid> string the call's reply (cmsgpack), ``REPLY_TTL`` (120 s)
+                                      in store.py; ``<tag>`` is the hash tag of the
+                                      script's other keys: the flow id for flow scripts,
+                                      ``sched`` for admit.lua, ``workers`` for
+                                      heartbeat.lua. claim.lua keeps only the ids of the
+                                      entries it claimed. An empty ``<rid>`` (dry runs)
+                                      keeps nothing.
+
+``<rid>`` is a request id (``ids.new_request_id``), drawn once per logical call before
+redis-py's retry loop. Cost, measured by ``benchmarks/reply_cache.py`` on redis-server
+6.2: 115-135 bytes per kept reply (``MEMORY USAGE``; create, claim of one entry,
+published, start with an empty context, complete), plus whatever the reply carries: a
+start its flow context, a change its report (a cancel lists every node it cancelled);
+8-20 µs more Redis time per call (one GET, one SET; measured on a shared, noisy machine)
+on a 45-60 µs progress.lua. At 1,000 transitions a second, 120,000 keys, some 15-20 MB.
+
+Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``)::
+
+    <prefix>:{<fid>}:done      the new state is published when the flow ends
+
+Global keys, one slot each, never touched by a flow script. Every time in a score is
+Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's clock::
+
+    <prefix>:index             zset   flow id -> creation time (``flows list``, read in
+                                      bounded pages); entries of expired flows are pruned
+                                      a chunk at a time by the --flows workers
+    <prefix>:dispatch          zset   flow id -> time a process began a transition that
+                                      may leave nodes in the outbox; the sweeper drains
+                                      entries older than a grace period
+    <prefix>:queued            zset   task id -> publish time, until a worker starts it
+    <prefix>:timers            zset   flow id -> when its outbox holds something due (an
+                                      external node's deadline, a retry, a sensor poke)
+    <prefix>:webhooks          zset   flow id -> when to (re)try delivering its webhook
+    <prefix>:webhook-lock:<f>  string one deliverer at a time
+    <prefix>:{workers}:beats   zset   worker instance -> last heartbeat (Redis TIME)
+    <prefix>:{workers}:info    hash   worker instance -> JSON (hostname, pid, manager, ...)
+                                      (one hash tag: heartbeat.lua writes both)
+    <prefix>:leases:<inst>     zset   task id -> time received, for every flow message a
+                                      worker instance holds (received, not yet recorded)
+    <prefix>:recovering:<inst> string lock while one manager recovers a lost instance
+    <prefix>:batches           zset   add_bulk batch id -> open time, until finished
+    <prefix>:{batch:<id>}      hash   batch record: state (pending|committed|aborted),
+                                      created (Redis TIME), flows (JSON list of ids)
+
+Scheduling keys share the hash tag ``{sched}`` so that admit.lua checks every limit of
+a node in one atomic step (one slot on Redis Cluster)::
+
+    <prefix>:{sched}:state:<limiter>  rate limiter: theoretical arrival time (GCRA);
+                                      queue cap ("queue:<name>"): zset task id -> time
+    <prefix>:{sched}:wait:<limiter>   zset, all scores 0: members sort by order key,
+                                      "<order>|<flow>|<node>|<attempt>"
+    <prefix>:{sched}:waits            set of limiter ids that have waiting nodes
+
+Task ids, worker instances, wait-queue members and the other identity formats are
+built and parsed in ``ids.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..define.records import context_field
+
+__all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
+
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed")
+
+#: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
+#: 1.1: contexts and signature options are blobs in the args hash.
+FORMAT_VERSION = "1.1"
+FORMAT_MAJOR = 1
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def flow(self, flow_id: str) -> list[str]:
+        """The keys of one flow, in the order every flow script expects them."""
+        return [f"{self.prefix}:{{{flow_id}}}:{name}" for name in FLOW_KEYS]
+
+    def meta(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:meta"
+
+    def nodes(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:nodes"
+
+    def results(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:results"
+
+    def channel(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:done"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:index"
+
+    @property
+    def dispatch(self) -> str:
+        return f"{self.prefix}:dispatch"
+
+    @property
+    def timers(self) -> str:
+        return f"{self.prefix}:timers"
+
+    @property
+    def webhooks(self) -> str:
+        return f"{self.prefix}:webhooks"
+
+    def webhook_lock(self, flow_id: str) -> str:
+        return f"{self.prefix}:webhook-lock:{flow_id}"
+
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:{{workers}}:beats"
+
+    @property
+    def worker_info(self) -> str:
+        return f"{self.prefix}:{{workers}}:info"
+
+    def limiter_state(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:state:{limiter_id}"
+
+    def wait_queue(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:wait:{limiter_id}"
+
+    @property
+    def waits(self) -> str:
+        return f"{self.prefix}:{{sched}}:waits"
+
+    def request(self, key: str, request_id: str) -> str:
+        """The reply cache of one call of a script whose first key is ``key``: in that
+        key's hash slot (Redis Cluster runs a script on one slot only)."""
+        start = key.find("{")
+        end = key.find("}", start + 1)
+        if start < 0 or end <= start + 1:
+            raise ValueError(f"key {key!r} has no hash tag: a script's keys must share one")
+        return f"{self.prefix}:{key[start:end + 1]}:req:{request_id}"
+
+    def leases(self, instance: str) -> str:
+        return f"{self.prefix}:leases:{instance}"
+
+    def recovering(self, instance: str) -> str:
+        return f"{self.prefix}:recovering:{instance}"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}:batches"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:{{batch:{batch_id}}}"

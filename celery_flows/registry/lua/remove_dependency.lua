@@ -1,0 +1,37 @@
+--[[
+  remove_dependency: drop the edge dep -> node of a node not yet released.
+  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+        returns the first reply without running again)
+  ARGV[1] node id  ARGV[2] dependency id  ARGV[3] '1' for a dry run
+  Returns: {code, report JSON | reason, flow state}
+    1 done | -5 refused (finished flow, no such node or edge, node already released)
+    -1 no flow | -2 version
+  Emits: the node may become ready (scheduled/awaiting) or skipped, cascading.
+]]
+local ok = flow_ok()
+if ok < 0 then return {ok, '', ''} end
+local id, dep_id = ARGV[1], ARGV[2]
+if flow_finished() then
+  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
+end
+local rec = load(id)
+if not rec then return {-5, 'no node ' .. id, mget('state')} end
+if not load(dep_id) then return {-5, 'no node ' .. dep_id, mget('state')} end
+if not contains(rec.after, dep_id) or contains(rec.removed, dep_id) then
+  return {-5, 'node ' .. id .. ' does not depend on ' .. dep_id, mget('state')}
+end
+if rec.state ~= 'pending' then
+  return {-5, 'node ' .. id .. ' is ' .. rec.state ..
+    '; a dependency can only be removed before the node is released', mget('state')}
+end
+local now = now_ts()
+local removed = list(rec.removed)
+removed[#removed + 1] = dep_id
+rec.removed = removed
+if not TERMINAL[load(dep_id).state] then rec.waiting = rec.waiting - 1 end
+save(id, rec)
+if rec.waiting <= 0 then evaluate_all({id}, now) end
+local state = set_flow_state(now)
+if ARGV[3] == '1' then return {1, report_json(), state} end
+flush()
+return {1, report_json(), state}

@@ -1,0 +1,198 @@
+"""The registry's read side: flow meta, node records, results, the index, and the
+"done" notification a waiting producer listens to."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, cast
+
+import redis
+
+from ..define.records import NodeRecord, as_list
+from .codes import NOT_FOUND, VERSION, raise_for
+from .connection import Connection
+from .keys import FORMAT_MAJOR
+from .replies import text
+
+__all__ = ["INDEX_GRACE", "DoneListener", "Reads"]
+
+INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
+
+_LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
+
+
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+class DoneListener:
+    """A subscription to a flow's "done" channel. On Redis Cluster a failover leaves
+    the channel's node unreachable until the client's slot map is refreshed: then
+    :meth:`wait` reports that it could not listen, and the caller polls meanwhile."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self._channel = channel
+        self._subscribed = False
+
+    def subscribe(self) -> bool:
+        """Subscribe (before the state is read, so no notification is missed), if the
+        channel is reachable; whether it is subscribed."""
+        if not self._subscribed:
+            try:
+                self._pubsub.subscribe(self._channel)
+                self._subscribed = True
+            except redis.RedisError:
+                self._pubsub.reset()
+        return self._subscribed
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a message; False at once when not
+        subscribed (the caller sleeps instead)."""
+        if not self._subscribed:
+            return False
+        try:
+            self._pubsub.get_message(timeout=max(timeout, 0.001))
+        except redis.RedisError:
+            self._subscribed = False
+            self._pubsub.reset()
+            return False
+        return True
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+
+class Reads(Connection):
+    def meta(self, fid: str) -> dict[str, str] | None:
+        raw = self.client.hgetall(self.keys.meta(fid))
+        if not raw:
+            return None
+        meta = {text(k): text(v) for k, v in raw.items()}
+        # a flow of an add_bulk batch exists for readers once its batch is committed
+        if "hidden" in meta and self.batch_record(meta["hidden"])[0] != "committed":
+            return None
+        return meta
+
+    def require_meta(self, fid: str) -> dict[str, str]:
+        meta = self.meta(fid)
+        if meta is None:
+            raise_for(NOT_FOUND, fid)
+            raise AssertionError  # unreachable
+        if not meta.get("v", "").startswith(f"{FORMAT_MAJOR}."):
+            raise_for(VERSION, fid)
+        return meta
+
+    def nodes(self, fid: str) -> dict[str, NodeRecord]:
+        raw = self.client.hgetall(self.keys.nodes(fid))
+        decoded = sorted(((json.loads(v), text(k)) for k, v in raw.items()),
+                         key=lambda item: (item[0].get("seq", 0), item[1]))
+        out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
+        for rec in out.values():
+            for name in _LIST_FIELDS:
+                cast(dict[str, Any], rec)[name] = as_list(rec.get(name))
+        return out
+
+    def node(self, fid: str, nid: str) -> NodeRecord | None:
+        raw = self.client.hget(self.keys.nodes(fid), nid)
+        return cast(NodeRecord, json.loads(raw)) if raw else None
+
+    def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
+        key = self.keys.results(fid)
+        if ids is None:
+            return {text(k): _b(v) for k, v in self.client.hgetall(key).items()}
+        if not ids:
+            return {}
+        values = self.client.hmget(key, ids)
+        return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
+
+    def first_timed(self, fid: str) -> str | None:
+        """The node whose timed entry is due first (a poke, a retry, a deadline)."""
+        first = self.client.zrange(self.keys.flow(fid)[5], 0, 0)
+        return text(first[0]) if first else None
+
+    def listen_done(self, fid: str) -> DoneListener:
+        return DoneListener(self.client, self.keys.channel(fid))
+
+    # -- add_bulk batch records ---------------------------------------------------------
+
+    def batch_record(self, batch_id: str) -> tuple[str, list[str]]:
+        raw = self.client.hmget(self.keys.batch(batch_id), ["state", "flows"])
+        return (text(raw[0]) if raw[0] else "", json.loads(raw[1]) if raw[1] else [])
+
+    def batch_age(self, batch_id: str) -> float:
+        created = self.client.hget(self.keys.batch(batch_id), "created")
+        return self.time() - float(created) if created else float("inf")
+
+    def batch_ids(self, limit: int = 100) -> list[str]:
+        return [text(m) for m in self.client.zrange(self.keys.batches, 0, limit - 1)]
+
+    def batch_forget(self, batch_id: str) -> None:
+        self.client.zrem(self.keys.batches, batch_id)
+        self.client.delete(self.keys.batch(batch_id))
+
+    def hidden_by(self, fid: str) -> str | None:
+        """The batch a stored flow is hidden by, if any (whatever that batch's state)."""
+        raw = self.client.hget(self.keys.meta(fid), "hidden")
+        return text(raw) if raw else None
+
+    # -- the index ----------------------------------------------------------------------
+
+    def index_add(self, fid: str, created: float) -> None:
+        self.client.zadd(self.keys.index, {fid: created}, nx=True)
+
+    def flow_ids(self, limit: int = 1000, start: int = 0) -> list[str]:
+        """Flow ids of the index, newest first: ``limit`` of them from rank ``start``
+        (always a bounded read: the index may hold millions)."""
+        if limit < 1:
+            return []
+        return [text(m) for m in self.client.zrevrange(self.keys.index, start,
+                                                       start + limit - 1)]
+
+    def flow_states(self, ids: list[str]) -> list[str | None]:
+        """Each flow's state (None once expired), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.hget(self.keys.meta(fid), "state")
+        return [None if s is None else text(s) for s in (pipe.execute() if ids else [])]
+
+    def flow_summaries(self, start: int, count: int
+                       ) -> tuple[list[tuple[str, dict[str, str] | None]], bool]:
+        """One page of the index, newest first, with each flow's name, state and
+        counters (None once expired), and whether the index goes on past it."""
+        ids = self.flow_ids(count, start)
+        fields = ("name", "state", "done", "total", "created_at")
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.hmget(self.keys.meta(fid), fields)
+        out: list[tuple[str, dict[str, str] | None]] = []
+        for fid, values in zip(ids, pipe.execute() if ids else [], strict=True):
+            if values is None or values[1] is None:
+                out.append((fid, None))
+            else:
+                out.append((fid, {k: text(v) for k, v in zip(fields, values, strict=True)
+                                  if v is not None}))
+        return out, len(ids) == count
+
+    def prune_index(self, cursor: int = 0, chunk: int = 200) -> tuple[int, int]:
+        """Drop index entries of expired flows, ``chunk`` entries at a time, oldest
+        first; returns (entries removed, cursor for the next call; 0 = start over).
+        Entries younger than INDEX_GRACE are left: their flow may still be being
+        created (the index is written just before the flow)."""
+        index = self.keys.index
+        raw: list[Any] = list(self.client.zrange(index, cursor, cursor + chunk - 1,
+                                                 withscores=True))
+        if not raw:
+            return 0, 0
+        old_enough = self.now() - INDEX_GRACE
+        ids = [text(m) for m, score in raw if float(score) < old_enough]
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.exists(self.keys.meta(fid))
+        gone = [fid for fid, n in zip(ids, pipe.execute() if ids else [], strict=True)
+                if not n]
+        if gone:
+            self.client.zrem(index, *gone)
+        if len(raw) < chunk or len(ids) < len(raw):
+            return len(gone), 0  # the end, or the young entries: start over
+        return len(gone), cursor + chunk - len(gone)

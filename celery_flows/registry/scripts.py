@@ -1,0 +1,89 @@
+"""The Lua scripts as sent to Redis, and the batches they are sent in.
+
+Each flow transition in ``lua/`` is sent with the engine library in front of it
+(``lua/_lib.lua``; no include preprocessor), and every script, the global ones in
+``lua/global/`` included, inside the request wrapper of ``lua/_request.lua``: each call
+carries a request key (keys.py), so a call redis-py re-sends after a connection error
+returns the first answer instead of running the transition twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .ids import new_request_id
+
+__all__ = ["LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential", "script_texts"]
+
+LUA_DIR = Path(__file__).with_name("lua")
+
+#: Seconds a transition's reply is kept for a re-sent call: well past redis-py's retry
+#: window (8 tries with a backoff capped at 2 s, see connection.py) and a failover.
+REPLY_TTL = 120
+#: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
+REPLAY_ENTRIES = frozenset({"claim"})
+_TRANSITION = "-- @transition\n"
+#: The request id of a call that must write nothing, not even its reply (dry runs)
+NO_REQUEST = ""
+
+
+def script_texts() -> dict[str, str]:
+    """Every script as sent to Redis: the flow transitions with ``_lib.lua`` in front,
+    the global ones without it, all inside the request wrapper (lua/_request.lua)."""
+    head, tail = (LUA_DIR / "_request.lua").read_text().split(_TRANSITION)
+    lib = (LUA_DIR / "_lib.lua").read_text()
+
+    def wrap(name: str, body: str, prelude: str = "") -> str:
+        flags = f"local REPLY_TTL, REPLAY_ENTRIES = {REPLY_TTL}, " \
+                f"{'true' if name in REPLAY_ENTRIES else 'false'}\n"
+        return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"
+                f"{tail}")
+
+    return {
+        p.stem: wrap(p.stem, p.read_text(), lib)
+        for p in sorted(LUA_DIR.glob("*.lua"))
+        if not p.name.startswith("_")
+    } | {
+        # scripts on global keys: no flow library
+        p.stem: wrap(p.stem, p.read_text())
+        for p in sorted((LUA_DIR / "global").glob("*.lua"))
+    }
+
+
+class Batch:
+    """A pipeline (or :class:`Sequential`) whose scripts get request ids that stay the
+    same when the batch is built again after NOSCRIPT, so that what already ran there
+    answers from its kept reply."""
+
+    def __init__(self, pipe: Any, ids: list[str]) -> None:
+        self.pipe = pipe
+        self._ids = ids
+        self._used = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    def request_id(self) -> str:
+        if self._used == len(self._ids):
+            self._ids.append(new_request_id())
+        self._used += 1
+        return self._ids[self._used - 1]
+
+
+class Sequential:
+    """Stands in for a pipeline on Redis Cluster, where redis-py refuses scripts in
+    pipelines: the same commands, sent one by one in order."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
+
+        return record
+
+    def execute(self) -> list[Any]:
+        return [getattr(self.client, name)(*args, **kwargs) for name, args, kwargs in self.calls]
