@@ -96,7 +96,7 @@ def _change_command(name: str, doc: str, terminate: bool = False) -> None:
     @click.argument("flow_id")
     @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
     @click.pass_context
-    def command(ctx: click.Context, flow_id: str, dry_run: bool, **kwargs: Any) -> None:
+    def command(ctx: click.Context, /, flow_id: str, dry_run: bool, **kwargs: Any) -> None:
         ext = _flows(ctx)
         try:
             report = getattr(ext, name)(flow_id, dry_run=dry_run, **kwargs)

@@ -282,7 +282,8 @@ def _flatten(
 
 def _input_of(parts: list[Ref], entry: Entry, is_root: bool, outer: dict[str, Any]) -> Ref:
     if is_root and outer:
-        return outer["input"]
+        ref: Ref = outer["input"]
+        return ref
     if not parts:
         return None
     if len(parts) == 1:

@@ -48,7 +48,7 @@ class FailoverCluster(RedisCluster):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.wait_for_replicas = bool(self.get_replicas())
+        self.wait_for_replicas = bool(self.get_replicas())  # type: ignore[no-untyped-call]  # redis-py
         self._warned = False
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
@@ -57,7 +57,7 @@ class FailoverCluster(RedisCluster):
         delay, deadline = 0.05, time.monotonic() + FAILOVER_WINDOW
         while True:
             try:
-                out = super().execute_command(*args, **kwargs)
+                out = super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]  # redis-py
                 if self.wait_for_replicas and name in _WRITES and not pinned:
                     self._replicate(args)
                 return out
@@ -74,8 +74,9 @@ class FailoverCluster(RedisCluster):
         key = _first_key(args)
         if key is None:
             return
-        node = self.get_node_from_key(key)
-        acked = super().execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=node)
+        node = self.get_node_from_key(key)  # type: ignore[no-untyped-call]  # redis-py
+        acked = super().execute_command(  # type: ignore[no-untyped-call]  # redis-py
+            "WAIT", 1, REPLICA_WAIT_MS, target_nodes=node)
         if int(acked) < 1 and not self._warned:
             self._warned = True
             logger.warning("celery-flows: no replica of %s acknowledged a write within %s ms; "

@@ -36,9 +36,8 @@ class Codec:
     @staticmethod
     def _pack(serializer: str, value: Any) -> bytes:
         content_type, encoding, data = dumps(value, serializer=serializer)
-        if isinstance(data, str):
-            data = data.encode(encoding or "utf-8")
-        return f"{content_type};{encoding}\n".encode() + data
+        raw: bytes = data.encode(encoding or "utf-8") if isinstance(data, str) else data
+        return f"{content_type};{encoding}\n".encode() + raw
 
     @staticmethod
     def _unpack(blob: bytes, accept: set[str]) -> Any:

@@ -65,7 +65,7 @@ def _env_flag() -> bool:
     return os.environ.get("CELERY_WORKER_FLOWS", "").lower() in ("1", "true", "yes", "on")
 
 
-class FlowsStep(bootsteps.StartStopStep):
+class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is untyped
     """Installs the attempt guard; with ``--flows`` runs the manager services."""
 
     label = "celery-flows"
