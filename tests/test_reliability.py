@@ -28,7 +28,7 @@ def node_doc(handle: Any, nid: str) -> dict[str, Any]:
 def one_outcome_per_attempt(handle: Any) -> None:
     """Every attempt of every node has at most one recorded (non-late) outcome, and the
     node's final state is that of its last attempt."""
-    for nid, rec in handle.flows.store.nodes(handle.id).items():
+    for nid, rec in handle.store.nodes(handle.id).items():
         recorded = Counter(h["attempt"] for h in rec["history"]
                            if not h.get("late") and h["outcome"] in ("succeeded", "failed"))
         assert all(n == 1 for n in recorded.values()), (nid, rec["history"])
