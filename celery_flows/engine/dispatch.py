@@ -88,6 +88,15 @@ class Release(NamedTuple):
     at: float | None = None
 
 
+class Single(NamedTuple):
+    """What the releaser's try to send one held node came to: ``published``,
+    ``held`` (still refused; ``wait`` seconds until its limiter may admit it, 0 when
+    unknown) or ``stale`` (the node moved on: its wait-queue member is obsolete)."""
+
+    outcome: str
+    wait: float = 0.0
+
+
 class Dispatcher:
     """Publishes what a flow's outbox holds; the releaser's single sends too."""
 
@@ -214,8 +223,8 @@ class Dispatcher:
             return Release(True)
         return Release(False, answer.at or None)
 
-    def release_one(self, fid: str, nid: str, attempt: int, member: str) -> tuple[str, float]:
-        """Releaser: try to send one held node. ("published"|"held"|"stale", wait)."""
+    def release_one(self, fid: str, nid: str, attempt: int, member: str) -> Single:
+        """Releaser: try to send one held node."""
         store = self.store
         marked = store.mark_and_claim(fid, CLAIM_LEASE, [nid])
         token, claim = marked.token, marked.claim
@@ -223,19 +232,19 @@ class Dispatcher:
         entry = claim.entries[0] if claim.code == 0 and claim.entries else None
         if entry is None or _entry_attempt(entry) != attempt:
             store.published(fid, [], clear_token=token)
-            return "stale", 0.0
+            return Single("stale")
         call = self.prepare(fid, claim.nonce, entry)
         release = self._admit(fid, claim.flow_rate, call, member, patience=0.05)
         if release.held:
             store.published(fid, [], clear_token=token)
             held = (store.node(fid, nid) or {}).get("held") or {}
             until = held.get("until")
-            return "held", max(float(until) - store.now(), 0.0) if until else 0.0
+            return Single("held", max(float(until) - store.now(), 0.0) if until else 0.0)
         faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, release.at)
         store.published(fid, [sent], clear_token=token)
-        return "published", 0.0
+        return Single("published")
 
     def _send(self, call: Call, producer: Any, released: float | None = None) -> Published:
         options: dict[str, Any] = {

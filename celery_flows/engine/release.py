@@ -41,16 +41,16 @@ def release_held(store: Store, dispatcher: Dispatcher, budget: float = 0.5) -> f
             if parsed is None:
                 store.wait_drop(limiter_id, member)
                 continue
-            outcome, wait = dispatcher.release_one(parsed.flow_id, parsed.node_id,
-                                                   parsed.attempt, member)
-            if outcome == "stale":
+            sent = dispatcher.release_one(parsed.flow_id, parsed.node_id, parsed.attempt,
+                                          member)
+            if sent.outcome == "stale":
                 store.wait_drop(limiter_id, member)
                 continue
-            if outcome == "published":
+            if sent.outcome == "published":
                 continue
             # still refused: this queue waits; look at the others
-            if wait > 0:
-                sleep = min(sleep, wait)
+            if sent.wait > 0:
+                sleep = min(sleep, sent.wait)
             break
     return max(sleep, 0.002)
 
