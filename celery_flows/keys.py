@@ -15,7 +15,8 @@ transition touches a single Redis Cluster slot::
     <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
                                       publishing (0 = now; a claim pushes it forward;
-                                      1e15 = held by a limiter)
+                                      HELD of lua/engine/constants.lua, 1e15 = held
+                                      by a limiter)
     <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
                                       external node's deadline, a held retry, a poke
 
