@@ -44,7 +44,7 @@ def main() -> None:
         bench: Any = importlib.import_module("benchmarks.bench_app")
         from celery_flows import Flow
         from celery_flows.registry.ids import new_request_id
-        from celery_flows.registry.scripts import LUA_DIR
+        from celery_flows.registry.scripts import LUA_DIR, engine_text
 
         bench.app.conf.task_always_eager = True
         client = server.client()
@@ -69,7 +69,7 @@ def main() -> None:
         keys = store.keys.flow(handle.id)
         client.persist(keys[0])
         client.persist(keys[1])
-        bare = client.script_load((LUA_DIR / "_lib.lua").read_text() + "\n" +
+        bare = client.script_load(engine_text() + "\n" +
                                   (LUA_DIR / "progress.lua").read_text())
         wrapped = store.sha("progress")
         argv = ["n0", 1, "", "m"]

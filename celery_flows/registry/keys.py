@@ -15,7 +15,8 @@ transition touches a single Redis Cluster slot::
     <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
                                       publishing (0 = now; a claim pushes it forward;
-                                      1e15 = held by a limiter)
+                                      HELD of lua/engine/constants.lua, 1e15 = held
+                                      by a limiter)
     <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
                                       external node's deadline, a held retry, a poke
 
@@ -23,7 +24,7 @@ Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
 
     <prefix>:{<tag>}:req:<rid> string the call's reply (cmsgpack), ``REPLY_TTL`` (120 s)
-                                      in store.py; ``<tag>`` is the hash tag of the
+                                      in scripts.py; ``<tag>`` is the hash tag of the
                                       script's other keys: the flow id for flow scripts,
                                       ``sched`` for admit.lua, ``workers`` for
                                       heartbeat.lua. claim.lua keeps only the ids of the

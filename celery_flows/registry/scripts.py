@@ -1,7 +1,8 @@
 """The Lua scripts as sent to Redis, and the batches they are sent in.
 
-Each flow transition in ``lua/`` is sent with the engine library in front of it
-(``lua/_lib.lua``; no include preprocessor), and every script, the global ones in
+Each flow transition in ``lua/`` is sent with the engine in front of it (the files of
+``lua/engine/`` joined in the order of :data:`ENGINE_PARTS`; no include preprocessor),
+and every script, the global ones in
 ``lua/global/`` included, inside the request wrapper of ``lua/_request.lua``: each call
 carries a request key (keys.py), so a call redis-py re-sends after a connection error
 returns the first answer instead of running the transition twice.
@@ -14,7 +15,8 @@ from typing import Any
 
 from .ids import new_request_id
 
-__all__ = ["LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential", "script_texts"]
+__all__ = ["ENGINE_PARTS", "LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential",
+           "engine_text", "script_texts"]
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -28,11 +30,22 @@ _TRANSITION = "-- @transition\n"
 NO_REQUEST = ""
 
 
+#: The parts of the Lua engine (``lua/engine/<part>.lua``) in the order they are joined:
+#: a part uses only what the parts before it define (Lua locals exist from their
+#: definition on). Each file's header says what it owns and what it uses.
+ENGINE_PARTS = ("constants", "cache", "flow", "evaluate", "cancel", "settle", "reopen")
+
+
+def engine_text() -> str:
+    """The engine every flow transition runs on, as one Lua text."""
+    return "".join((LUA_DIR / "engine" / f"{part}.lua").read_text() for part in ENGINE_PARTS)
+
+
 def script_texts() -> dict[str, str]:
-    """Every script as sent to Redis: the flow transitions with ``_lib.lua`` in front,
+    """Every script as sent to Redis: the flow transitions with the engine in front,
     the global ones without it, all inside the request wrapper (lua/_request.lua)."""
     head, tail = (LUA_DIR / "_request.lua").read_text().split(_TRANSITION)
-    lib = (LUA_DIR / "_lib.lua").read_text()
+    engine = engine_text()
 
     def wrap(name: str, body: str, prelude: str = "") -> str:
         flags = f"local REPLY_TTL, REPLAY_ENTRIES = {REPLY_TTL}, " \
@@ -41,11 +54,11 @@ def script_texts() -> dict[str, str]:
                 f"{tail}")
 
     return {
-        p.stem: wrap(p.stem, p.read_text(), lib)
+        p.stem: wrap(p.stem, p.read_text(), engine)
         for p in sorted(LUA_DIR.glob("*.lua"))
         if not p.name.startswith("_")
     } | {
-        # scripts on global keys: no flow library
+        # scripts on global keys: no engine
         p.stem: wrap(p.stem, p.read_text())
         for p in sorted((LUA_DIR / "global").glob("*.lua"))
     }

@@ -1,9 +1,9 @@
 --[[
-  The request wrapper. store.py builds every script, flow and global alike, as
+  The request wrapper. scripts.py builds every script, flow and global alike, as
 
     local REPLY_TTL, REPLAY_ENTRIES = <store.REPLY_TTL>, <true for claim only>
     <the part of this file above the @transition line>
-    <_lib.lua, for flow scripts>
+    <the engine, lua/engine/*.lua in the order of store.ENGINE_PARTS, for flow scripts>
     local function transition() <the script> end
     <the part of this file below the @transition line>
 

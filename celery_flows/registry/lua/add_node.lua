@@ -14,9 +14,7 @@
 local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
 local id = ARGV[1]
-if flow_finished() then
-  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
-end
+if flow_finished() then return finished_refusal() end
 if load(id) then return {-5, 'node id ' .. id .. ' is already used', mget('state')} end
 local max_nodes = tonumber(ARGV[4])
 if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then
@@ -33,9 +31,7 @@ end
 local now = now_ts()
 for _, did in ipairs(list(rec.after)) do
   local dep = load(did)
-  local d = list(dep.deps_of)
-  d[#d + 1] = id
-  dep.deps_of = d
+  push(dep, 'deps_of', id)
   save(did, dep)
 end
 rec.waiting = waiting

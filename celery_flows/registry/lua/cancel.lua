@@ -10,9 +10,7 @@
 ]]
 local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
-if flow_finished() then
-  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
-end
+if flow_finished() then return finished_refusal() end
 local now = now_ts()
 local started = {}
 for _, id in ipairs(redis.call('HKEYS', NODES)) do
@@ -23,16 +21,8 @@ for _, id in ipairs(redis.call('HKEYS', NODES)) do
   end
 end
 cancel_all(now, 'cancelled')
-mset('state', 'cancelled')
-mset('finished_at', now)
-if (mget('webhook') or '') ~= '' then mset('webhook_pending', '1') end
+finish_flow('cancelled', now)
 local report = report_json()
 if ARGV[1] == '1' then return {1, report, 'cancelled', cjson.encode(started)} end
-later(function()
-  local ttl = tonumber(redis.call('HGET', META, 'retention'))
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
-  local channel = redis.call('HGET', META, 'channel')
-  if channel then redis.call('PUBLISH', channel, 'cancelled') end
-end)
 flush()
 return {1, report, 'cancelled', cjson.encode(started)}

@@ -23,7 +23,6 @@
   Emits: claimed entries get score now + lease; entries no longer ready leave the outbox;
          an external node past its deadline fails (TimeoutError), cascading.
 ]]
-local HELD = 1e15
 local ok = flow_ok()
 if ok < 0 then return {ok, 0, '', '', '', ''} end
 local st = mget('state')
@@ -43,8 +42,8 @@ if #ARGV <= 3 then
     redis.call('ZREM', TIMED, id)
     if rec and rec.state == 'awaiting' then
       expired = true
-      fail_node(id, rec, now, 'TimeoutError: external node ' .. id ..
-        ' was not signalled within ' .. (tonumber(val(rec.timeout)) or 3600) .. ' s')
+      fail_node(id, rec, now, 'TimeoutError: external node ' .. id .. ' was not signalled ' ..
+        'within ' .. (tonumber(val(rec.timeout)) or EXTERNAL_TIMEOUT) .. ' s')
     elseif rec and rec.state == 'retrying' then
       redis.call('ZADD', READY, 0, id)
     end

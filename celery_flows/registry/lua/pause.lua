@@ -10,9 +10,7 @@
 ]]
 local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
-if flow_finished() then
-  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
-end
+if flow_finished() then return finished_refusal() end
 local now = now_ts()
 if ARGV[1] == 'pause' then
   if mget('paused') == '1' then return {-5, 'the flow is already paused', mget('state')} end

@@ -10,10 +10,7 @@ if ok < 0 then return ok end
 local rec = load(ARGV[1])
 if not rec then return -4 end
 if rec.attempt ~= tonumber(ARGV[2]) then return 0 end
-local p = list(rec.progress)
-p[#p + 1] = {pct = tonumber(ARGV[3]), msg = ARGV[4], at = now_ts()}
-while #p > 10 do table.remove(p, 1) end
-rec.progress = p
+push(rec, 'progress', {pct = tonumber(ARGV[3]), msg = ARGV[4], at = now_ts()}, PROGRESS_MAX)
 save(ARGV[1], rec)
 flush()
 return 1

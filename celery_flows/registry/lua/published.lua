@@ -27,11 +27,7 @@ for i = 1, #ARGV, 5 do
       rec.released_at = ARGV[i + 3]
     end
     rec.queue = queue
-    if not contains(rec.task_ids, ARGV[i + 4]) then
-      local t = list(rec.task_ids)
-      t[#t + 1] = ARGV[i + 4]
-      rec.task_ids = t
-    end
+    if not contains(rec.task_ids, ARGV[i + 4]) then push(rec, 'task_ids', ARGV[i + 4]) end
     save(id, rec)
     if rec.state ~= 'scheduled' and rec.state ~= 'retrying' then ready_rem(id) end
   end

@@ -11,9 +11,7 @@
 local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
 local id, dep_id = ARGV[1], ARGV[2]
-if flow_finished() then
-  return {-5, 'the flow already finished as ' .. mget('state'), mget('state')}
-end
+if flow_finished() then return finished_refusal() end
 local rec = load(id)
 if not rec then return {-5, 'no node ' .. id, mget('state')} end
 if not load(dep_id) then return {-5, 'no node ' .. dep_id, mget('state')} end
@@ -25,9 +23,7 @@ if rec.state ~= 'pending' then
     '; a dependency can only be removed before the node is released', mget('state')}
 end
 local now = now_ts()
-local removed = list(rec.removed)
-removed[#removed + 1] = dep_id
-rec.removed = removed
+push(rec, 'removed', dep_id)
 if not TERMINAL[load(dep_id).state] then rec.waiting = rec.waiting - 1 end
 save(id, rec)
 if rec.waiting <= 0 then evaluate_all({id}, now) end

@@ -49,19 +49,13 @@ if mget('paused') == '1' and tonumber(nesting) == 0 then
   flush()
   return {4}
 end
-local starts = list(rec.starts)
-starts[#starts + 1] = key
-rec.starts = starts
+push(rec, 'starts', key)
 rec.state = 'running'
 if val(rec.started_at) == nil then rec.started_at = now end
 if val(rec.queued_at) == nil then rec.queued_at = now end
 rec.worker = ARGV[5]
 rec.lease = ARGV[6]
-if not contains(rec.task_ids, ARGV[4]) then
-  local t = list(rec.task_ids)
-  t[#t + 1] = ARGV[4]
-  rec.task_ids = t
-end
+if not contains(rec.task_ids, ARGV[4]) then push(rec, 'task_ids', ARGV[4]) end
 save(id, rec)
 ready_rem(id)
 flush()

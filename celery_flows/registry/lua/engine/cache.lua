@@ -1,0 +1,123 @@
+--[[
+  engine/cache.lua: the write-back cache, and the small helpers everything else uses.
+  Reads load node records and meta fields once per script (load, mget); writes
+  (save, mset, mincr, ready_add/ready_rem, timed_add/timed_rem, later) reach Redis only
+  in flush(). A transition called with dry_run skips flush() and returns REPORT
+  (report_json): what it would have released, skipped, cancelled and reopened.
+  Uses: constants (META, NODES, READY, TIMED, HISTORY_MAX).
+]]
+local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
+local MCACHE, MDIRTY = {}, {}
+local READY_OPS = {}
+local LATER = {}
+local REPORT = {released = {}, skipped = {}, cancelled = {}, reopened = {}}
+
+-- The Redis clock, in seconds.
+local function now_ts()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+local function val(x)
+  if x == cjson.null then return nil end
+  return x
+end
+
+local function list(v)
+  if v == nil or v == cjson.null then return {} end
+  return v
+end
+
+local function contains(t, x)
+  for _, v in ipairs(list(t)) do if v == x then return true end end
+  return false
+end
+
+-- Append x to the list in rec[field] (made when absent); keep its last `max` entries
+-- when max is given.
+local function push(rec, field, x, max)
+  local t = list(rec[field])
+  t[#t + 1] = x
+  if max then
+    while #t > max do table.remove(t, 1) end
+  end
+  rec[field] = t
+end
+
+local function load(id)
+  local rec = CACHE[id]
+  if rec == nil then
+    local raw = redis.call('HGET', NODES, id)
+    rec = raw and cjson.decode(raw) or false
+    CACHE[id] = rec
+  end
+  return rec or nil
+end
+
+local function save(id, rec)
+  CACHE[id] = rec
+  if not DIRTY[id] then
+    DIRTY[id] = true
+    DIRTY_ORDER[#DIRTY_ORDER + 1] = id
+  end
+end
+
+local function mget(field)
+  local v = MCACHE[field]
+  if v == nil then
+    v = redis.call('HGET', META, field) or false
+    MCACHE[field] = v
+  end
+  return v or nil
+end
+
+local function mset(field, value)
+  MCACHE[field] = tostring(value)
+  MDIRTY[field] = true
+end
+
+local function mincr(field, n)
+  mset(field, (tonumber(mget(field)) or 0) + n)
+end
+
+local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', READY, id, score} end
+local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', READY, id} end
+local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id, due} end
+local function timed_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', TIMED, id} end
+local function later(fn) LATER[#LATER + 1] = fn end
+
+local function flush()
+  for _, id in ipairs(DIRTY_ORDER) do
+    redis.call('HSET', NODES, id, cjson.encode(CACHE[id]))
+  end
+  for field, _ in pairs(MDIRTY) do
+    if MCACHE[field] == false then
+      redis.call('HDEL', META, field)
+    else
+      redis.call('HSET', META, field, MCACHE[field])
+    end
+  end
+  for _, op in ipairs(READY_OPS) do
+    if op[1] == 'ZADD' then
+      redis.call('ZADD', op[2], op[4], op[3])
+    else
+      redis.call('ZREM', op[2], op[3])
+    end
+  end
+  for _, fn in ipairs(LATER) do fn() end
+  -- written: a second flush in the same script writes only what changed since
+  DIRTY, DIRTY_ORDER, MDIRTY, READY_OPS, LATER = {}, {}, {}, {}, {}
+end
+
+local function report_json()
+  local r = {}
+  for k, v in pairs(REPORT) do
+    r[k] = v
+    if #v == 0 then r[k] = nil end
+  end
+  return cjson.encode(r)
+end
+
+local function history(rec, entry)
+  push(rec, 'history', entry, HISTORY_MAX)
+end

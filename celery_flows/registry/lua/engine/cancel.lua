@@ -1,0 +1,25 @@
+--[[
+  engine/cancel.lua: cancel_all, every node not yet terminal becomes cancelled (the
+  cancel transition, lua/cancel.lua, and fail_fast in settle).
+  Uses: constants (NODES, TERMINAL), cache (load, save, mincr, ready_rem, timed_rem,
+  REPORT).
+]]
+local function cancel_all(now, reason)
+  local ids = redis.call('HKEYS', NODES)
+  local n = 0
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    if not TERMINAL[rec.state] then
+      rec.prev_state = rec.state
+      rec.state = 'cancelled'
+      rec.cancel_reason = reason
+      rec.finished_at = now
+      save(id, rec)
+      ready_rem(id)
+      timed_rem(id)
+      REPORT.cancelled[#REPORT.cancelled + 1] = id
+      n = n + 1
+    end
+  end
+  mincr('done', n)
+end

@@ -1,0 +1,72 @@
+--[[
+  engine/flow.lua: the flow record (meta) as a whole: whether a script may act on it
+  (its format version, finished or not), and its state as its counters give it.
+  A flow that finishes gets finished_at, a due webhook, and at flush its keys expire
+  after their retention and its channel hears the new state; a finished flow that runs
+  again loses finished_at and its keys persist.
+  Uses: constants (META, KEYS), cache (mget, mset, MCACHE, MDIRTY, later).
+]]
+
+-- 0, or the code of a script that must not touch this flow: -1 no flow, -2 a record
+-- format this version does not understand.
+local function flow_ok()
+  local v = mget('v')
+  if not v then return -1 end
+  if tonumber(string.match(v, '^(%d+)')) ~= 1 then return -2 end
+  return 0
+end
+
+local function flow_finished()
+  local st = mget('state')
+  return st == 'succeeded' or st == 'failed' or st == 'cancelled'
+end
+
+-- The reply of a change refused because the flow already finished.
+local function finished_refusal()
+  local st = mget('state')
+  return {-5, 'the flow already finished as ' .. st, st}
+end
+
+-- The flow finishes now as `state` (succeeded, failed or cancelled).
+local function finish_flow(state, now)
+  mset('state', state)
+  mset('finished_at', now)
+  if (mget('webhook') or '') ~= '' then mset('webhook_pending', '1') end
+  later(function()
+    local ttl = tonumber(redis.call('HGET', META, 'retention'))
+    for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
+    local channel = redis.call('HGET', META, 'channel')
+    if channel then redis.call('PUBLISH', channel, state) end
+  end)
+end
+
+-- The flow's state from its counters (a cancelled flow stays cancelled); returns it.
+local function set_flow_state(now)
+  local st = mget('state')
+  if st == 'cancelled' then return st end
+  local total = tonumber(mget('total'))
+  local done = tonumber(mget('done'))
+  local new
+  if done < total then
+    if mget('paused') == '1' then new = 'paused' else new = 'running' end
+  elseif tonumber(mget('nfail')) > 0 then
+    new = 'failed'
+  else
+    new = 'succeeded'
+  end
+  if new ~= st then
+    if new == 'succeeded' or new == 'failed' then
+      finish_flow(new, now)
+    else
+      mset('state', new)
+      if st == 'succeeded' or st == 'failed' then
+        MCACHE['finished_at'] = false
+        MDIRTY['finished_at'] = true
+        later(function()
+          for i = 1, #KEYS do redis.call('PERSIST', KEYS[i]) end
+        end)
+      end
+    end
+  end
+  return new
+end

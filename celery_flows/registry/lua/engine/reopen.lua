@@ -1,0 +1,66 @@
+--[[
+  engine/reopen.lua: terminal nodes back to pending (retry.lua, ignore_failure.lua), and
+  the nodes such a change reaches: those skipped as upstream_failed downstream.
+  Uses: constants (RESULTS, TERMINAL), cache (load, save, list, contains, mincr,
+  history, later, REPORT), evaluate (clear_attempt).
+]]
+
+-- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
+-- recount what each waits for. Returns the reopened nodes with nothing left to wait for.
+local function reopen(ids, now)
+  local set = {}
+  for _, id in ipairs(ids) do set[id] = true end
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    mincr('done', -1)
+    if rec.counted_fail then
+      mincr('nfail', -1)
+      rec.counted_fail = false
+    end
+    if rec.state == 'failed' or rec.state == 'cancelled' then
+      history(rec, {attempt = rec.attempt, outcome = 'reopened', at = now})
+    end
+    rec.state = 'pending'
+    rec.skip_reason = cjson.null
+    rec.cancel_reason = cjson.null
+    rec.error = cjson.null
+    clear_attempt(rec)
+    save(id, rec)
+    REPORT.reopened[#REPORT.reopened + 1] = id
+    later(function() redis.call('HDEL', RESULTS, id) end)
+  end
+  local ready = {}
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    local waiting = 0
+    for _, did in ipairs(list(rec.after)) do
+      if not contains(rec.removed, did) and (set[did] or not TERMINAL[load(did).state]) then
+        waiting = waiting + 1
+      end
+    end
+    rec.waiting = waiting
+    save(id, rec)
+    if waiting == 0 then ready[#ready + 1] = id end
+  end
+  return ready
+end
+
+-- Nodes skipped as upstream_failed downstream of `roots`, through such skips.
+local function upstream_failed_closure(roots)
+  local out, seen, queue = {}, {}, {}
+  for _, id in ipairs(roots) do queue[#queue + 1] = id end
+  local qi = 1
+  while qi <= #queue do
+    local rec = load(queue[qi])
+    qi = qi + 1
+    for _, cid in ipairs(list(rec.deps_of)) do
+      local child = load(cid)
+      if not seen[cid] and child.state == 'skipped' and child.skip_reason == 'upstream_failed' then
+        seen[cid] = true
+        out[#out + 1] = cid
+        queue[#queue + 1] = cid
+      end
+    end
+  end
+  return out
+end
