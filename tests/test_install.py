@@ -154,7 +154,7 @@ def test_wheel_and_sdist_carry_every_file_of_the_package(dist: Path) -> None:
         for p in (source / "celery_flows").rglob("*")
         if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     }
-    assert {"celery_flows/lua/global/heartbeat.lua", "celery_flows/py.typed"} <= package
+    assert {"celery_flows/registry/lua/global/heartbeat.lua", "celery_flows/py.typed"} <= package
     wheel = set(zipfile.ZipFile(_one(dist, "celery_flows-*.whl")).namelist())
     assert sorted(package - wheel) == []
     assert {name.split("/")[0] for name in wheel} == {
