@@ -9,6 +9,8 @@ and show the worker's log when a test fails.  The other tests use the classes di
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -213,3 +215,13 @@ def test_wait_until_returns_the_value_or_names_what_it_waited_for() -> None:
     assert wait_until(lambda: next(values), "a value") == 7
     with pytest.raises(AssertionError, match="waiting for the impossible"):
         wait_until(lambda: False, "the impossible", timeout=0.1)
+
+
+def test_the_package_does_not_import_pytest() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, celery_flows.testing; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')))"],
+        capture_output=True, text=True, timeout=60, cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
