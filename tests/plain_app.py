@@ -1,4 +1,5 @@
-"""A plain Celery app (no celery_flows) for checking the test harness itself.
+"""A plain Celery app (no celery-flows attached) for checking the process helpers of
+``celery_flows.testing`` and the suite's fixtures on their own.
 
 Broker and result backend come from ``FLOWS_TEST_BROKER``, as in every test app module.
 """
@@ -18,6 +19,8 @@ app.conf.update(
 )
 
 
-@app.task
+# not shared: each test imports this module afresh, and a shared task would be
+# registered again on the apps of later tests (DuplicateTaskNameWarning)
+@app.task(shared=False)
 def add(x: int, y: int) -> int:
     return x + y

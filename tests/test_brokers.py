@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState
+from celery_flows.testing import wait_until
 from tests import test_engine as engine
 from tests import test_guarantees as guarantees
 from tests import test_limits as limits
 from tests import test_reliability as reliability
 from tests.conftest import FlowsSetup, ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_limits import limited  # noqa: F401  (a fixture of the limits tests)
+from tests.helpers import FLOWS, node_doc, one_outcome_per_attempt, runs
 
 RABBIT, RABBIT_THREADS = "rabbitmq/prefork", "rabbitmq/threads"
 THREADS, SOLO = "redis/threads", "redis/solo"
@@ -88,22 +88,22 @@ def test_whole_worker_killed_mid_node_runs_it_again_as_a_new_attempt(
     env = {"FLOWS_TEST_LEASE": str(LEASE)}
     monkeypatch.setenv("FLOWS_TEST_LEASE", str(LEASE))
     proj = import_app("tests.proj")
-    doomed = worker_factory("tests.proj", extra_args=engine.FLOWS, env=env)
+    doomed = worker_factory("tests.proj", extra_args=FLOWS, env=env)
     f = Flow("killed-" + flows_setup.pool)
     a = f.add(proj.wait_for_key.si("go", 60), id="a")
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
-    wait_until(lambda: reliability.node_doc(handle, "a")["state"] == "running", "a running")
+    wait_until(lambda: node_doc(handle, "a")["state"] == "running", "a running")
     doomed.kill9()
     redis_db.client.set("go", 1)  # attempt 2 returns at once
-    worker_factory("tests.proj", extra_args=engine.FLOWS, env=env)
+    worker_factory("tests.proj", extra_args=FLOWS, env=env)
     assert handle.wait(timeout=LEASE + 40) == FlowState.SUCCEEDED
     assert handle.results() == {"a": "go", "b": "go"}
-    doc = reliability.node_doc(handle, "a")
+    doc = node_doc(handle, "a")
     assert doc["attempts"] == 2 and doc["recoveries"] == 1
-    attempts = [r.split("|")[2] for r in engine.runs(redis_db) if r.split("|")[1] == "a"]
+    attempts = [r.split("|")[2] for r in runs(redis_db) if r.split("|")[1] == "a"]
     assert attempts == ["1", "2"]
-    reliability.one_outcome_per_attempt(handle)
+    one_outcome_per_attempt(handle)
 
 
 @pytest.mark.setups(RABBIT, RABBIT_THREADS)
@@ -118,21 +118,21 @@ def test_acks_late_redelivery_after_kill9_is_not_run_as_the_same_attempt(
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     proj = import_app("tests.proj")
-    doomed = worker_factory("tests.proj", extra_args=engine.FLOWS, env=env)
+    doomed = worker_factory("tests.proj", extra_args=FLOWS, env=env)
     f = Flow("redelivered")
     a = f.add(proj.sleepy.si(4, "a"), id="a")
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
-    wait_until(lambda: reliability.node_doc(handle, "a")["state"] == "running", "a running")
+    wait_until(lambda: node_doc(handle, "a")["state"] == "running", "a running")
     if flows_setup.pool == "prefork":
         os.killpg(doomed.pid, signal.SIGKILL)  # main process and pool children at once
     doomed.kill9()
-    survivor = worker_factory("tests.proj", extra_args=engine.FLOWS, env=env)
+    survivor = worker_factory("tests.proj", extra_args=FLOWS, env=env)
     survivor.wait_for_log(r"not running .*~a~1~", timeout=20)
     assert handle.wait(timeout=LEASE + 40) == FlowState.SUCCEEDED
     assert handle.results() == {"a": "a", "b": "a"}
-    attempts = [r.split("|")[2] for r in engine.runs(redis_db) if r.split("|")[1] == "a"]
+    attempts = [r.split("|")[2] for r in runs(redis_db) if r.split("|")[1] == "a"]
     assert attempts == ["1", "2"]
-    doc = reliability.node_doc(handle, "a")
+    doc = node_doc(handle, "a")
     assert doc["attempts"] == 2 and doc["recoveries"] == 1
-    reliability.one_outcome_per_attempt(handle)
+    one_outcome_per_attempt(handle)

@@ -17,9 +17,9 @@ from celery_flows import (
     FlowStateError,
     NodeState,
 )
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, _cli, run_counts
+from tests.helpers import FLOWS, cli, run_counts
 
 RULES = ("all_success", "all_done", "all_failed", "one_success", "one_failed", "none_failed")
 EDGE_SETS: list[tuple[str, ...]] = [
@@ -374,24 +374,24 @@ def test_cli_changes(import_app: ImportApp, worker_factory: WorkerFactory,
     f.add(proj.fail_until.si("cli-fixed"), id="a")
     handle = proj.flows.submit(f)
     assert handle.wait(timeout=30) == FlowState.FAILED
-    dry = _cli("retry", handle.id, "--dry-run", broker=redis_db.celery_url)
+    dry = cli("retry", handle.id, "--dry-run", broker=redis_db.celery_url)
     assert dry.returncode == 0, dry.stderr
     assert "would be released: a" in dry.stdout
     assert handle.state() == FlowState.FAILED
     redis_db.client.set("cli-fixed", 1)
-    out = _cli("retry", handle.id, broker=redis_db.celery_url)
+    out = cli("retry", handle.id, broker=redis_db.celery_url)
     assert out.returncode == 0 and "released: a" in out.stdout
     assert handle.wait(timeout=30) == FlowState.SUCCEEDED
-    refused = _cli("pause", handle.id, broker=redis_db.celery_url)
+    refused = cli("pause", handle.id, broker=redis_db.celery_url)
     assert refused.returncode == 1 and "finished" in refused.stderr
-    missing = _cli("cancel", "nope", broker=redis_db.celery_url)
+    missing = cli("cancel", "nope", broker=redis_db.celery_url)
     assert missing.returncode == 1
-    listed = _cli("list", "--state", "succeeded", broker=redis_db.celery_url)
+    listed = cli("list", "--state", "succeeded", broker=redis_db.celery_url)
     assert handle.id in listed.stdout
-    graph = _cli("graph", handle.id, "--format", "dot", broker=redis_db.celery_url)
+    graph = cli("graph", handle.id, "--format", "dot", broker=redis_db.celery_url)
     assert graph.returncode == 0 and '"a"' in graph.stdout
-    assert json.loads(_cli("inspect", handle.id, "--json",
-                           broker=redis_db.celery_url).stdout)["state"] == "succeeded"
+    assert json.loads(cli("inspect", handle.id, "--json",
+                          broker=redis_db.celery_url).stdout)["state"] == "succeeded"
 
 
 def _wait_state(handle: Any, node: str, state: NodeState, timeout: float = 20) -> None:
@@ -415,11 +415,11 @@ def test_external_node_completed_by_signal_and_cli(
     with pytest.raises(FlowStateError, match="not an external node"):
         proj.flows.signal(handle.id, "a", result=1)
     proj.flows.signal(handle.id, "approve", result={"by": "alice"})
-    out = _cli("signal", handle.id, "other", "--error", "rejected",
-               broker=redis_db.celery_url)
+    out = cli("signal", handle.id, "other", "--error", "rejected",
+              broker=redis_db.celery_url)
     assert out.returncode == 0, out.stderr
-    bad = _cli("signal", handle.id, "other", "--result", "{not json",
-               broker=redis_db.celery_url)
+    bad = cli("signal", handle.id, "other", "--result", "{not json",
+              broker=redis_db.celery_url)
     assert bad.returncode == 2
     assert handle.wait(timeout=30) == FlowState.FAILED
     results = handle.results()

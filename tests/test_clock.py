@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from celery_flows import Flow, FlowState
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 
 @pytest.mark.parametrize("skew", [-900, 900])

@@ -17,8 +17,7 @@ from celery import Celery
 from celery_flows import Flow, FlowDefinitionError, FlowsConfigError, FlowState
 from celery_flows.config import FlowsConfig, redact_url, redact_webhook
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.test_cluster import cluster  # noqa: F401 - the real cluster fixture
-from tests.test_engine import FLOWS, _cli
+from tests.helpers import FLOWS, cli
 
 
 def _app(obj: Any = None, namespace: str | None = None, **conf: Any) -> Celery:
@@ -172,13 +171,13 @@ def test_the_config_repr_shows_no_secret() -> None:
 
 
 def test_the_cli_shows_no_password(redis_db: RedisDB) -> None:
-    out = _cli("list", broker=redis_db.celery_url,
-               env={"FLOWS_TEST_REGISTRY": "http://user:s3cret@127.0.0.1:1/0"})
+    out = cli("list", broker=redis_db.celery_url,
+              env={"FLOWS_TEST_REGISTRY": "http://user:s3cret@127.0.0.1:1/0"})
     assert out.returncode == 1
     assert "flows_redis_url" in out.stderr and "s3cret" not in out.stderr + out.stdout
     # a registry that does not answer: one line naming the failure, no password
-    out = _cli("list", broker=redis_db.celery_url,
-               env={"FLOWS_TEST_REGISTRY": "redis://user:s3cret@127.0.0.1:1/0"})
+    out = cli("list", broker=redis_db.celery_url,
+              env={"FLOWS_TEST_REGISTRY": "redis://user:s3cret@127.0.0.1:1/0"})
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "registry Redis failed" in out.stderr and "s3cret" not in out.stderr + out.stdout
 
@@ -223,7 +222,7 @@ def test_webhook_delivery_logs_show_only_scheme_host_and_port(
         ids.append(f"hooked-{i}")
     store = proj.flows.store
     store.client.zadd(store.keys.webhooks, {fid: 0 for fid in ids})
-    with caplog.at_level(logging.WARNING, logger="celery_flows.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="celery_flows.worker.webhooks"):
         webhooks.deliver_due(proj.flows.store, proj.flows.config)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert text.count(f"http://127.0.0.1:{refusing_hook}") == 2, text

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from celery_flows import Flow, FlowState, NodeState
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-
-ROOT = Path(__file__).resolve().parent.parent
-FLOWS = ["--flows"]
-
-
-def runs(redis_db: RedisDB) -> list[str]:
-    return [r.decode() for r in redis_db.client.lrange("runs", 0, -1)]
-
-
-def run_counts(redis_db: RedisDB, fid: str) -> Counter[str]:
-    """How many times each node's body ran in flow ``fid``."""
-    return Counter(r.split("|")[1] for r in runs(redis_db) if r.split("|")[0] == fid)
+from tests.helpers import FLOWS, cli, run_counts
 
 
 def diamond(proj: Any, fid: str | None = None) -> Flow:
@@ -252,15 +236,6 @@ def test_add_bulk_creates_all_or_nothing(
     assert redis_db.client.zrange(proj.flows.store.keys.index, 0, -1) == index_before
 
 
-def _cli(*args: str, broker: str, env: dict[str, str] | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **(env or {}), "FLOWS_TEST_BROKER": broker, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.proj", "flows", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
-    )
-
-
 def test_inspect_cli_text_and_json(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
@@ -271,7 +246,7 @@ def test_inspect_cli_text_and_json(
     f.add(proj.ident.s(), id="c", after=["b"])
     handle = proj.flows.submit(f)
     # before any worker runs: a is queued and says where it waits
-    out = _cli("inspect", handle.id, "--json", broker=redis_db.celery_url)
+    out = cli("inspect", handle.id, "--json", broker=redis_db.celery_url)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["nodes"]["a"]["state"] == "queued"
@@ -281,7 +256,7 @@ def test_inspect_cli_text_and_json(
     assert doc["nodes"]["b"]["waiting_for"] == "dependencies: a"
     worker_factory("tests.proj", extra_args=FLOWS)
     handle.wait(timeout=30)
-    out = _cli("inspect", handle.id, "--json", broker=redis_db.celery_url)
+    out = cli("inspect", handle.id, "--json", broker=redis_db.celery_url)
     doc = json.loads(out.stdout)
     assert doc["id"] == handle.id and doc["name"] == "inspected" and doc["state"] == "failed"
     keys = {"state", "after", "queue", "attempts", "recoveries", "retries", "task_ids",
@@ -291,12 +266,12 @@ def test_inspect_cli_text_and_json(
     a_doc = doc["nodes"]["a"]
     assert a_doc["queued_at"] <= a_doc["started_at"] <= a_doc["finished_at"] <= time.time() + 5
     assert doc["nodes"]["b"]["error"] == "ValueError: boom"
-    text = _cli("inspect", handle.id, broker=redis_db.celery_url)
+    text = cli("inspect", handle.id, broker=redis_db.celery_url)
     assert text.returncode == 0
     for nid, state in (("a", "succeeded"), ("b", "failed"), ("c", "skipped")):
         assert any(nid in line and state in line for line in text.stdout.splitlines())
-    missing = _cli("inspect", "no-such-flow", broker=redis_db.celery_url)
+    missing = cli("inspect", "no-such-flow", broker=redis_db.celery_url)
     assert missing.returncode == 1
     assert "no-such-flow" in missing.stderr
-    usage = _cli("inspect", broker=redis_db.celery_url)
+    usage = cli("inspect", broker=redis_db.celery_url)
     assert usage.returncode == 2

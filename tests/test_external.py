@@ -15,7 +15,7 @@ import pytest
 
 from celery_flows import Flow, FlowState, NodeState
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 SECRET = "s3cret"
 

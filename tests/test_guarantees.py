@@ -18,10 +18,9 @@ import pytest
 
 from celery_flows import Flow, FlowState, FlowTimeoutError
 from celery_flows.faults import ENV as FAULTS
+from celery_flows.testing import RedisServer, wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import BROKER_ENV, ROOT, RedisServer, wait_until
-from tests.test_engine import FLOWS, run_counts
-from tests.test_reliability import node_doc, one_outcome_per_attempt
+from tests.helpers import BROKER_ENV, FLOWS, ROOT, node_doc, one_outcome_per_attempt, run_counts
 
 LEASE = 3.0
 

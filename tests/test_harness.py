@@ -1,9 +1,11 @@
-"""The harness itself, checked with plain Celery: redis-server, db isolation, workers."""
+"""The process helpers of ``celery_flows.testing`` and the suite's fixtures on them, checked
+with plain Celery: redis-server, db isolation, workers."""
 
 from __future__ import annotations
 
+from celery_flows.testing import RedisServer
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import RedisServer, pid_alive, wait_until_gone
+from tests.helpers import pid_alive, wait_until_gone
 
 
 def test_redis_db_is_fresh_and_isolated(redis_server: RedisServer, redis_db: RedisDB) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 from celery_flows import Flow, FlowState
 from celery_flows.registry.reads import INDEX_GRACE
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, _cli
+from tests.helpers import FLOWS, cli
 
 
 def test_expired_flows_are_pruned_from_the_index(
@@ -90,8 +90,8 @@ def test_list_with_a_limit_reads_the_index_in_bounded_pages(
     proj.flows.add_bulk(flows)
     index = proj.flows.store.keys.index
     monitor = _Monitor(redis_db)
-    out = _cli("list", "--limit", "5", "--name", "listed", broker=redis_db.celery_url)
-    none = _cli("list", "--state", "succeeded", broker=redis_db.celery_url)
+    out = cli("list", "--limit", "5", "--name", "listed", broker=redis_db.celery_url)
+    none = cli("list", "--state", "succeeded", broker=redis_db.celery_url)
     commands = monitor.stop()
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from celery_flows.testing import Worker, wait_until
 from tests.conftest import RedisDB
-from tests.harness import ROOT, WorkerProcess, wait_until
+from tests.helpers import ROOT
 
 DIST_ENV = "FLOWS_TEST_DIST"
 SOURCE_ENV = "FLOWS_TEST_SOURCE"
@@ -188,13 +189,13 @@ def test_installed_wheel_runs_a_flow_through_a_worker_kill_and_recovery(
 ) -> None:
     env = {**os.environ, "FLOWS_TEST_BROKER": redis_db.celery_url,
            "REDIS_PY_URL": redis_db.redis_url, "LEASE": str(LEASE), "PYTHONPATH": ""}
-    workers: list[WorkerProcess] = []
+    workers: list[Worker] = []
 
-    def worker(name: str) -> WorkerProcess:
-        w = WorkerProcess("installed_app", python=str(installed), cwd=app_dir,
-                          broker_url=redis_db.celery_url, extra_args=["--flows"],
-                          env={k: env[k] for k in ("REDIS_PY_URL", "LEASE", "PYTHONPATH")},
-                          name=f"{name}-{redis_db.db}", log_dir=tmp_path)
+    def worker(name: str) -> Worker:
+        w = Worker("installed_app", python=str(installed), cwd=app_dir, flows=True,
+                   env={k: env[k] for k in ("FLOWS_TEST_BROKER", "REDIS_PY_URL", "LEASE",
+                                            "PYTHONPATH")},
+                   name=f"{name}-{redis_db.db}", log_path=tmp_path / f"celery-{name}.log")
         workers.append(w)
         return w.start().wait_ready(60)
 

@@ -15,9 +15,9 @@ import pytest
 
 from celery_flows import Flow, FlowState, NodeState
 from celery_flows import faults as faults_mod
+from celery_flows.testing import Worker, wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import WorkerProcess, wait_until
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 LEASE = 3.0
 
@@ -30,7 +30,7 @@ def _doc(handle: Any, nid: str) -> dict[str, Any]:
     return handle.inspect()["nodes"][nid]
 
 
-def _warm_stop(worker: WorkerProcess, timeout: float = 90.0) -> None:
+def _warm_stop(worker: Worker, timeout: float = 90.0) -> None:
     """SIGTERM and wait for the worker to exit by itself (no SIGKILL fallback)."""
     assert worker.process is not None
     worker.process.send_signal(signal.SIGTERM)

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
-import pytest
-
 from celery_flows import Flow, FlowState
-from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, _cli, run_counts
-
-LIMITS = {"FLOWS_TEST_RATE_LIMITS": json.dumps({"api": "10/s", "five": "5/s"}),
-          "FLOWS_TEST_QUEUE_LIMITS": json.dumps({"capped": 2, "single": 1})}
-
-
-@pytest.fixture
-def limited(import_app: ImportApp, monkeypatch: pytest.MonkeyPatch) -> Any:
-    for k, v in LIMITS.items():
-        monkeypatch.setenv(k, v)
-    return import_app("tests.proj")
+from celery_flows.testing import wait_until
+from tests.conftest import RedisDB, WorkerFactory
+from tests.helpers import FLOWS, LIMITS, cli, run_counts
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -185,11 +172,11 @@ def test_stats_and_inspect_show_limits(
     h = limited.flows.submit(f)
     wait_until(lambda: h.node_states()["busy"] == "running", "busy to run")
     time.sleep(0.3)
-    out = _cli("stats", broker=redis_db.celery_url, env=LIMITS)
+    out = cli("stats", broker=redis_db.celery_url, env=LIMITS)
     assert out.returncode == 0, out.stderr
     assert "single: 1/1" in out.stdout
     assert "running: 1" in out.stdout
-    text = _cli("inspect", h.id, broker=redis_db.celery_url, env=LIMITS)
+    text = cli("inspect", h.id, broker=redis_db.celery_url, env=LIMITS)
     assert "queue:single" in text.stdout
     redis_db.client.set("stats-go", 1)
     assert h.wait(timeout=30) == FlowState.SUCCEEDED

@@ -6,7 +6,7 @@ from typing import Any
 
 from celery_flows import Flow, FlowState, FlowVersionError
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 
 def test_retries_replace_ignore_unknown_time_limit_and_progress(

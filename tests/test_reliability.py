@@ -14,26 +14,11 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState, FlowTimeoutError
+from celery_flows.testing import RedisServer, wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import RedisServer, wait_until
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, node_doc, one_outcome_per_attempt, run_counts
 
 LEASE = 3.0
-
-
-def node_doc(handle: Any, nid: str) -> dict[str, Any]:
-    return handle.inspect()["nodes"][nid]
-
-
-def one_outcome_per_attempt(handle: Any) -> None:
-    """Every attempt of every node has at most one recorded (non-late) outcome, and the
-    node's final state is that of its last attempt."""
-    for nid, rec in handle.store.nodes(handle.id).items():
-        recorded = Counter(h["attempt"] for h in rec["history"]
-                           if not h.get("late") and h["outcome"] in ("succeeded", "failed"))
-        assert all(n == 1 for n in recorded.values()), (nid, rec["history"])
-        if rec["state"] == "succeeded":
-            assert recorded[rec["attempt"]] == 1, (nid, rec["history"])
 
 
 def test_worker_killed_with_running_nodes_is_recovered_within_the_lease(

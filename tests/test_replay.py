@@ -23,9 +23,9 @@ import pytest
 
 from celery_flows import Flow, FlowState, FlowStateError
 from celery_flows.registry.scripts import script_texts
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 _INCOMPLETE = object()
 

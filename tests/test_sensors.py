@@ -9,9 +9,9 @@ import time
 import pytest
 
 from celery_flows import Flow, FlowState, NodeState
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.harness import wait_until
-from tests.test_engine import FLOWS, run_counts
+from tests.helpers import FLOWS, run_counts
 
 
 def test_a_poking_sensor_keeps_its_queue_slot_and_its_record_small(
