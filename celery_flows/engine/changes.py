@@ -12,20 +12,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..config import FlowsConfig
 from ..define.compile import PASSTHROUGH_OPTIONS
 from ..define.flow import Node
 from ..define.records import new_record
 from ..define.states import NodeState
 from ..define.validate import check_id, check_node_opts, check_rate, check_signature, new_node_id
 from ..errors import FlowDefinitionError, FlowStateError
-from ..registry import Store
-from ..registry.codec import Codec
 from ..registry.codes import raise_for
 from ..registry.replies import Change, Marked
-from .dispatch import CLAIM, Dispatcher
+from .dispatch import CLAIM
 from .eager import run_eager
-from .outcomes import Outcomes
+from .outcomes import OnOutcomes
 from .routing import task_defaults
 
 __all__ = ["Changes"]
@@ -33,17 +30,8 @@ __all__ = ["Changes"]
 _EMPTY_REPORT = ("released", "skipped", "cancelled", "reopened")
 
 
-class Changes:
+class Changes(OnOutcomes):
     """The change methods behind :class:`~celery_flows.Flows`."""
-
-    def __init__(self, app: Any, config: FlowsConfig, store: Store, codec: Codec,
-                 dispatcher: Dispatcher, outcomes: Outcomes) -> None:
-        self.app = app
-        self.config = config
-        self.store = store
-        self.codec = codec
-        self.dispatcher = dispatcher
-        self.outcomes = outcomes
 
     @property
     def _eager(self) -> bool:

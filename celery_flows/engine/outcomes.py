@@ -24,7 +24,7 @@ from ..registry.replies import Completion
 from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .limits import Limits
 
-__all__ = ["Outcomes", "current_instance", "set_instance"]
+__all__ = ["OnOutcomes", "Outcomes", "current_instance", "set_instance"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,19 @@ class Outcomes:
             if d and d.get("state") == "failed":
                 out[dep] = d.get("error") or "failed"
         return out
+
+
+class OnOutcomes:
+    """A part of the engine that records outcomes and reaches the app, configuration,
+    store, codec and dispatcher through them (submit, changes)."""
+
+    def __init__(self, outcomes: Outcomes) -> None:
+        self.outcomes = outcomes
+        self.app = outcomes.app
+        self.config = outcomes.config
+        self.store = outcomes.store
+        self.codec = outcomes.codec
+        self.dispatcher = outcomes.dispatcher
 
 
 def backend_outcome(app: Any, task_id: str) -> tuple[str, Any] | None:

@@ -54,13 +54,11 @@ class Engine:
 
     @cached_property
     def submitter(self) -> Submitter:
-        return Submitter(self.app, self.config, self.store, self.codec, self.dispatcher,
-                         self.outcomes)
+        return Submitter(self.outcomes)
 
     @cached_property
     def changes(self) -> Changes:
-        return Changes(self.app, self.config, self.store, self.codec, self.dispatcher,
-                       self.outcomes)
+        return Changes(self.outcomes)
 
     def close(self) -> None:
         """Close the registry's connections (they reopen on next use)."""

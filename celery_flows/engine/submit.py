@@ -13,19 +13,17 @@ import secrets
 from typing import Any
 
 from .. import faults
-from ..config import FlowsConfig, redact_webhook
+from ..config import redact_webhook
 from ..define.compile import CompiledFlow
 from ..define.flow import Flow
 from ..define.records import NodeRecord, context_field
 from ..errors import FlowDefinitionError
-from ..registry import Store
-from ..registry.codec import Codec
 from ..registry.codes import raise_for
 from ..registry.keys import FORMAT_VERSION
 from ..registry.transitions import CreateRow
-from .dispatch import CLAIM, Dispatcher
+from .dispatch import CLAIM
 from .eager import run_eager
-from .outcomes import Outcomes
+from .outcomes import OnOutcomes
 
 __all__ = ["Submitter"]
 
@@ -35,17 +33,8 @@ _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "p
                "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
 
 
-class Submitter:
+class Submitter(OnOutcomes):
     """``submit``: one flow from its definition to its released roots."""
-
-    def __init__(self, app: Any, config: FlowsConfig, store: Store, codec: Codec,
-                 dispatcher: Dispatcher, outcomes: Outcomes) -> None:
-        self.app = app
-        self.config = config
-        self.store = store
-        self.codec = codec
-        self.dispatcher = dispatcher
-        self.outcomes = outcomes
 
     @property
     def eager(self) -> bool:
