@@ -133,7 +133,8 @@ def test_manager_killed_while_recovering_a_lost_worker(
     attempts = sorted(node_doc(handle, n)["attempts"] for n in "ab")
     assert attempts == [1, 2], attempts
     worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=2)
-    # the killed manager's lock on the lost worker lapses (60 s) before anyone finishes
+    # the killed manager's lock on the lost worker lapses (RECOVERY_LOCK, 15 s) before
+    # anyone finishes
     assert handle.wait(timeout=180) == FlowState.SUCCEEDED
     for n in "ab":
         doc = node_doc(handle, n)

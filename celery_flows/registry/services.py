@@ -134,8 +134,12 @@ class Services(Connection):
         pipe.delete(self.keys.recovering(instance))
         pipe.execute()
 
-    def lock_instance(self, instance: str, seconds: int = 60) -> bool:
+    def lock_instance(self, instance: str, seconds: int) -> bool:
         return bool(self.client.set(self.keys.recovering(instance), "1", nx=True, ex=seconds))
+
+    def extend_lock(self, instance: str, seconds: int) -> None:
+        """Keep holding the recovery lock of ``instance`` (it lapses if we die)."""
+        self.client.set(self.keys.recovering(instance), "1", xx=True, ex=seconds)
 
     def unlock_instance(self, instance: str) -> None:
         self.client.delete(self.keys.recovering(instance))

@@ -42,7 +42,7 @@ Importing this package does not import pytest.
 
 from ._common import find_redis_server, wait_until
 from .redis_server import RedisDatabase, RedisServer
-from .worker import Worker, WorkerFactory
+from .worker import Worker, WorkerFactory, stop_all
 
 __all__ = [
     # processes
@@ -53,5 +53,6 @@ __all__ = [
     "WorkerFactory",
     # helpers
     "find_redis_server",
+    "stop_all",
     "wait_until",
 ]

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from .redis_server import RedisDatabase, RedisServer
-from .worker import Worker, WorkerFactory
+from .worker import Worker, WorkerFactory, stop_all
 
 __all__ = [
     "flows_celery_env",
@@ -139,8 +139,7 @@ def flows_worker(
     try:
         yield start
     finally:
-        for worker in workers:
-            worker.stop(timeout=STOP_TIMEOUT)
+        stop_all(workers, timeout=STOP_TIMEOUT)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -29,7 +29,7 @@ from typing import IO, Any, Protocol
 
 from ._common import _import_roots, _live_pids, _tail
 
-__all__ = ["Worker", "WorkerFactory"]
+__all__ = ["Worker", "WorkerFactory", "stop_all"]
 
 class Worker:
     """``python -m celery -A <app> worker`` in a subprocess, in its own process group.
@@ -95,6 +95,7 @@ class Worker:
         )
         #: the worker's main process once started
         self.process: subprocess.Popen[bytes] | None = None
+        self._stopping = False
         self._log_file: IO[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -143,6 +144,7 @@ class Worker:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_file = open(self.log_path, "wb")  # closed by _reap()
+        self._stopping = False
         self.process = subprocess.Popen(
             self.command,
             cwd=self.cwd,
@@ -269,6 +271,13 @@ class Worker:
         os.kill(pid, sig)
         return pid
 
+    def begin_stop(self) -> None:
+        """Start a warm shutdown (SIGTERM, once) without waiting for it: several
+        workers then shut down side by side (see :func:`stop_all`)."""
+        if self.process is not None and self.process.poll() is None and not self._stopping:
+            self._stopping = True
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> int | None:
         """Warm shutdown: SIGTERM, and wait until the running tasks finished and the
         worker exited; after ``timeout`` seconds SIGKILL the whole process group.
@@ -279,7 +288,7 @@ class Worker:
         if self.process is None:
             return None
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.begin_stop()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -331,6 +340,15 @@ class Worker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_all(workers: Sequence[Worker], timeout: float = 15.0) -> None:
+    """Warm-shut down several workers side by side, within one ``timeout`` for all."""
+    for worker in workers:
+        worker.begin_stop()
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        worker.stop(timeout=max(deadline - time.monotonic(), 0.1))
 
 
 class WorkerFactory(Protocol):

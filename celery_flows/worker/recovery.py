@@ -33,6 +33,10 @@ __all__ = ["Reconciler", "heartbeat_interval", "recover_lost_workers", "rescue_s
 logger = logging.getLogger(__name__)
 
 RECONCILE_GRACE = 10.0  # seconds a task must be gone from the worker before reconciling
+#: Seconds a manager's lock on a lost instance outlives its last sign of progress: the
+#: lock is renewed after each lease, so a manager that dies mid-recovery delays the
+#: next one by this much at most (recover.lua is idempotent; the lock only saves work).
+RECOVERY_LOCK = 15
 
 
 def heartbeat_interval(config: FlowsConfig) -> float:
@@ -107,7 +111,7 @@ def recover_lost_workers(engine: Engine) -> int:
     store, outcomes, config = engine.store, engine.outcomes, engine.config
     recovered = 0
     for instance in store.lost_instances(config.lease_timeout):
-        if instance == current_instance() or not store.lock_instance(instance):
+        if instance == current_instance() or not store.lock_instance(instance, RECOVERY_LOCK):
             continue
         why = (f"worker {instance_host(instance)} stopped heartbeating for more than "
                f"{config.lease_timeout:g} s")
@@ -121,6 +125,7 @@ def recover_lost_workers(engine: Engine) -> int:
                         and outcomes.record_stored(ref, task_id)):
                     outcomes.record_lost(ref, why, lost_instance=instance)
                 recovered += 1
+                store.extend_lock(instance, RECOVERY_LOCK)
             except Exception:
                 logger.exception("celery-flows: recovering %s failed; will retry", task_id)
                 store.unlock_instance(instance)
