@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..config import FlowsConfig
 from ..define.records import NodeRecord
 from ..define.validate import check_node_opts, check_rate
 
-__all__ = ["route_queue", "task_defaults", "with_call_defaults"]
+__all__ = ["node_defaults", "route_queue", "task_defaults", "with_call_defaults"]
 
 
 def route_queue(app: Any, rec: NodeRecord, task_name: str, args: Any, kwargs: Any) -> str:
@@ -33,15 +32,14 @@ def task_defaults(app: Any, task_name: str) -> dict[str, Any]:
 
 def node_defaults(queue: str | None, priority: int | None, failure_policy: str | None,
                   trigger_rule: str | None, max_recoveries: int | None,
-                  rate_limit: str | None, config: FlowsConfig | None = None
-                  ) -> dict[str, Any]:
+                  rate_limit: str | None) -> dict[str, Any]:
     """Validated ``@flows.task`` node defaults."""
     defaults = check_node_opts(
         "<task defaults>", queue=queue, priority=priority, failure_policy=failure_policy,
         trigger_rule=trigger_rule, max_recoveries=max_recoveries,
     )
     if rate_limit is not None:
-        check_rate(rate_limit, config, "flow_rate_limit")
+        check_rate(rate_limit, None, "flow_rate_limit")
         defaults["rate"] = rate_limit
     return defaults
 

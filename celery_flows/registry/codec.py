@@ -59,9 +59,6 @@ class Codec:
         options = call[2] if len(call) > 2 else {}
         return Call(list(call[0]), dict(call[1]), dict(options))
 
-    def load_call(self, blob: bytes | None) -> tuple[list[Any], dict[str, Any]]:
-        call = self.load_node_call(blob)
-        return call.args, call.kwargs
 
     def dump_context(self, context: dict[str, Any]) -> bytes:
         return self._pack(self.task_serializer, context)

@@ -31,7 +31,7 @@ import uuid
 from typing import Any, NamedTuple
 
 __all__ = [
-    "TaskRef", "WaitMember", "flow_limiter", "group_limiter", "instance_host",
+    "TaskRef", "flow_limiter", "group_limiter", "instance_host",
     "is_queue_limiter", "member_for", "new_batch_id", "new_dirty_token", "new_instance_id",
     "new_request_id", "order_key", "parse_member", "parse_task_id", "queue_limiter",
     "task_id_for", "task_limiter", "task_nonce", "token_flow",
@@ -93,14 +93,6 @@ def instance_host(instance: str) -> str:
 
 # -- wait queues ------------------------------------------------------------------------
 
-class WaitMember(NamedTuple):
-    """The node attempt a wait-queue member stands for."""
-
-    flow_id: str
-    node_id: str
-    attempt: int
-
-
 def order_key(path: int, priority: int | None, ready_at: float) -> str:
     """Wait queues sort members lexically: longest path first, then priority (Redis:
     0 first), then the time the node became ready."""
@@ -112,11 +104,12 @@ def member_for(order: str, flow_id: str, node_id: str, attempt: int) -> str:
     return f"{order}|{flow_id}|{node_id}|{attempt}"
 
 
-def parse_member(member: str) -> WaitMember | None:
+def parse_member(member: str) -> TaskRef | None:
+    """The node attempt a wait-queue member stands for."""
     parts = member.split("|")
     if len(parts) != 4 or not parts[3].isdigit():
         return None
-    return WaitMember(parts[1], parts[2], int(parts[3]))
+    return TaskRef(parts[1], parts[2], int(parts[3]))
 
 
 # -- limiters ---------------------------------------------------------------------------
