@@ -18,6 +18,7 @@ from ..registry import Store
 from ..registry.codec import Codec
 from ..registry.ids import member_for, order_key, task_id_for
 from ..registry.replies import Claim, Published
+from .acks import Acks
 from .limits import Limits
 from .routing import route_queue
 
@@ -105,12 +106,15 @@ class Dispatcher:
         self.store = store
         self.codec = codec
         self.limits = limits
+        self.acks = Acks(store)
 
-    def drain(self, fid: str, token: str | None = None, claim: Claim | None = None) -> None:
+    def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
+              defer: bool = False) -> None:
         """Publish everything claimable in the flow's outbox, starting with ``claim`` if
         the caller already made one. The dirty marker ``token`` is cleared once nothing
         is left that another process still holds a claim on; otherwise it stays for the
-        sweeper."""
+        sweeper. ``defer``: the acknowledgements may wait (acks.py); a submit or a
+        change acknowledges at once, so that its caller sees the nodes queued."""
         store = self.store
         while True:
             if claim is None:
@@ -121,7 +125,7 @@ class Dispatcher:
                 store.queue_webhook(fid)
             if claim.code != 0:
                 # gone, paused or cancelled: resume/retry mark the flow dirty themselves
-                if token is not None:
+                if token:
                     store.published(fid, [], clear_token=token)
                 return
             sent: list[Published] = []
@@ -155,10 +159,23 @@ class Dispatcher:
                              nid, fid, error)
                 store.complete(fid, nid, attempt, "failed", b"", error)
             if short and not refused:
-                store.published(fid, sent, clear_token=token if claim.left == 0 else None)
+                self._acknowledge(fid, sent, token if claim.left == 0 else None, defer)
                 return
-            store.published(fid, sent)
+            self._acknowledge(fid, sent, None, defer)
             claim = None
+
+    def _acknowledge(self, fid: str, sent: list[Published], token: str | None,
+                     defer: bool) -> None:
+        """Acknowledge what was sent: a node its limiters admitted at once (its queue slot
+        and release time count), the rest, when ``defer``, within ACK_DELAY together
+        with others (acks.py)."""
+        if not defer:
+            self.store.published(fid, sent, clear_token=token)
+            return
+        limited = [p for p in sent if p.released_at is not None]
+        if limited:
+            self.store.published(fid, limited)
+        self.acks.add(fid, [p for p in sent if p.released_at is None], token)
 
     def prepare(self, fid: str, nonce: str, entry: list[Any]) -> Call:
         """Decode a claimed outbox entry into the call to make."""
@@ -259,14 +276,15 @@ class Dispatcher:
             options["retries"] = call.retries  # a retry held in Redis, not by Celery
         sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
         sig.apply_async(**options)
-        return Published(call.node_id, call.attempt, call.queue, call.task_id, released)
+        return Published(call.node_id, call.attempt, call.queue, call.task_id, released,
+                         call.retries)
 
-    def release(self, fid: str, token: str | None = None, claim: Claim | None = None
-                ) -> None:
+    def release(self, fid: str, token: str | None = None, claim: Claim | None = None,
+                defer: bool = False) -> None:
         """:meth:`drain`, logging instead of raising: a failed publish is retried by the
         sweeper of a ``--flows`` worker once the dirty marker is old enough."""
         try:
-            self.drain(fid, token, claim)
+            self.drain(fid, token, claim, defer)
         except Exception:
             logger.exception("celery-flows: publishing ready nodes of flow %s failed; the "
                              "sweeper of a --flows worker will retry", fid)

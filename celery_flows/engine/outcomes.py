@@ -101,12 +101,14 @@ class Outcomes:
                                           CLAIM_LEASE, BATCH, external, drop, falsy)
         done = marked.reply
         if done.code < 0:
-            store.clear_dirty(marked.token)
+            if marked.token:
+                store.clear_dirty(marked.token)
             raise_for(done.code, fid)
         if done.code == 1 and task_id:
             self.limits.release_slot(done.queue, task_id)
         faults.point("after-record")
-        self.dispatcher.release(fid, marked.token, marked.claim)
+        # a worker's release: nobody waits for the acknowledgement of what it sent
+        self.dispatcher.release(fid, marked.token, marked.claim, defer=True)
         return done
 
     def record_lost(self, ref: TaskRef, error: str, lost_instance: str = "") -> int:

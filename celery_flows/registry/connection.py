@@ -81,6 +81,13 @@ class Connection:
         """The SHA1 of a script as sent to Redis (EVALSHA)."""
         return str(self._scripts[name].sha)
 
+    @property
+    def inline(self) -> bool:
+        """Whether flow scripts also write the global indexes themselves (GKEYS in
+        lua/_request.lua): on a single Redis. On a cluster those keys live in other
+        slots, so they are written by separate commands in the same round trip."""
+        return not self.config.redis_cluster
+
     def _flow_keys(self, fid: str, request_id: str) -> list[str]:
         keys = self.keys.flow(fid)
         return [*keys, self.keys.request(keys[0], request_id)]
@@ -95,9 +102,16 @@ class Connection:
         request = self.keys.request(keys[0], new_request_id())
         return self._scripts[name](keys=[*keys, request], args=list(args))
 
-    def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any]) -> None:
-        rid = pipe.request_id() if isinstance(pipe, Batch) else new_request_id()
-        keys = self._flow_keys(fid, rid)
+    def _queue(self, pipe: Any, name: str, fid: str, args: Sequence[Any],
+               gkeys: Sequence[str] = (), keep_reply: bool = True) -> None:
+        """Queue a flow transition in ``pipe``; ``gkeys``: the global keys it also
+        writes (only when :attr:`inline`). ``keep_reply`` False: a transition that is
+        idempotent by itself and whose reply nobody reads keeps no request key."""
+        if not keep_reply:
+            rid = NO_REQUEST
+        else:
+            rid = pipe.request_id() if isinstance(pipe, Batch) else new_request_id()
+        keys = [*self._flow_keys(fid, rid), *gkeys]
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
     def _execute(self, build: Callable[[Any], None]) -> list[Any]:

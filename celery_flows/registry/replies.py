@@ -102,6 +102,7 @@ class Published(NamedTuple):
     queue: str
     task_id: str
     released_at: float | None  # when its limiters admitted it (None: no limiter)
+    retries: int = 0  # the node's retry count its message was sent with
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ leases, limiter state and wait queues. Plain commands, each safe to repeat."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
@@ -100,6 +100,10 @@ class Services(Connection):
 
     def lease_add(self, instance: str, task_id: str) -> None:
         self.client.zadd(self.keys.leases(instance), {task_id: self.now()})
+
+    def lease_add_many(self, instance: str, task_ids: Iterable[str]) -> None:
+        now = self.now()
+        self.client.zadd(self.keys.leases(instance), dict.fromkeys(task_ids, now))
 
     def lease_drop(self, instance: str, task_id: str) -> None:
         self.client.zrem(self.keys.leases(instance), task_id)

@@ -129,22 +129,39 @@ class Transitions(Connection):
                   track: bool = True) -> None:
         """Acknowledge published nodes, track their messages until a worker starts them
         (see the rescue of stranded messages) and clear a dirty marker, in one round
-        trip."""
-        argv: list[Any] = []
-        for item in items:
-            released = "" if item.released_at is None else repr(item.released_at)
-            argv += [item.node_id, item.attempt, item.queue, released, item.task_id]
+        trip. ``track`` False: the eager driver's nodes, never in a broker."""
+        self.published_many([(fid, items, [clear_token] if clear_token else [])], track)
+
+    def published_many(self, acks: Sequence[tuple[str, Sequence[Published], Sequence[str]]],
+                       track: bool = True) -> None:
+        """:meth:`published` for several flows, each with its dirty markers, in one round
+        trip: one script per flow on a single Redis."""
         now = self.now()
+        inline = self.inline and track
 
         def build(pipe: Any) -> None:
-            if argv:
-                self._queue(pipe, "published", fid, argv)
-                if track:
-                    pipe.zadd(self.keys.queued, {item.task_id: now for item in items})
-            if clear_token is not None:
-                pipe.zrem(self.keys.dispatch, clear_token)
+            for fid, items, tokens in acks:
+                argv: list[Any] = []
+                for item in items:
+                    released = "" if item.released_at is None else repr(item.released_at)
+                    argv += [item.node_id, item.attempt, item.queue, released, item.task_id,
+                             item.retries]
+                if inline:
+                    if argv:
+                        # idempotent: a re-sent acknowledgement changes nothing more
+                        self._queue(pipe, "published", fid, [len(tokens), *tokens, *argv],
+                                    [self.keys.queued, self.keys.dispatch], keep_reply=False)
+                    elif tokens:
+                        pipe.zrem(self.keys.dispatch, *tokens)
+                    continue
+                if argv:
+                    self._queue(pipe, "published", fid, [0, *argv], keep_reply=False)
+                    if track:
+                        pipe.zadd(self.keys.queued, {item.task_id: now for item in items})
+                if tokens:
+                    pipe.zrem(self.keys.dispatch, *tokens)
 
-        if argv or clear_token is not None:
+        if any(items or tokens for _fid, items, tokens in acks):
             self._execute(build)
 
     def hold(self, fid: str, nid: str, attempt: int, member: str, limiter_id: str,
@@ -168,14 +185,24 @@ class Transitions(Connection):
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
               worker: str, instance: str = "") -> Started:
+        """start.lua; the message leaves the queued index and, if it may run, joins the
+        instance's leases (inside the script on a single Redis)."""
+        args = [nid, attempt, start_key, task_id, worker, instance]
+        gkeys = [self.keys.queued, *([self.keys.leases(instance)] if instance else [])]
+
         def build(pipe: Any) -> None:
-            self._queue(pipe, "start", fid, [nid, attempt, start_key, task_id, worker, instance])
+            if self.inline:
+                self._queue(pipe, "start", fid, args, gkeys)
+                return
+            self._queue(pipe, "start", fid, args)
             pipe.zrem(self.keys.queued, task_id)
 
         out = self._execute(build)[0]
         code = int(out[0])
         if code != 1:
             return Started(code, {}, None)
+        if instance and not self.inline:
+            self.client.zadd(self.keys.leases(instance), {task_id: self.now()})
         overlay = self.codec.load_context(out[2])
         return Started(code, self.codec.load_context(out[1]), overlay or None)
 
@@ -211,15 +238,27 @@ class Transitions(Connection):
                            result: bytes, error: str, lease: float, limit: int,
                            external: bool = False, drop_lease: tuple[str, str] | None = None,
                            falsy: bool = False) -> Marked[Completion]:
-        """Mark the flow dirty, record the outcome, claim what it made ready and drop
-        the recording worker's lease, in one round trip (in this order on the server)."""
+        """Record the outcome, claim what it made ready behind a dirty marker and drop
+        the recording worker's lease: one script on a single Redis (the marker is
+        written only when there is something to publish; ``token`` is "" otherwise),
+        one round trip of four commands on a cluster."""
         token = new_dirty_token(fid)
+        args = self._complete_args(nid, attempt, outcome, result, error, external, "", falsy)
+        claim_args = self._claim_args(lease, limit)
+        if self.inline:
+            gkeys = [self.keys.dispatch]
+            if drop_lease is not None:
+                gkeys.append(self.keys.leases(drop_lease[0]))
+            out = self._execute(lambda pipe: self._queue(
+                pipe, "complete", fid,
+                [*args, *claim_args, token, drop_lease[1] if drop_lease else ""], gkeys))[0]
+            return Marked(token if text(out[4]) == "1" else "", Completion.of(out),
+                          Claim.of(out[5]) if out[5] else None)
 
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: self.now()})
-            self._queue(pipe, "complete", fid, self._complete_args(
-                nid, attempt, outcome, result, error, external, "", falsy))
-            self._queue(pipe, "claim", fid, self._claim_args(lease, limit))
+            self._queue(pipe, "complete", fid, args)
+            self._queue(pipe, "claim", fid, claim_args)
             if drop_lease is not None:
                 pipe.zrem(self.keys.leases(drop_lease[0]), drop_lease[1])
 

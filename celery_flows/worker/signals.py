@@ -23,7 +23,7 @@ from ..engine import Engine, engine_of
 from ..engine.outcomes import current_instance
 from ..errors import FlowVersionError
 from ..registry.ids import TaskRef, parse_task_id
-from . import guard
+from . import guard, receipts
 
 __all__ = ["connect"]
 
@@ -146,8 +146,13 @@ def on_task_received(sender: Any = None, request: Any = None, **_: Any) -> None:
     if instance is None or parse_task_id(task_id) is None:
         return
     engine = _engine(sender)
-    if engine is not None:
-        _safely("a lease", engine.store.lease_add, instance, task_id)
+    if engine is None:
+        return
+    waiting = receipts.current()
+    if waiting is not None and engine.store.inline:
+        waiting.add(str(task_id))  # leased by its start, or within RECEIPT_DELAY
+        return
+    _safely("a lease", engine.store.lease_add, instance, task_id)
 
 
 def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, **_: Any

@@ -37,7 +37,7 @@ from ..engine.outcomes import set_instance
 from ..engine.release import collect_slots, fire_timers, release_held
 from ..errors import FlowsConfigError
 from ..registry.ids import instance_host, parse_task_id, token_flow
-from . import guard, recovery, webhooks
+from . import guard, receipts, recovery, webhooks
 
 __all__ = ["FlowsStep", "check_redis", "install", "sweep"]
 
@@ -87,6 +87,7 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
         # before the pool forks: children report under the same instance
         self.instance = set_instance(getattr(parent, "hostname", "") or "")
         self.reconciler = recovery.Reconciler(self.engine, self.instance)
+        self.receipts = receipts.Receipts(self.engine.store, self.instance)
 
     def start(self, parent: Any) -> None:
         self._stop.clear()
@@ -95,6 +96,9 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
         self._beat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                              name="celery-flows-heartbeat")
         self._beat_thread.start()
+        if self.engine.store.inline:
+            self.receipts.install()
+            self._spawn("celery-flows-receipts", lambda: self.receipts.run(self._stop))
         # sent by WorkController.stop() after the blueprint (the pool included) stopped
         signals.worker_shutdown.connect(self._on_worker_shutdown, sender=parent, weak=False,
                                         dispatch_uid=f"celery_flows.shutdown.{self.instance}")

@@ -15,7 +15,8 @@
   KEYS[#KEYS] is the request key, <prefix>:{<tag>}:req:<request id> (keys.py), under
   the hash tag of the script's other keys so that Redis Cluster keeps one slot. The
   request id is drawn once per logical call in Python, before redis-py's retry loop.
-  The transition sees KEYS without it (#KEYS loops included). An empty request id (the
+  The transition sees KEYS without it (#KEYS loops included), and GKEYS holds the keys
+  passed after it (see below). An empty request id (the
   key ends in ':req:') keeps nothing: dry runs write nothing at all.
 
   The reply is kept for REPLY_TTL seconds, packed with cmsgpack (which keeps binary
@@ -28,8 +29,14 @@
   under a fresh claim lease, less any that stopped being ready meanwhile. A claim that
   got no entries is simply run again.
 ]]
-local REQUEST = KEYS[#KEYS]
-local KEYS = {unpack(KEYS, 1, #KEYS - 1)}
+-- the request key is the last of the script's own keys; the keys after it (GKEYS) are
+-- global keys a flow script also writes on a single Redis (never on a cluster, where
+-- they live in other slots and the caller sends those writes as separate commands)
+local NREQ = #KEYS
+while NREQ > 0 and not string.find(KEYS[NREQ], '}:req:', 1, true) do NREQ = NREQ - 1 end
+local REQUEST = KEYS[NREQ]
+local GKEYS = {unpack(KEYS, NREQ + 1, #KEYS)}
+local KEYS = {unpack(KEYS, 1, NREQ - 1)}
 local ARGV = ARGV
 if type(REQUEST) ~= 'string' or not string.find(REQUEST, ':req:', 1, true) then
   return redis.error_reply('celery-flows: a transition was called without its request ' ..

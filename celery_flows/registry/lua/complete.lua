@@ -9,7 +9,17 @@
           Celery itself re-sent the message)
   ARGV[8] '0' when a succeeded result is falsy: a sensor then pokes again after its
           poke_interval, or fails once its timeout has passed
-  Returns: {code, released, flow state, the node's queue}
+  ARGV[9..11] claim lease, most entries, claim mode (claim.lua's ARGV[1..3]): when
+          given, what the completion released is claimed in this same step (the reply's
+          sixth field); ARGV[12] a dirty marker for the dispatch index and ARGV[13] the
+          task id whose lease to drop, both used only with GKEYS (below)
+  GKEYS (after the request key, only on a single Redis; on a cluster the caller sends
+         these writes itself): [1] the dispatch index: the marker ARGV[12] is added at
+         the Redis time when the claim took entries or others' claims are pending
+         (someone must publish them); [2] the recording worker's lease set: ARGV[13]
+         leaves it
+  Returns: {code, released, flow state, the node's queue, '1' if the marker was added,
+            claim reply (claim.lua) or ''}
     1 recorded | 0 late or duplicate report, kept in the node's history only
     6 recorded a sensor's falsy check: it pokes again later as the same attempt and
       keeps its queue slot (SPEC 7: a retrying node keeps its slot)
@@ -18,75 +28,90 @@
          -> scheduled (outbox), awaiting, or skipped (cascading; fail_fast cancels the
          rest); flow state refreshed.
 ]]
-local ok = flow_ok()
-if ok < 0 then return {ok, 0, '', ''} end
-local id, attempt, outcome = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local rec = load(id)
-if not rec then return {-4, 0, '', ''} end
-local now = now_ts()
-local err = ARGV[5]
-local external = ARGV[6] == '1'
-local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
-if external then
-  open = open and rec.state == 'awaiting'
-else
-  open = open and rec.state ~= 'awaiting'
-end
-if not open then
-  history(rec, {attempt = attempt, outcome = outcome, at = now, late = true,
-                error = (err ~= '' and err or nil)})
-  save(id, rec)
-  flush()
-  return {0, 0, mget('state'), val(rec.queue) or ''}
-end
-if outcome == 'retrying' then
-  rec.state = 'retrying'
-  rec.retries = (rec.retries or 0) + 1
-  rec.error = err
-  local delay = tonumber(ARGV[7] or '')
-  if delay then
-    rec.retry_at = now + delay
-    timed_add(id, now + delay)
-  end
-  save(id, rec)
-  flush()
-  return {1, 0, mget('state'), val(rec.queue) or ''}
-end
-if outcome == 'succeeded' and rec.kind == 'sensor' and ARGV[8] == '0' then
-  local since = tonumber(val(rec.sensor_since)) or now
-  local timeout = tonumber(val(rec.timeout)) or 600
-  local poke = tonumber(val(rec.poke)) or 10
-  if now + poke - since > timeout then
-    outcome, err = 'failed', 'TimeoutError: the sensor condition was not met within ' ..
-      timeout .. ' s'
+local function record()
+  local ok = flow_ok()
+  if ok < 0 then return {ok, 0, '', ''} end
+  local id, attempt, outcome = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+  local rec = load(id)
+  if not rec then return {-4, 0, '', ''} end
+  local now = now_ts()
+  local err = ARGV[5]
+  local external = ARGV[6] == '1'
+  local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
+  if external then
+    open = open and rec.state == 'awaiting'
   else
+    open = open and rec.state ~= 'awaiting'
+  end
+  if not open then
+    history(rec, {attempt = attempt, outcome = outcome, at = now, late = true,
+                  error = (err ~= '' and err or nil)})
+    save(id, rec)
+    flush()
+    return {0, 0, mget('state'), val(rec.queue) or ''}
+  end
+  if outcome == 'retrying' then
     rec.state = 'retrying'
     rec.retries = (rec.retries or 0) + 1
-    rec.retry_at = now + poke
-    -- nothing grows per poke: start.lua refuses a start key below rec.retries, so the
-    -- keys of earlier pokes need not be kept
-    rec.starts = {}
+    rec.error = err
+    local delay = tonumber(ARGV[7] or '')
+    if delay then
+      rec.retry_at = now + delay
+      timed_add(id, now + delay)
+    end
     save(id, rec)
-    timed_add(id, now + poke)
     flush()
-    return {6, 0, mget('state'), val(rec.queue) or ''}
+    return {1, 0, mget('state'), val(rec.queue) or ''}
+  end
+  if outcome == 'succeeded' and rec.kind == 'sensor' and ARGV[8] == '0' then
+    local since = tonumber(val(rec.sensor_since)) or now
+    local timeout = tonumber(val(rec.timeout)) or 600
+    local poke = tonumber(val(rec.poke)) or 10
+    if now + poke - since > timeout then
+      outcome, err = 'failed', 'TimeoutError: the sensor condition was not met within ' ..
+        timeout .. ' s'
+    else
+      rec.state = 'retrying'
+      rec.retries = (rec.retries or 0) + 1
+      rec.retry_at = now + poke
+      -- nothing grows per poke: start.lua refuses a start key below rec.retries, so the
+      -- keys of earlier pokes need not be kept
+      rec.starts = {}
+      save(id, rec)
+      timed_add(id, now + poke)
+      flush()
+      return {6, 0, mget('state'), val(rec.queue) or ''}
+    end
+  end
+  rec.state = outcome
+  rec.finished_at = now
+  ready_rem(id)
+  timed_rem(id)
+  if val(rec.started_at) == nil then rec.started_at = now end
+  if outcome == 'succeeded' then
+    rec.error = cjson.null
+    later(function() redis.call('HSET', RESULTS, id, ARGV[4]) end)
+  else
+    rec.error = err
+  end
+  history(rec, {attempt = attempt, outcome = outcome, at = now,
+                error = (err ~= '' and err or nil)})
+  save(id, rec)
+  settle(id, now)
+  local state = set_flow_state(now)
+  flush()
+  return {1, #REPORT.released, state, val(rec.queue) or ''}
+end
+
+local reply = record()
+reply[5], reply[6] = '', ''
+if (ARGV[9] or '') ~= '' and reply[1] >= 0 then
+  local claim = claim_entries(tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], {})
+  reply[6] = claim
+  if GKEYS[1] and claim[1] == 0 and (#claim > 6 or tonumber(claim[2]) > 0) then
+    redis.call('ZADD', GKEYS[1], now_ts(), ARGV[12])
+    reply[5] = '1'
   end
 end
-rec.state = outcome
-rec.finished_at = now
-ready_rem(id)
-timed_rem(id)
-if val(rec.started_at) == nil then rec.started_at = now end
-if outcome == 'succeeded' then
-  rec.error = cjson.null
-  later(function() redis.call('HSET', RESULTS, id, ARGV[4]) end)
-else
-  rec.error = err
-end
-history(rec, {attempt = attempt, outcome = outcome, at = now,
-              error = (err ~= '' and err or nil)})
-save(id, rec)
-settle(id, now)
-local state = set_flow_state(now)
-flush()
-return {1, #REPORT.released, state, val(rec.queue) or ''}
+if GKEYS[2] and (ARGV[13] or '') ~= '' then redis.call('ZREM', GKEYS[2], ARGV[13]) end
+return reply

@@ -1,0 +1,111 @@
+--[[
+  engine/claim.lua: claim_entries, taking outbox entries for publishing (claim.lua, and
+  complete.lua, which claims what a completion released in the same step).
+  Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
+  list, contains, flush), flow (set_flow_state), evaluate (edge_kind), settle
+  (fail_node).
+
+  claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
+    lease      seconds an unacknowledged claim holds an entry
+    limit      the most entries
+    mode       '1': report longest paths; 'eager': the eager driver's claim
+    ids_given  explicit node ids (a releaser's held nodes), or {} for due entries
+]]
+local function claim_entries(lease, limit, mode, ids_given)
+  local st = mget('state')
+  -- an eager flow belongs to the producer driving it in-process, never to the workers;
+  -- a flow of an add_bulk batch not yet committed and un-hidden: nothing of it runs
+  if st == 'cancelled' or mget('paused') == '1' or mget('hidden')
+      or (mget('eager') == '1' and mode ~= 'eager') then
+    return {1, 0, '', '', '', mget('webhook_pending') or ''}
+  end
+  local now = now_ts()
+  -- due timed entries: a held retry or poke goes to the outbox; an external node past
+  -- its deadline fails
+  local expired = false
+  if #ids_given == 0 then
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', TIMED, '-inf', now)) do
+      local rec = load(id)
+      redis.call('ZREM', TIMED, id)
+      if rec and rec.state == 'awaiting' then
+        expired = true
+        fail_node(id, rec, now, 'TimeoutError: external node ' .. id .. ' was not signalled ' ..
+          'within ' .. (tonumber(val(rec.timeout)) or EXTERNAL_TIMEOUT) .. ' s')
+      elseif rec and rec.state == 'retrying' then
+        redis.call('ZADD', READY, 0, id)
+      end
+    end
+    if expired then
+      -- written now, so that what the expiry released is claimed by this same call
+      set_flow_state(now)
+      flush()
+    end
+  end
+  -- claimed by another process, not yet published (held entries are not claims)
+  local left = redis.call('ZCOUNT', READY, '(' .. now, '(' .. HELD)
+  local ids
+  if #ids_given > 0 then
+    ids = {}
+    for _, id in ipairs(ids_given) do
+      if redis.call('ZSCORE', READY, id) then ids[#ids + 1] = id end
+    end
+  else
+    ids = redis.call('ZRANGEBYSCORE', READY, '-inf', now, 'LIMIT', 0, limit)
+  end
+  local memo = {}
+  local function longest(id)
+    -- iterative post-order DFS over dependents, memoised within this call
+    local stack = {{id, 1}}
+    while #stack > 0 do
+      local top = stack[#stack]
+      local rec = load(top[1])
+      local kids = list(rec.deps_of)
+      if top[2] <= #kids then
+        local kid = kids[top[2]]
+        top[2] = top[2] + 1
+        if memo[kid] == nil then stack[#stack + 1] = {kid, 1} end
+      else
+        local best = 0
+        for _, kid in ipairs(kids) do
+          if memo[kid] and memo[kid] > best then best = memo[kid] end
+        end
+        memo[top[1]] = best + 1
+        stack[#stack] = nil
+      end
+    end
+    return memo[id]
+  end
+  local want_path = mode == '1' or (mget('rate_limit') or '') ~= ''
+  local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', ''}
+  for _, id in ipairs(ids) do
+    local rec = load(id)
+    if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
+      redis.call('ZREM', READY, id)
+    else
+      redis.call('ZADD', READY, now + lease, id)
+      if rec.putback then
+        -- released again after a pause: this claim's publish moves it to queued
+        rec.putback = nil
+        save(id, rec)
+      end
+      local kinds, results = {}, {}
+      for i, did in ipairs(list(rec.after)) do
+        local kind = 'removed'
+        if not contains(rec.removed, did) then kind = edge_kind(load(did)) end
+        kinds[i] = kind
+        results[i] = false
+        if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
+      end
+      local path = 0
+      if want_path or val(rec.rate) then path = longest(id) end
+      out[#out + 1] = {id, cjson.encode(rec), redis.call('HGET', ARGS, id),
+                       cjson.encode(kinds), results, path}
+    end
+  end
+  -- the earliest timed entry (external deadline, held retry, sensor poke): a timer
+  local nxt = redis.call('ZRANGE', TIMED, 0, 0, 'WITHSCORES')
+  if nxt[2] then out[5] = nxt[2] end
+  out[6] = mget('webhook_pending') or ''
+  flush()  -- putback marks cleared above
+  return out
+end
