@@ -107,8 +107,9 @@ class Outcomes:
         if done.code == 1 and task_id:
             self.limits.release_slot(done.queue, task_id)
         faults.point("after-record")
-        # a worker's release: nobody waits for the acknowledgement of what it sent
-        self.dispatcher.release(fid, marked.token, marked.claim, defer=True)
+        # a worker's release: nobody waits for the acknowledgement of what it sent (a
+        # producer's signal() returns with the dependents queued)
+        self.dispatcher.release(fid, marked.token, marked.claim, defer=instance is not None)
         return done
 
     def record_lost(self, ref: TaskRef, error: str, lost_instance: str = "") -> int:

@@ -25,6 +25,7 @@ LUA_DIR = Path(__file__).with_name("lua")
 REPLY_TTL = 120
 #: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
 REPLAY_ENTRIES = frozenset({"claim"})
+REPLAY_CLAIMED = frozenset({"complete"})
 _TRANSITION = "-- @transition\n"
 #: The request id of a call that must write nothing, not even its reply (dry runs)
 NO_REQUEST = ""
@@ -49,8 +50,9 @@ def script_texts() -> dict[str, str]:
     engine = engine_text()
 
     def wrap(name: str, body: str, prelude: str = "") -> str:
-        flags = f"local REPLY_TTL, REPLAY_ENTRIES = {REPLY_TTL}, " \
-                f"{'true' if name in REPLAY_ENTRIES else 'false'}\n"
+        flags = f"local REPLY_TTL, REPLAY_ENTRIES, REPLAY_CLAIMED = {REPLY_TTL}, " \
+                f"{'true' if name in REPLAY_ENTRIES else 'false'}, " \
+                f"{'true' if name in REPLAY_CLAIMED else 'false'}\n"
         return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"
                 f"{tail}")
 

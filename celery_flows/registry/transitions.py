@@ -185,8 +185,8 @@ class Transitions(Connection):
 
     def start(self, fid: str, nid: str, attempt: int, start_key: str, task_id: str,
               worker: str, instance: str = "") -> Started:
-        """start.lua; the message leaves the queued index and, if it may run, joins the
-        instance's leases (inside the script on a single Redis)."""
+        """start.lua; the message leaves the queued index and, on a single Redis, joins
+        the instance's leases if it may run (on a cluster it was leased on receipt)."""
         args = [nid, attempt, start_key, task_id, worker, instance]
         gkeys = [self.keys.queued, *([self.keys.leases(instance)] if instance else [])]
 
@@ -201,8 +201,6 @@ class Transitions(Connection):
         code = int(out[0])
         if code != 1:
             return Started(code, {}, None)
-        if instance and not self.inline:
-            self.client.zadd(self.keys.leases(instance), {task_id: self.now()})
         overlay = self.codec.load_context(out[2])
         return Started(code, self.codec.load_context(out[1]), overlay or None)
 

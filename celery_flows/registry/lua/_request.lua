@@ -1,7 +1,8 @@
 --[[
   The request wrapper. scripts.py builds every script, flow and global alike, as
 
-    local REPLY_TTL, REPLAY_ENTRIES = <store.REPLY_TTL>, <true for claim only>
+    local REPLY_TTL, REPLAY_ENTRIES, REPLAY_CLAIMED = <store.REPLY_TTL>,
+      <true for claim only>, <true for complete only>
     <the part of this file above the @transition line>
     <the engine, lua/engine/*.lua in the order of store.ENGINE_PARTS, for flow scripts>
     local function transition() <the script> end
@@ -22,6 +23,9 @@
   The reply is kept for REPLY_TTL seconds, packed with cmsgpack (which keeps binary
   strings, numbers and false exactly: Redis converts the unpacked value to the same
   reply as the original one). Nothing is kept when the transition raises an error.
+
+  complete (REPLAY_CLAIMED) keeps its own reply and, of the claim it made in the same
+  step, the ids of the entries, as claim does:
 
   claim (REPLAY_ENTRIES): its reply carries node records, arguments and dependency
   results, too big to keep for every call. It keeps the ids of the entries it claimed
@@ -45,6 +49,28 @@ end
 if string.sub(REQUEST, -5) == ':req:' then REQUEST = nil end
 -- @transition
 local hit = REQUEST and redis.call('GET', REQUEST)
+if REPLAY_CLAIMED then
+  -- complete: its sixth field is the claim of what it released (engine/claim.lua), kept
+  -- as the ids of the entries claimed and claimed again by id on a replay
+  if hit then
+    local kept = cmsgpack.unpack(hit)
+    if type(kept[6]) == 'table' then
+      kept[6] = claim_entries(tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], kept[6])
+    end
+    return kept
+  end
+  local reply = transition()
+  if REQUEST and type(reply) == 'table' then
+    local kept = {unpack(reply, 1, 5)}
+    kept[6] = reply[6]
+    if type(reply[6]) == 'table' then
+      kept[6] = {}
+      for i = 7, #reply[6] do kept[6][#kept[6] + 1] = reply[6][i][1] end
+    end
+    redis.call('SET', REQUEST, cmsgpack.pack(kept), 'EX', REPLY_TTL)
+  end
+  return reply
+end
 if not REPLAY_ENTRIES then
   if hit then return cmsgpack.unpack(hit) end
   local reply = transition()
