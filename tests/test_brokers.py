@@ -93,7 +93,8 @@ def test_whole_worker_killed_mid_node_runs_it_again_as_a_new_attempt(
     a = f.add(proj.wait_for_key.si("go", 60), id="a")
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
-    wait_until(lambda: node_doc(handle, "a")["state"] == "running", "a running")
+    # its body runs (it logged its run), not only its start recorded
+    wait_until(lambda: f"{handle.id}|a|1" in runs(redis_db), "a running its body")
     doomed.kill9()
     redis_db.client.set("go", 1)  # attempt 2 returns at once
     worker_factory("tests.proj", extra_args=FLOWS, env=env)
