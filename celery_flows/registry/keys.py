@@ -19,6 +19,17 @@ transition touches a single Redis Cluster slot::
                                       by a limiter)
     <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
                                       external node's deadline, a held retry, a poke
+    <prefix>:{<fid>}:waiting   hash   fan-in counters: node id -> how many of its
+                                      remaining dependencies are not terminal yet, kept
+                                      out of the record so that a completion updates it
+                                      in O(1) (HINCRBY) instead of re-encoding a record
+                                      listing all W dependencies (O(W^2) per fan-in);
+                                      meaningful while the node is pending only. A
+                                      counter at or below 0 is checked against the
+                                      dependencies' records (engine/settle.lua), so a
+                                      flow of format 1.1 (counter in the record, none
+                                      here) stays correct. "<node>#<dep>" marks an edge
+                                      removed while dep was not terminal.
 
 Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
@@ -88,11 +99,12 @@ from ..define.records import context_field
 
 __all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
 
-FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed")
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting")
 
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.
-FORMAT_VERSION = "1.1"
+#: 1.2: fan-in counters in the waiting hash, no longer in the node record.
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
 
 

@@ -1,7 +1,7 @@
 --[[
   cancel: stop the whole flow. Nothing is released after it; every non-terminal node
   becomes cancelled; the flow is cancelled at once.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] '1' for a dry run (report only, change nothing)
   Returns: {code, report JSON | reason, flow state, task ids of started nodes JSON}

@@ -1,6 +1,6 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV: groups of five: node id, attempt, queue name, release time ('' = now; a
         limited node's release is the moment its limiters admitted it), task id
