@@ -64,6 +64,9 @@ Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's c
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period
     <prefix>:queued            zset   task id -> publish time, until a worker starts it
+    <prefix>:cancelling        zset   flow id -> time a chunked cancel began
+                                      (lua/cancel.lua), until its last step; the
+                                      sweeper finishes entries older than a grace period
     <prefix>:timers            zset   flow id -> when its outbox holds something due (an
                                       external node's deadline, a retry, a sensor poke)
     <prefix>:webhooks          zset   flow id -> when to (re)try delivering its webhook
@@ -135,6 +138,10 @@ class Keys:
     @property
     def dispatch(self) -> str:
         return f"{self.prefix}:dispatch"
+
+    @property
+    def cancelling(self) -> str:
+        return f"{self.prefix}:cancelling"
 
     @property
     def timers(self) -> str:

@@ -27,6 +27,7 @@ local now = now_ts()
 local err = ARGV[5]
 local external = ARGV[6] == '1'
 local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
+  and mget('state') ~= 'cancelled' -- a chunked cancel's nodes (lua/cancel.lua)
 if external then
   open = open and rec.state == 'awaiting'
 else
