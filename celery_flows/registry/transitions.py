@@ -30,7 +30,7 @@ __all__ = ["CHUNK", "CreateRow", "Transitions"]
 #: Nodes per step of a chunked change (a cancel of a flow with more nodes goes in
 #: steps), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
 #: (the tests use small chunks).
-CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 500)
+CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
 
 #: (flow id, meta fields, digest, [(node id, record, call blob)], [(args field, blob)])
 CreateRow = tuple[str, dict[str, str], str, list[tuple[str, NodeRecord, bytes]],
