@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT))
 
 from celery_flows.testing import RedisServer  # noqa: E402
 
-
 SCRIPTS: dict[str, str] = {}
 
 
@@ -48,9 +47,8 @@ def main() -> None:
     try:
         os.environ["BENCH_REDIS_URL"] = server.celery_url()
         bench: Any = importlib.import_module("benchmarks.bench_app")
-        from celery_flows import Flow
-
         import celery_flows
+        from celery_flows import Flow
         print(f"celery_flows from {celery_flows.__file__}")
         client = server.client()
         client.config_set("slowlog-max-len", 1_000_000)
