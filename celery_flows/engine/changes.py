@@ -19,7 +19,8 @@ from ..define.states import NodeState
 from ..define.validate import check_id, check_node_opts, check_rate, check_signature, new_node_id
 from ..errors import FlowDefinitionError, FlowStateError
 from ..registry.codes import raise_for
-from ..registry.replies import Change, Marked
+from ..registry.replies import Change, Marked, text
+from .chunks import cancel_steps
 from .dispatch import CLAIM
 from .eager import run_eager
 from .outcomes import OnOutcomes
@@ -68,9 +69,21 @@ class Changes(OnOutcomes):
         node becomes cancelled. Running bodies continue (they can watch
         ``current_flow.cancelled``) unless ``terminate=True``, which revokes them with
         Celery's ``revoke(terminate=True)`` as a best effort (prefork only)."""
-        report, extra = self._finish(flow_id, self.store.cancel(flow_id, dry_run), dry_run,
-                                     release=False)
+        try:
+            report, extra = self._finish(flow_id, self.store.cancel(flow_id, dry_run),
+                                         dry_run, release=False)
+        except Exception:
+            if not dry_run:
+                self.store.cancel_done(flow_id)
+            raise
         started = json.loads(extra[0]) if extra and extra[0] else []
+        if len(extra) > 1 and text(extra[1]) == "1":
+            # a large flow: cancelled already, its nodes written a chunk per call
+            cancelled, more = cancel_steps(self.store, flow_id, dry_run)
+            report["cancelled"] = cancelled
+            started += more
+        elif not dry_run:
+            self.store.cancel_done(flow_id)
         report["terminated"] = started if terminate else []
         if not dry_run:
             meta = self.store.meta(flow_id) or {}

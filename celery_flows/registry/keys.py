@@ -19,6 +19,17 @@ transition touches a single Redis Cluster slot::
                                       by a limiter)
     <prefix>:{<fid>}:timed     zset   node id -> when something is due for it: an
                                       external node's deadline, a held retry, a poke
+    <prefix>:{<fid>}:waiting   hash   fan-in counters: node id -> how many of its
+                                      remaining dependencies are not terminal yet, kept
+                                      out of the record so that a completion updates it
+                                      in O(1) (HINCRBY) instead of re-encoding a record
+                                      listing all W dependencies (O(W^2) per fan-in);
+                                      meaningful while the node is pending only. A
+                                      counter at or below 0 is checked against the
+                                      dependencies' records (engine/settle.lua), so a
+                                      flow of format 1.1 (counter in the record, none
+                                      here) stays correct. "<node>#<dep>" marks an edge
+                                      removed while dep was not terminal.
 
 Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
@@ -53,6 +64,9 @@ Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's c
                                       may leave nodes in the outbox; the sweeper drains
                                       entries older than a grace period
     <prefix>:queued            zset   task id -> publish time, until a worker starts it
+    <prefix>:cancelling        zset   flow id -> time a chunked cancel began
+                                      (lua/cancel.lua), until its last step; the
+                                      sweeper finishes entries older than a grace period
     <prefix>:timers            zset   flow id -> when its outbox holds something due (an
                                       external node's deadline, a retry, a sensor poke)
     <prefix>:webhooks          zset   flow id -> when to (re)try delivering its webhook
@@ -88,11 +102,12 @@ from ..define.records import context_field
 
 __all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
 
-FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed")
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting")
 
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.
-FORMAT_VERSION = "1.1"
+#: 1.2: fan-in counters in the waiting hash, no longer in the node record.
+FORMAT_VERSION = "1.2"
 FORMAT_MAJOR = 1
 
 
@@ -123,6 +138,10 @@ class Keys:
     @property
     def dispatch(self) -> str:
         return f"{self.prefix}:dispatch"
+
+    @property
+    def cancelling(self) -> str:
+        return f"{self.prefix}:cancelling"
 
     @property
     def timers(self) -> str:

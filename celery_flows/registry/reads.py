@@ -9,6 +9,7 @@ from typing import Any, cast
 import redis
 
 from ..define.records import NodeRecord, as_list
+from ..define.states import TERMINAL_NODE_STATES, NodeState
 from .codes import NOT_FOUND, VERSION, raise_for
 from .connection import Connection
 from .keys import FORMAT_MAJOR
@@ -17,6 +18,19 @@ from .replies import text
 __all__ = ["INDEX_GRACE", "DoneListener", "Reads"]
 
 INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
+
+_TERMINAL = frozenset(state.value for state in TERMINAL_NODE_STATES)
+
+
+def _as_cancelled(rec: NodeRecord) -> None:
+    """A node a chunked cancel has not written yet is cancelled all the same (the flow
+    was, at once: lua/cancel.lua): readers see what the last step will write."""
+    if rec["state"] not in _TERMINAL:
+        fields = cast(dict[str, Any], rec)
+        fields["prev_state"] = rec["state"]
+        fields["state"] = NodeState.CANCELLED.value
+        fields["cancel_reason"] = "cancelled"
+
 
 _LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
 
@@ -83,19 +97,33 @@ class Reads(Connection):
             raise_for(VERSION, fid)
         return meta
 
+    def _cancelling(self, fid: str) -> bool:
+        """Read after the records: a flow cancelled by then shows them all cancelled
+        (whether a chunked cancel is still writing them or not)."""
+        state = self.client.hget(self.keys.meta(fid), "state")
+        return state is not None and text(state) == "cancelled"
+
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
         raw = self.client.hgetall(self.keys.nodes(fid))
+        cancelling = bool(raw) and self._cancelling(fid)
         decoded = sorted(((json.loads(v), text(k)) for k, v in raw.items()),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
         out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
         for rec in out.values():
             for name in _LIST_FIELDS:
                 cast(dict[str, Any], rec)[name] = as_list(rec.get(name))
+            if cancelling:
+                _as_cancelled(rec)
         return out
 
     def node(self, fid: str, nid: str) -> NodeRecord | None:
         raw = self.client.hget(self.keys.nodes(fid), nid)
-        return cast(NodeRecord, json.loads(raw)) if raw else None
+        if not raw:
+            return None
+        rec = cast(NodeRecord, json.loads(raw))
+        if self._cancelling(fid):
+            _as_cancelled(rec)
+        return rec
 
     def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
         key = self.keys.results(fid)

@@ -5,6 +5,7 @@ marker and the claim that follow them, in one round trip."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,12 @@ from .replies import (
     text,
 )
 
-__all__ = ["CreateRow", "Transitions"]
+__all__ = ["CHUNK", "CreateRow", "Transitions"]
+
+#: Nodes per step of a chunked change (a cancel of a flow with more nodes goes in
+#: steps), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
+#: (the tests use small chunks).
+CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
 
 #: (flow id, meta fields, digest, [(node id, record, call blob)], [(args field, blob)])
 CreateRow = tuple[str, dict[str, str], str, list[tuple[str, NodeRecord, bytes]],
@@ -299,8 +305,27 @@ class Transitions(Connection):
         return Marked(token, Change.of(res[1]), Claim.of(res[2]) if claim is not None else None)
 
     def cancel(self, fid: str, dry_run: bool = False) -> Marked[Change]:
-        """cancel.lua; ``extra[0]``: JSON list of the task ids of started nodes."""
-        return self._change("cancel", fid, [], dry_run, None)
+        """cancel.lua; ``extra[0]``: JSON list of the task ids of started nodes,
+        ``extra[1]``: "1" when :meth:`cancel_step` is to write the nodes. The flow enters
+        the cancelling index first, so that the sweeper finishes a chunked cancel whose
+        caller died (:meth:`cancel_done` takes it out)."""
+        if not dry_run:
+            self.client.zadd(self.keys.cancelling, {fid: self.now()}, nx=True)
+        return self._change("cancel", fid, [CHUNK], dry_run, None)
+
+    def cancel_step(self, fid: str, cursor: str = "0", dry_run: bool = False) -> Change:
+        """cancel_step.lua, one bounded step; ``extra``: started task ids JSON, the next
+        cursor ("" when done). ``cursor`` is a dry run's own."""
+        argv = [CHUNK, cursor, "1" if dry_run else ""]
+        return Change.of(self._run("cancel_step", fid, argv, dry_run=dry_run))
+
+    def cancel_done(self, fid: str) -> None:
+        self.client.zrem(self.keys.cancelling, fid)
+
+    def stale_cancels(self, older_than: float, limit: int = 50) -> list[str]:
+        raw = self.client.zrangebyscore(self.keys.cancelling, "-inf",
+                                        self.now() - older_than, start=0, num=limit)
+        return [text(m) for m in raw]
 
     def pause(self, fid: str, dry_run: bool = False) -> Marked[Change]:
         return self._change("pause", fid, ["pause"], dry_run, None)

@@ -33,6 +33,7 @@ from ..config import redact_url, scrub
 from ..define.states import NodeState
 from ..engine import Engine, engine_of
 from ..engine.batch import sweep_batches
+from ..engine.chunks import finish_cancels
 from ..engine.outcomes import set_instance
 from ..engine.release import collect_slots, fire_timers, release_held
 from ..errors import FlowsConfigError
@@ -200,6 +201,7 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
             engine = self.engine
             try:
                 sweep(engine)
+                finish_cancels(engine.store, DIRTY_GRACE)
                 sweep_batches(engine.submitter)
                 recovery.recover_lost_workers(engine)
                 if rounds % 2 == 0:

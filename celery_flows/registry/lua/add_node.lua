@@ -1,6 +1,6 @@
 --[[
   add_node: add a node to a running (or paused) flow.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] record JSON (after filled in; waiting is computed here)
   ARGV[3] args blob ('' = none)  ARGV[4] flows_max_nodes  ARGV[5] '1' for a dry run
@@ -34,7 +34,8 @@ for _, did in ipairs(list(rec.after)) do
   push(dep, 'deps_of', id)
   save(did, dep)
 end
-rec.waiting = waiting
+rec.waiting = nil
+wset(id, waiting)
 rec.seq = tonumber(mget('seq')) or 0
 mincr('seq', 1)
 mincr('total', 1)

@@ -1,6 +1,6 @@
 --[[
   claim: take outbox entries for publishing.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: it keeps the
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: it keeps the
         ids of the entries claimed; a re-sent call claims them again by id, as ARGV[4..])
   ARGV[1]  claim lease, seconds: an unacknowledged claim may be taken again after it
   ARGV[2]  maximum number of entries

@@ -1,6 +1,6 @@
 --[[
   complete: record an attempt's outcome (first report wins) and release what it unblocks.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
@@ -38,6 +38,7 @@ local function record()
   local err = ARGV[5]
   local external = ARGV[6] == '1'
   local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
+    and mget('state') ~= 'cancelled' -- a chunked cancel's nodes (lua/cancel.lua)
   if external then
     open = open and rec.state == 'awaiting'
   else

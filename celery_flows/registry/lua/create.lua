@@ -1,6 +1,6 @@
 --[[
   create: store a whole flow atomically and release its roots.
-  KEYS: meta nodes args results ready timed (of the new flow), request (lua/_request.lua:
+  KEYS: meta nodes args results ready timed waiting (of the new flow), request (lua/_request.lua:
         a re-sent call returns the first reply without running again)
   ARGV[1]  meta fields, JSON object of strings
   ARGV[2]  definition digest (idempotent submit)
@@ -28,9 +28,11 @@ local roots = {}
 for i = 0, n - 1 do
   local id, raw, blob = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   local rec = cjson.decode(raw)
+  local waiting = rec.waiting
+  rec.waiting = nil -- counted in the waiting hash (keys.py)
   save(id, rec)
   if blob ~= '' then redis.call('HSET', ARGS, id, blob) end
-  if rec.waiting == 0 then roots[#roots + 1] = id end
+  if waiting == 0 then roots[#roots + 1] = id else wset(id, waiting) end
 end
 local m = tonumber(ARGV[4 + 3 * n]) or 0
 for j = 0, m - 1 do

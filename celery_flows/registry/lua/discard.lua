@@ -1,9 +1,9 @@
 --[[
   discard: delete a flow created hidden by an add_bulk batch that was aborted.
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed waiting
   ARGV[1]  batch id
   Returns: 1 deleted | 0 not a hidden flow of this batch (left alone)
 ]]
 if redis.call('HGET', META, 'hidden') ~= ARGV[1] then return 0 end
-redis.call('DEL', META, NODES, ARGS, RESULTS, READY, TIMED)
+redis.call('DEL', META, NODES, ARGS, RESULTS, READY, TIMED, WAITING)
 return 1

@@ -1,7 +1,7 @@
 --[[
   ignore_failure: a node that failed under "fail" now counts as "ignore"; the nodes
   skipped as upstream_failed because of it are evaluated again. May reopen a failed flow.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}

@@ -1,7 +1,7 @@
 --[[
   recover: an attempt's worker was lost; run the node again as a new attempt, or fail
   it with WorkerLostError once its recoveries are used up.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] default max recoveries  ARGV[4] error text
   ARGV[5] the lost worker instance: a node another instance started is not its to recover

@@ -1,6 +1,6 @@
 --[[
   remove_dependency: drop the edge dep -> node of a node not yet released.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] dependency id  ARGV[3] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
@@ -24,9 +24,19 @@ if rec.state ~= 'pending' then
 end
 local now = now_ts()
 push(rec, 'removed', dep_id)
-if not TERMINAL[load(dep_id).state] then rec.waiting = rec.waiting - 1 end
+local left = waiting_of(id, rec)
+if not TERMINAL[load(dep_id).state] then left = left - 1 end
+if wget(id) == nil then
+  rec.waiting = left -- format 1.1
+else
+  wset(id, left)
+  -- dep_id's completion (or its next one, after a retry) must not count for this node
+  -- again (engine/settle.lua)
+  wset(id .. '#' .. dep_id, 1)
+  mset('rm_edges', '1')
+end
 save(id, rec)
-if rec.waiting <= 0 then evaluate_all({id}, now) end
+if left <= 0 then evaluate_all({id}, now) end
 local state = set_flow_state(now)
 if ARGV[3] == '1' then return {1, report_json(), state} end
 flush()

@@ -3,7 +3,7 @@
   a worker killed between BRPOP and noting it unacked): put the node back in the outbox,
   same attempt, so it is published again. A late copy of the old message is then a
   duplicate of the same attempt, and the attempt guard runs the body once.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt
   Returns: 1 requeued | 0 the node moved on (started, finished, another attempt)

@@ -2,7 +2,7 @@
   retry: run again the nodes that failed under "fail" (and those fail_fast cancelled),
   with the nodes skipped as upstream_failed because of them, as new attempts.
   Everything else, succeeded nodes included, is untouched.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}

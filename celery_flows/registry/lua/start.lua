@@ -1,6 +1,6 @@
 --[[
   start: the attempt guard, run by the worker right before a node's body.
-  KEYS: meta nodes args results ready timed, request (lua/_request.lua: a re-sent call
+  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
         returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] start key "<retries>:<replace nesting>"
   ARGV[4] task id  ARGV[5] worker hostname  ARGV[6] worker instance (lease holder)

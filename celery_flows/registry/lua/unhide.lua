@@ -1,7 +1,7 @@
 --[[
   unhide: make a flow of a committed add_bulk batch visible (readers already treat it
   as visible once its batch is committed; claim.lua releases nothing while hidden).
-  KEYS: meta nodes args results ready timed
+  KEYS: meta nodes args results ready timed waiting
   ARGV[1]  batch id
   Returns: 1 un-hidden now | 0 not hidden | -5 hidden by another batch | -1 no such flow
 ]]

@@ -1,13 +1,14 @@
 --[[
   engine/cache.lua: the write-back cache, and the small helpers everything else uses.
   Reads load node records and meta fields once per script (load, mget); writes
-  (save, mset, mincr, ready_add/ready_rem, timed_add/timed_rem, later) reach Redis only
-  in flush(). A transition called with dry_run skips flush() and returns REPORT
+  (save, mset, mincr, wset, ready_add/ready_rem, timed_add/timed_rem, later) reach
+  Redis only in flush(). wget/wset are the fan-in counters (the waiting hash, keys.py). A transition called with dry_run skips flush() and returns REPORT
   (report_json): what it would have released, skipped, cancelled and reopened.
-  Uses: constants (META, NODES, READY, TIMED, HISTORY_MAX).
+  Uses: constants (META, NODES, READY, TIMED, WAITING, HISTORY_MAX).
 ]]
 local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
 local MCACHE, MDIRTY = {}, {}
+local WCACHE, WDIRTY = {}, {}
 local READY_OPS = {}
 local LATER = {}
 local REPORT = {released = {}, skipped = {}, cancelled = {}, reopened = {}}
@@ -80,6 +81,21 @@ local function mincr(field, n)
   mset(field, (tonumber(mget(field)) or 0) + n)
 end
 
+-- A field of the waiting hash as a number; nil when absent.
+local function wget(field)
+  local v = WCACHE[field]
+  if v == nil then
+    v = tonumber(redis.call('HGET', WAITING, field)) or false
+    WCACHE[field] = v
+  end
+  return v or nil
+end
+
+local function wset(field, n)
+  WCACHE[field] = n
+  WDIRTY[field] = true
+end
+
 local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', READY, id, score} end
 local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', READY, id} end
 local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id, due} end
@@ -97,6 +113,9 @@ local function flush()
       redis.call('HSET', META, field, MCACHE[field])
     end
   end
+  for field, _ in pairs(WDIRTY) do
+    redis.call('HSET', WAITING, field, WCACHE[field])
+  end
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
       redis.call('ZADD', op[2], op[4], op[3])
@@ -106,7 +125,7 @@ local function flush()
   end
   for _, fn in ipairs(LATER) do fn() end
   -- written: a second flush in the same script writes only what changed since
-  DIRTY, DIRTY_ORDER, MDIRTY, READY_OPS, LATER = {}, {}, {}, {}, {}
+  DIRTY, DIRTY_ORDER, MDIRTY, WDIRTY, READY_OPS, LATER = {}, {}, {}, {}, {}, {}
 end
 
 local function report_json()

@@ -1,7 +1,7 @@
 --[[
   engine/reopen.lua: terminal nodes back to pending (retry.lua, ignore_failure.lua), and
   the nodes such a change reaches: those skipped as upstream_failed downstream.
-  Uses: constants (RESULTS, TERMINAL), cache (load, save, list, contains, mincr,
+  Uses: constants (RESULTS, TERMINAL), cache (load, save, list, contains, mincr, wset,
   history, later, REPORT), evaluate (clear_attempt).
 ]]
 
@@ -38,7 +38,8 @@ local function reopen(ids, now)
         waiting = waiting + 1
       end
     end
-    rec.waiting = waiting
+    rec.waiting = nil
+    wset(id, waiting)
     save(id, rec)
     if waiting == 0 then ready[#ready + 1] = id end
   end

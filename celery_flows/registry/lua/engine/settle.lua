@@ -3,14 +3,46 @@
   (done, nfail; fail_fast cancels the rest) and evaluates every dependent whose last
   remaining edge this was, cascading skips; evaluate_all does the same for pending
   nodes that wait for nothing; fail_node fails a node from inside a transition.
-  Uses: cache (load, save, val, list, contains, mget, mincr, history, ready_rem,
-  timed_rem), evaluate (evaluate), cancel (cancel_all).
+  Uses: cache (load, save, val, list, contains, mget, mincr, wget, wset, history,
+  ready_rem, timed_rem), evaluate (evaluate), cancel (cancel_all).
 ]]
 
 -- Whether a failure of this node makes the flow fail (a failure under "fail").
 local function fails_flow(rec)
   return rec.state == 'failed' and not rec.ignored and rec.policy == 'fail'
     and (val(rec.fpol) or 'fail') == 'fail'
+end
+
+-- The edge did -> cid became terminal: one dependency fewer for cid to wait for, counted
+-- in the waiting hash without reading cid's record (O(1) per edge, a fan-in of W costs
+-- O(W), not O(W^2)); the record is read once the counter reaches 0, and evaluate then
+-- checks every edge, so a counter that ran low (a flow of format 1.1, a dependent no
+-- longer pending) costs time, never a wrong release. Returns true when cid was skipped.
+local function edge_done(cid, did, now)
+  local left = wget(cid)
+  if left == nil then
+    -- format 1.1: the counter is in the record
+    local child = load(cid)
+    if not (child and child.state == 'pending' and child.waiting
+            and not contains(child.removed, did)) then
+      return child and child.state == 'pending' and child.waiting == nil
+        and evaluate(cid, child, now)
+    end
+    child.waiting = child.waiting - 1
+    save(cid, child)
+    return child.waiting <= 0 and evaluate(cid, child, now)
+  end
+  if mget('rm_edges') == '1' and wget(cid .. '#' .. did) then return false end
+  wset(cid, left - 1)
+  if left - 1 > 0 then return false end
+  local child = load(cid)
+  return child and child.state == 'pending' and evaluate(cid, child, now)
+end
+
+-- How many dependencies a pending node still waits for (waiting hash, or its record in
+-- format 1.1).
+local function waiting_of(id, rec)
+  return wget(id) or tonumber(val(rec.waiting)) or 0
 end
 
 -- Nodes just became terminal: account for them and settle every dependent whose last
@@ -34,14 +66,7 @@ local function settle_all(ids, now)
     end
     if not stopped then
       for _, cid in ipairs(list(rec.deps_of)) do
-        local child = load(cid)
-        if child and child.state == 'pending' and not contains(child.removed, id) then
-          child.waiting = child.waiting - 1
-          save(cid, child)
-          if child.waiting <= 0 and evaluate(cid, child, now) then
-            queue[#queue + 1] = cid
-          end
-        end
+        if edge_done(cid, id, now) then queue[#queue + 1] = cid end
       end
     end
   end
