@@ -21,6 +21,7 @@ from .records import (
     check_acyclic,
     context_field,
     link,
+    longest_paths,
     new_record,
     ref_ids,
     rename_ref,
@@ -77,10 +78,12 @@ def compile_flow(flow: Definition, app: Celery, config: FlowsConfig, flow_id: st
     contexts: dict[str, dict[str, Any]] = {}
     _flatten(flow, app, config, "", records, calls, {}, None, stack=[],
              origins={}, contexts=contexts)
-    check_acyclic(records)
+    order = check_acyclic(records)
     link(records)
-    for seq, rec in enumerate(records.values()):
+    paths = longest_paths(records, order)
+    for seq, (nid, rec) in enumerate(records.items()):
         rec["seq"] = seq
+        rec["lp"] = paths[nid]
     return CompiledFlow(
         id=fid,
         name=flow.name,

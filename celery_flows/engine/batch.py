@@ -28,17 +28,123 @@ from collections import Counter
 from .. import faults
 from ..define.flow import Flow
 from ..errors import FlowDefinitionError, FlowStateError
+from ..registry.codes import CONFLICT, raise_for
 from ..registry.ids import new_batch_id
-from ..registry.transitions import CreateRow
+from ..registry.transitions import CreateRow, NodeRow
 from .eager import run_eager
 from .submit import Submitter
 
-__all__ = ["finish", "submit_batch", "sweep_batches"]
+__all__ = ["finish", "submit_batch", "submit_flow", "submit_large", "sweep_batches"]
 
 logger = logging.getLogger(__name__)
 
 GRACE = 30.0  # seconds a producer may take from opening a batch to committing it
 FINISH_AFTER = 5.0  # a committed batch still listed this long: its producer died
+
+# A flow of more nodes than PIECE_NODES is stored in pieces of at most that many nodes
+# and PIECE_BYTES of records and arguments, each one create call: ~3-5 ms of Redis
+# time for a 500-node piece of a chain, so other clients are never blocked for long.
+PIECE_NODES = 500
+PIECE_BYTES = 256 * 1024
+PIECES_PER_TRIP = 8  # pieces pipelined in one round trip
+
+
+def submit_flow(ext: Submitter, flow: Flow) -> str:
+    """``submit``: one create call for a small flow, pieces for a large one (an eager
+    flow is always stored in one call: it runs in this process anyway)."""
+    row = ext.prepare(flow)[1]
+    if ext.eager or len(row[3]) <= PIECE_NODES:
+        return ext.submit_row(row)
+    return submit_large(ext, row)
+
+
+def _pieces(nodes: list[NodeRow]) -> list[list[NodeRow]]:
+    # dependents before their dependencies (a dependency's path to a sink is longer
+    # than any dependent's), so that a piece's roots find their dependents in place
+    ordered = sorted(nodes, key=lambda node: node[1].get("lp", 1))
+    pieces: list[list[NodeRow]] = [[]]
+    size = 0
+    for node in ordered:
+        cost = len(node[2]) + 64 * len(node[1].get("after", ())) + 128
+        if pieces[-1] and (len(pieces[-1]) >= PIECE_NODES or size + cost > PIECE_BYTES):
+            pieces.append([])
+            size = 0
+        pieces[-1].append(node)
+        size += cost
+    return pieces
+
+
+def submit_large(ext: Submitter, row: CreateRow) -> str:
+    """Store a large flow in bounded pieces as a batch of one (see the module
+    docstring): hidden while its pieces are written (their roots evaluated as they go,
+    released by nobody), visible and releasable at the batch's one commit. A producer
+    that dies before the commit leaves a hidden flow that the sweeper deletes after
+    :data:`GRACE`, and that a retried submit of the same id replaces at once."""
+    fid, meta, digest, nodes, blobs = row
+    store = ext.store
+    existing = store.meta(fid)
+    if existing is not None:
+        return _existing(ext, fid, existing.get("digest") == digest)
+    pieces = _pieces(nodes)
+    bid = new_batch_id()
+    store.batch_open(bid, [fid])
+    state = "aborted"
+    try:
+        first: CreateRow = (fid, {**meta, "hidden": bid, "total": str(len(nodes))}, digest,
+                            pieces[0], blobs)
+        code = store.create_many([first])[0]
+        if code != 1:
+            code = _take_over(ext, first, code)
+        if code != 1:
+            _abort(ext, bid, [fid])
+            return _existing(ext, fid, code == 0)
+        rest = pieces[1:]
+        stored = True
+        for i in range(0, len(rest), PIECES_PER_TRIP):
+            faults.point("create-piece")
+            if any(c != 1 for c in store.create_parts(fid, bid, rest[i:i + PIECES_PER_TRIP])):
+                stored = False  # the batch was given up (GRACE) or taken over
+                break
+        if stored:
+            state = store.batch_decide(bid, "commit")
+    except BaseException:
+        _abort(ext, bid, [fid])
+        raise
+    if state != "committed":
+        _abort(ext, bid, [fid])
+        now = store.meta(fid)
+        if now is not None:  # another submit of this id took over and finished first
+            return _existing(ext, fid, now.get("digest") == digest)
+        raise FlowStateError(
+            f"flow {fid!r}: storing it took longer than {GRACE:g} s and was given up; "
+            "nothing of it was created (submit it again)"
+        )
+    faults.point("create-committed")
+    finish(ext, bid, [fid])
+    return fid
+
+
+def _take_over(ext: Submitter, row: CreateRow, code: int) -> int:
+    """create.lua found the id taken (0 same definition, -3 another): a hidden flow of
+    an uncommitted batch (a producer that died mid-way) is given up and replaced;
+    otherwise the code stands."""
+    store = ext.store
+    other = store.hidden_by(row[0])
+    if other is None or other == row[1]["hidden"]:
+        return code
+    if store.batch_decide(other, "abort") == "committed":
+        return code
+    store.discard(row[0], other)
+    return store.create_many([row])[0]
+
+
+def _existing(ext: Submitter, fid: str, same: bool) -> str:
+    """A submit found its id taken: the existing flow if identical (its outbox is
+    released, as after any create), else the conflict error."""
+    if not same:
+        raise_for(CONFLICT, fid)
+    ext.dispatcher.release(fid, ext.store.mark_dirty(fid))
+    return fid
 
 def submit_batch(ext: Submitter, flows: list[Flow]) -> list[str]:
     """Store and release every flow, or none (see the module docstring); their ids."""

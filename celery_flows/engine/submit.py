@@ -104,7 +104,11 @@ class Submitter(OnOutcomes):
 
     def submit(self, flow: Flow) -> str:
         """Store the flow atomically and release its roots; returns its id."""
-        _compiled, row = self.prepare(flow)
+        return self.submit_row(self.prepare(flow)[1])
+
+    def submit_row(self, row: CreateRow) -> str:
+        """:meth:`submit` of a prepared flow, in one create.lua call (a large flow is
+        stored in pieces instead: engine/batch.py ``submit_large``)."""
         fid = row[0]
         store = self.store
         eager = self.eager

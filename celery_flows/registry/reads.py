@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any
 
 import redis
 
-from ..define.records import NodeRecord, as_list
+from ..define.records import NodeRecord, with_defaults
 from .codes import NOT_FOUND, VERSION, raise_for
 from .connection import Connection
 from .keys import FORMAT_MAJOR
@@ -17,8 +17,6 @@ from .replies import text
 __all__ = ["INDEX_GRACE", "DoneListener", "Reads"]
 
 INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
-
-_LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
 
 
 def _b(value: Any) -> bytes:
@@ -85,17 +83,13 @@ class Reads(Connection):
 
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
         raw = self.client.hgetall(self.keys.nodes(fid))
-        decoded = sorted(((json.loads(v), text(k)) for k, v in raw.items()),
+        decoded = sorted(((with_defaults(json.loads(v)), text(k)) for k, v in raw.items()),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
-        out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
-        for rec in out.values():
-            for name in _LIST_FIELDS:
-                cast(dict[str, Any], rec)[name] = as_list(rec.get(name))
-        return out
+        return {nid: rec for rec, nid in decoded}
 
     def node(self, fid: str, nid: str) -> NodeRecord | None:
         raw = self.client.hget(self.keys.nodes(fid), nid)
-        return cast(NodeRecord, json.loads(raw)) if raw else None
+        return with_defaults(json.loads(raw)) if raw else None
 
     def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
         key = self.keys.results(fid)

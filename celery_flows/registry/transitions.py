@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import faults
-from ..define.records import NodeRecord
+from ..define.records import NodeRecord, compact
 from .connection import Connection
 from .ids import new_dirty_token, new_request_id
 from .replies import (
@@ -24,23 +24,30 @@ from .replies import (
     text,
 )
 
-__all__ = ["CreateRow", "Transitions"]
+__all__ = ["CreateRow", "NodeRow", "Transitions"]
 
-#: (flow id, meta fields, digest, [(node id, record, call blob)], [(args field, blob)])
-CreateRow = tuple[str, dict[str, str], str, list[tuple[str, NodeRecord, bytes]],
-                  list[tuple[str, bytes]]]
+#: (node id, record, call blob)
+NodeRow = tuple[str, NodeRecord, bytes]
+#: (flow id, meta fields, digest, [node row], [(args field, blob)])
+CreateRow = tuple[str, dict[str, str], str, list[NodeRow], list[tuple[str, bytes]]]
 
 
-def _create_argv(meta: dict[str, str], digest: str,
-                 nodes: list[tuple[str, NodeRecord, bytes]],
-                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
-    argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
+def _create_argv_nodes(nodes: Sequence[tuple[str, NodeRecord, bytes]],
+                       blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
+    argv: list[Any] = [len(nodes)]
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
     for nid, rec, blob in nodes:
-        argv += [nid, json.dumps(rec), blob]
+        argv += [nid, dumps(compact(rec)), blob]
     argv.append(len(blobs))
     for field, blob in blobs:
         argv += [field, blob]
     return argv
+
+
+def _create_argv(meta: dict[str, str], digest: str,
+                 nodes: Sequence[tuple[str, NodeRecord, bytes]],
+                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
+    return [json.dumps(meta), digest, *_create_argv_nodes(nodes, blobs)]
 
 
 class Transitions(Connection):
@@ -98,6 +105,17 @@ class Transitions(Connection):
         for _ in codes:
             faults.point("bulk-created")
         return codes
+
+    def create_parts(self, fid: str, batch_id: str,
+                     parts: Sequence[Sequence[NodeRow]]) -> list[int]:
+        """Store further pieces of a flow create.lua began hidden by ``batch_id``
+        (create_part.lua: 1 stored | -5 no longer hidden by it), pipelined: each call is
+        bounded, and other clients' commands run between them."""
+        def build(pipe: Any) -> None:
+            for nodes in parts:
+                self._queue(pipe, "create_part", fid, [batch_id, *_create_argv_nodes(nodes)])
+
+        return [int(c) for c in self._execute(build)]
 
     def unhide(self, fid: str, batch_id: str) -> int:
         """unhide.lua: 1 un-hidden | 0 not hidden | -5 another batch's | -1 gone."""

@@ -2,9 +2,12 @@
   create: store a whole flow atomically and release its roots.
   KEYS: meta nodes args results ready timed (of the new flow), request (lua/_request.lua:
         a re-sent call returns the first reply without running again)
-  ARGV[1]  meta fields, JSON object of strings
+  ARGV[1]  meta fields, JSON object of strings; ``total`` (when given) is the whole
+           flow's node count, of which this call stores the first piece (create_part.lua
+           stores the rest, the flow being hidden meanwhile)
   ARGV[2]  definition digest (idempotent submit)
-  ARGV[3]  n, the number of nodes; then n triples: node id, record JSON, args blob ('' = none)
+  ARGV[3]  n, the number of nodes; then n triples: node id, record JSON (compact: fields
+           at their default omitted, see lua/engine/cache.lua), args blob ('' = none)
   then     m, then m pairs: args-hash field, blob (contexts: "ctx#", "ctx#<sub-flow id>")
            Blobs are user data (the app's serializer): copied, never decoded here.
   Returns:  1 created | 0 exists with the same digest | -3 exists with another definition
@@ -15,22 +18,24 @@ if redis.call('EXISTS', META) == 1 then
   return -3
 end
 local now = now_ts()
-for k, v in pairs(cjson.decode(ARGV[1])) do mset(k, v) end
+local meta = cjson.decode(ARGV[1])
 local n = tonumber(ARGV[3])
+local total = tonumber(meta.total) or n
+for k, v in pairs(meta) do mset(k, v) end
 mset('digest', ARGV[2])
 mset('created_at', now)
 mset('state', 'running')
-mset('total', n)
+mset('total', total)
 mset('done', 0)
 mset('nfail', 0)
-mset('seq', n)
+mset('seq', total)
 local roots = {}
 for i = 0, n - 1 do
   local id, raw, blob = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
-  local rec = cjson.decode(raw)
-  save(id, rec)
+  -- stored as given; evaluate_all loads the roots back whole (cache.lua load)
+  redis.call('HSET', NODES, id, raw)
   if blob ~= '' then redis.call('HSET', ARGS, id, blob) end
-  if rec.waiting == 0 then roots[#roots + 1] = id end
+  if (tonumber(cjson.decode(raw).waiting) or 0) == 0 then roots[#roots + 1] = id end
 end
 local m = tonumber(ARGV[4 + 3 * n]) or 0
 for j = 0, m - 1 do

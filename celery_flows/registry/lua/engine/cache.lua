@@ -44,11 +44,38 @@ local function push(rec, field, x, max)
   rec[field] = t
 end
 
+-- A record is stored without the fields at their default (define/records.py compact,
+-- SCALAR_DEFAULTS): put them back, so that every transition sees the whole record
+-- (and writes it whole once it changes it).
+local RECORD_DEFAULTS = {
+  kind = 'task', policy = 'fail', rule = 'all_success', state = 'pending', attempt = 0,
+  waiting = 0, retries = 0, recoveries = 0, ignored = false,
+}
+local RECORD_NULLS = {'task', 'input', 'queue', 'priority', 'rate', 'epol', 'max_rec',
+  'timeout', 'poke', 'ctx', 'skip_reason', 'error', 'queued_at', 'started_at',
+  'finished_at', 'worker'}
+local RECORD_LISTS = {'after', 'deps_of', 'removed', 'task_ids', 'starts', 'progress',
+  'history'}
+
+local function with_defaults(rec)
+  for k, v in pairs(RECORD_DEFAULTS) do
+    if rec[k] == nil then rec[k] = v end
+  end
+  for _, k in ipairs(RECORD_NULLS) do
+    if rec[k] == nil then rec[k] = cjson.null end
+  end
+  for _, k in ipairs(RECORD_LISTS) do
+    if rec[k] == nil then rec[k] = {} end
+  end
+  if rec.fpol == nil then rec.fpol = rec.policy end
+  return rec
+end
+
 local function load(id)
   local rec = CACHE[id]
   if rec == nil then
     local raw = redis.call('HGET', NODES, id)
-    rec = raw and cjson.decode(raw) or false
+    rec = raw and with_defaults(cjson.decode(raw)) or false
     CACHE[id] = rec
   end
   return rec or nil
