@@ -207,23 +207,9 @@ def new_record(
         "timeout": timeout,
         "poke": poke,
         "ctx": None,
-        "state": NodeState.PENDING.value,
-        "attempt": 0,
         "waiting": len(after),
-        "removed": [],
-        "skip_reason": None,
-        "error": None,
-        "task_ids": [],
-        "starts": [],
-        "retries": 0,
-        "recoveries": 0,
-        "queued_at": None,
-        "started_at": None,
-        "finished_at": None,
-        "worker": None,
-        "progress": [],
-        "history": [],
-        "ignored": False,
+        # the runtime fields (state, attempt, task_ids, ...) start at their default and
+        # are left out: every reader puts them back (with_defaults, cache.lua load)
     }
 
 
@@ -242,19 +228,18 @@ SCALAR_DEFAULTS: dict[str, Any] = {
 LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
 
 
+_OMITTED: dict[str, Any] = {**SCALAR_DEFAULTS, **{k: [] for k in LIST_FIELDS}}
+_KEEP = object()
+
+
 def compact(rec: NodeRecord) -> dict[str, Any]:
-    """The record as stored at creation: without the fields at their default."""
-    out: dict[str, Any] = {}
-    for k, v in rec.items():
-        if k in LIST_FIELDS:
-            if v:
-                out[k] = v
-        elif k == "fpol":
-            if v != rec.get("policy", "fail"):
-                out[k] = v
-        elif k not in SCALAR_DEFAULTS or SCALAR_DEFAULTS[k] != v \
-                or type(SCALAR_DEFAULTS[k]) is not type(v):
-            out[k] = v
+    """The record as stored at creation: without the fields at their default (no
+    default is equal to a value of another type a record holds: 0 vs False never
+    meet in one field)."""
+    omitted = _OMITTED
+    out = {k: v for k, v in rec.items() if omitted.get(k, _KEEP) != v}
+    if out.get("fpol", _KEEP) == rec.get("policy", "fail"):
+        del out["fpol"]
     return out
 
 

@@ -33,6 +33,10 @@ _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "p
                "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
 
 
+# json.dumps(..., sort_keys=True) as one encoder: dumps builds a new one per call
+_DIGEST_JSON = json.JSONEncoder(sort_keys=True)
+
+
 class Submitter(OnOutcomes):
     """``submit``: one flow from its definition to its released roots."""
 
@@ -68,22 +72,25 @@ class Submitter(OnOutcomes):
         nodes: list[tuple[str, NodeRecord, bytes]] = []
         digest = hashlib.sha256()
         digest.update(json.dumps([compiled.name, compiled.options], sort_keys=True).encode())
+        encode = _DIGEST_JSON.encode
+        empty = self.codec.empty_call
+        dump_call = self.codec.dump_call
         for field, blob in blobs:
             digest.update(f"{field}\n{len(blob)}\n".encode())
             digest.update(blob)
         for nid, rec in compiled.records.items():
             call = compiled.calls.get(nid)
             try:
-                blob = self.codec.dump_call(*call) if call is not None else b""
+                blob = dump_call(*call) if call is not None else b""
             except Exception as exc:
                 raise FlowDefinitionError(
                     f"node {nid!r}: arguments or signature options cannot be serialised "
                     f"with task_serializer {self.codec.task_serializer!r}: {exc}"
                 ) from None
-            nodes.append((nid, rec, blob))
+            # the digest covers the call as serialised even where nothing is stored
+            nodes.append((nid, rec, b"" if blob is empty else blob))
             digest.update(nid.encode())
-            digest.update(json.dumps({k: rec.get(k) for k in _DEF_FIELDS},
-                                     sort_keys=True).encode())
+            digest.update(encode({k: rec.get(k) for k in _DEF_FIELDS}).encode())
             digest.update(f"\n{len(blob)}\n".encode())
             digest.update(blob)
         meta = {

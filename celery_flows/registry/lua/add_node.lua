@@ -21,7 +21,7 @@ if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then
   return {-5, 'the flow already holds ' .. mget('total') .. ' nodes, the most ' ..
     'flows_max_nodes=' .. ARGV[4] .. ' allows', mget('state')}
 end
-local rec = cjson.decode(ARGV[2])
+local rec = with_defaults(cjson.decode(ARGV[2]))
 local waiting = 0
 for _, did in ipairs(list(rec.after)) do
   local dep = load(did)
