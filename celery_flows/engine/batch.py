@@ -57,8 +57,15 @@ def submit_flow(ext: Submitter, flow: Flow) -> str:
     flow is always stored in one call: it runs in this process anyway)."""
     with _gc_paused():
         row = ext.prepare(flow)[1]
+        fid = row[0]
         if ext.eager or len(row[3]) <= PIECE_NODES:
-            return ext.submit_row(row)
+            code = ext.submit_row(row)
+            if code != 1 and not ext.eager and ext.store.meta(fid) is None:
+                # the id is held by a hidden flow of a producer that died before
+                # committing it: replaced as a batch of one
+                return submit_large(ext, row)
+            raise_for(code, fid)  # CONFLICT: another definition under this id
+            return fid
         return submit_large(ext, row)
 
 

@@ -111,11 +111,14 @@ class Submitter(OnOutcomes):
 
     def submit(self, flow: Flow) -> str:
         """Store the flow atomically and release its roots; returns its id."""
-        return self.submit_row(self.prepare(flow)[1])
+        row = self.prepare(flow)[1]
+        raise_for(self.submit_row(row), row[0])
+        return row[0]
 
-    def submit_row(self, row: CreateRow) -> str:
-        """:meth:`submit` of a prepared flow, in one create.lua call (a large flow is
-        stored in pieces instead: engine/batch.py ``submit_large``)."""
+    def submit_row(self, row: CreateRow) -> int:
+        """Store a prepared flow in one create.lua call and release its roots; the
+        create code (a large flow is stored in pieces instead: engine/batch.py
+        ``submit_flow``)."""
         fid = row[0]
         store = self.store
         eager = self.eager
@@ -128,5 +131,4 @@ class Submitter(OnOutcomes):
             # also for an existing flow: whatever its outbox holds is due anyway
             faults.point("after-create")
             self.dispatcher.release(fid, created.token, created.claim)
-        raise_for(created.reply, fid)  # CONFLICT: another definition under this id
-        return fid
+        return created.reply
