@@ -113,16 +113,35 @@ local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id
 local function timed_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', TIMED, id} end
 local function later(fn) LATER[#LATER + 1] = fn end
 
-local function flush()
-  for _, id in ipairs(DIRTY_ORDER) do
-    redis.call('HSET', NODES, id, cjson.encode(CACHE[id]))
+-- Fields per variadic HSET/HDEL: one command instead of one per field (a create sets
+-- some twenty meta fields), in batches well inside Lua's unpack limit.
+local WRITE_BATCH = 256
+
+local function hset_all(key, args)
+  for i = 1, #args, 2 * WRITE_BATCH do
+    redis.call('HSET', key, unpack(args, i, math.min(i + 2 * WRITE_BATCH - 1, #args)))
   end
+end
+
+local function flush()
+  local args = {}
+  for _, id in ipairs(DIRTY_ORDER) do
+    args[#args + 1] = id
+    args[#args + 1] = cjson.encode(CACHE[id])
+  end
+  hset_all(NODES, args)
+  local sets, dels = {}, {}
   for field, _ in pairs(MDIRTY) do
     if MCACHE[field] == false then
-      redis.call('HDEL', META, field)
+      dels[#dels + 1] = field
     else
-      redis.call('HSET', META, field, MCACHE[field])
+      sets[#sets + 1] = field
+      sets[#sets + 1] = MCACHE[field]
     end
+  end
+  hset_all(META, sets)
+  for i = 1, #dels, WRITE_BATCH do
+    redis.call('HDEL', META, unpack(dels, i, math.min(i + WRITE_BATCH - 1, #dels)))
   end
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
