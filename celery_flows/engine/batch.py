@@ -34,6 +34,7 @@ from ..errors import FlowDefinitionError, FlowStateError
 from ..registry.codes import CONFLICT, raise_for
 from ..registry.ids import new_batch_id
 from ..registry.transitions import CreateRow, NodeRow
+from .dispatch import CLAIM
 from .eager import run_eager
 from .submit import Submitter
 
@@ -180,8 +181,13 @@ def submit_batch(ext: Submitter, flows: list[Flow]) -> list[str]:
     if dupes:
         raise FlowDefinitionError(f"add_bulk: flow id {dupes[0]!r} appears twice")
     store = ext.store
-    for fid, _meta, digest, _nodes, _blobs in prepared:
-        meta = store.meta(fid)
+    for (fid, _meta, digest, _nodes, _blobs), (have, hidden) in zip(
+            prepared, store.digests(ids), strict=True):
+        if have is None or have == digest:
+            continue
+        # another definition: it counts unless it is a hidden flow of a batch not
+        # committed (that one may be given up; _settle_existing decides)
+        meta = store.meta(fid) if hidden else {"digest": have}
         if meta is not None and meta.get("digest") != digest:
             raise FlowStateError(
                 f"add_bulk: flow {fid!r} already exists with a different "
@@ -256,20 +262,17 @@ def finish(ext: Submitter, bid: str, fids: list[str]) -> None:
     """Un-hide, index and release the flows of a committed batch (idempotent)."""
     store = ext.store
     eager = ext.eager
-    now = store.time()
-    for fid in fids:
-        token = store.mark_dirty(fid)
-        code = store.unhide(fid, bid)
-        if code < 0:  # gone or taken over: nothing of ours to release
-            store.clear_dirty(token)
+    marked = store.unhide_many(bid, fids, None if eager else CLAIM)
+    for fid, mark in zip(fids, marked, strict=True):
+        if mark.reply < 0:  # gone or taken over: nothing of ours to release
+            store.clear_dirty(mark.token)
             continue
-        store.index_add(fid, now)
         faults.point("bulk-unhidden")
         if eager:
             run_eager(ext.outcomes, fid)
-            store.clear_dirty(token)
+            store.clear_dirty(mark.token)
         else:
-            ext.dispatcher.release(fid, token)
+            ext.dispatcher.release(fid, mark.token, mark.claim)
     store.batch_forget(bid)
 
 

@@ -72,6 +72,18 @@ class Reads(Connection):
             return None
         return meta
 
+    def digests(self, fids: list[str]) -> list[tuple[str | None, str | None]]:
+        """Each flow's (definition digest, hiding batch), None where absent, in one
+        round trip per thousand flows."""
+        out: list[tuple[str | None, str | None]] = []
+        for i in range(0, len(fids), 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for fid in fids[i:i + 1000]:
+                pipe.hmget(self.keys.meta(fid), ["digest", "hidden"])
+            out += [(text(d) if d else None, text(h) if h else None)
+                    for d, h in pipe.execute()]
+        return out
+
     def require_meta(self, fid: str) -> dict[str, str]:
         meta = self.meta(fid)
         if meta is None:

@@ -130,6 +130,35 @@ class Transitions(Connection):
         """unhide.lua: 1 un-hidden | 0 not hidden | -5 another batch's | -1 gone."""
         return int(self._run("unhide", fid, [batch_id]))
 
+    def unhide_many(self, batch_id: str, fids: Sequence[str],
+                    claim: tuple[float, int] | None) -> list[Marked[int]]:
+        """For each flow of a committed batch: mark it dirty, un-hide it (unhide.lua
+        codes), index it and, given ``(lease, limit)``, claim its roots; pipelined, so
+        that round trips grow with the batch's size in chunks, not with its flows."""
+        out: list[Marked[int]] = []
+        for i in range(0, len(fids), 500):
+            out += self._unhide_chunk(batch_id, fids[i:i + 500], claim)
+        return out
+
+    def _unhide_chunk(self, batch_id: str, fids: Sequence[str],
+                      claim: tuple[float, int] | None) -> list[Marked[int]]:
+        tokens = [new_dirty_token(fid) for fid in fids]
+        now = self.now()
+
+        def build(pipe: Any) -> None:
+            for fid, token in zip(fids, tokens, strict=True):
+                pipe.zadd(self.keys.dispatch, {token: now})
+                self._queue(pipe, "unhide", fid, [batch_id])
+                pipe.zadd(self.keys.index, {fid: now}, nx=True)
+                if claim is not None:
+                    self._queue(pipe, "claim", fid, self._claim_args(*claim))
+
+        res = self._execute(build)
+        step = 4 if claim is not None else 3
+        return [Marked(token, int(res[j * step + 1]),
+                       Claim.of(res[j * step + 3]) if claim is not None else None)
+                for j, token in enumerate(tokens)]
+
     def discard(self, fid: str, batch_id: str) -> int:
         """discard.lua: 1 the hidden flow of this batch deleted | 0 left alone."""
         return int(self._run("discard", fid, [batch_id]))
