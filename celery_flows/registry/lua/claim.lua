@@ -112,8 +112,8 @@ for _, id in ipairs(ids) do
       if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
     end
     local path = 0
-    -- submit stores it (define/records.py longest_paths); the walk is for nodes added
-    -- later without it (map items)
+    -- submit stores it (define/records.py longest_paths); the walk is for records stored
+    -- by an earlier version, without it
     if want_path or val(rec.rate) then path = tonumber(val(rec.lp)) or longest(id) end
     out[#out + 1] = {id, cjson.encode(rec), redis.call('HGET', ARGS, id),
                      cjson.encode(kinds), results, path}
