@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .config import FlowsConfig
 from .define.flow import Flow
 from .engine import Engine, attach
-from .engine.batch import submit_batch
+from .engine.batch import submit_batch, submit_flow
 from .engine.routing import node_defaults, with_call_defaults
 from .observe.handle import FlowHandle
 from .registry import Store
@@ -96,7 +96,7 @@ class Flows:
     def submit(self, flow: Flow) -> FlowHandle:
         """Store the flow atomically and release its roots. A retried submit of an
         identical definition with the same id returns the existing flow."""
-        return self._handle(self.engine.submitter.submit(flow))
+        return self._handle(submit_flow(self.engine.submitter, flow))
 
     def add_bulk(self, flows: list[Flow]) -> list[FlowHandle]:
         """Submit several flows as one batch: all become visible and run, or none does

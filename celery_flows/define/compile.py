@@ -21,6 +21,7 @@ from .records import (
     check_acyclic,
     context_field,
     link,
+    longest_paths,
     new_record,
     ref_ids,
     rename_ref,
@@ -77,10 +78,12 @@ def compile_flow(flow: Definition, app: Celery, config: FlowsConfig, flow_id: st
     contexts: dict[str, dict[str, Any]] = {}
     _flatten(flow, app, config, "", records, calls, {}, None, stack=[],
              origins={}, contexts=contexts)
-    check_acyclic(records)
+    order = check_acyclic(records)
     link(records)
-    for seq, rec in enumerate(records.values()):
+    paths = longest_paths(records, order)
+    for seq, (nid, rec) in enumerate(records.items()):
         rec["seq"] = seq
+        rec["lp"] = paths[nid]
     return CompiledFlow(
         id=fid,
         name=flow.name,
@@ -165,6 +168,7 @@ def _flatten(
                     f"node {prefix + entry.id!r}: 'after' names unknown node {dep!r}"
                 )
     order = _entry_order(flow._entries, prefix)
+    tasks = app.tasks  # a cached property, costly per access over 100,000 nodes
     for eid in order:
         entry = flow._entries[eid]
         nid = prefix + eid
@@ -225,7 +229,7 @@ def _flatten(
         else:
             sig: Signature = entry.body
             task_name = sig.task
-            task = app.tasks.get(task_name)
+            task = tasks.get(task_name)
             _check_registered(app, nid, task_name, task)
             defaults: dict[str, Any] = getattr(task, "flows_defaults", None) or {}
             rate = opts.get("rate", defaults.get("rate"))

@@ -18,6 +18,7 @@ epol     set on a sub-flow's final nodes only: the sub-flow node's policy, appli
          outgoing edges when the node failed or was skipped as ``upstream_failed``
 fpol     policy deciding whether a failure fails the whole flow
 ctx      field of the args hash holding the node's context overlay (sub-flows)
+lp       longest path in nodes to a sink, from submit (:func:`longest_paths`)
 
 User data (arguments, signature options, contexts, results) never goes into a record:
 it is stored as serialised blobs that Lua only copies (see :mod:`celery_flows.codec`).
@@ -27,14 +28,14 @@ state, attempt, waiting, removed, skip_reason, error, ... runtime fields
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, TypeAlias, TypedDict, cast
 
 from ..errors import FlowDefinitionError
 from .states import NodeState
 
-__all__ = ["NodeRecord", "Ref", "as_list", "check_acyclic", "context_field", "link",
-           "map_pairs",
-           "new_record", "ref_ids", "rename_ref"]
+__all__ = ["LIST_FIELDS", "NodeRecord", "Ref", "as_list", "check_acyclic", "compact",
+           "context_field", "link", "longest_paths", "map_pairs", "new_record", "ref_ids",
+           "rename_ref", "with_defaults"]
 
 Ref: TypeAlias = "str | list[Ref] | dict[str, Any] | None"
 
@@ -70,6 +71,7 @@ class NodeRecord(TypedDict, total=False):
     poke: float | None
     ctx: str | None
     seq: int
+    lp: int  # longest path to a sink, in nodes (longest_paths)
     # runtime
     state: str
     attempt: int
@@ -205,24 +207,65 @@ def new_record(
         "timeout": timeout,
         "poke": poke,
         "ctx": None,
-        "state": NodeState.PENDING.value,
-        "attempt": 0,
         "waiting": len(after),
-        "removed": [],
-        "skip_reason": None,
-        "error": None,
-        "task_ids": [],
-        "starts": [],
-        "retries": 0,
-        "recoveries": 0,
-        "queued_at": None,
-        "started_at": None,
-        "finished_at": None,
-        "worker": None,
-        "progress": [],
-        "history": [],
-        "ignored": False,
+        # the runtime fields (state, attempt, task_ids, ...) start at their default and
+        # are left out: every reader puts them back (with_defaults, cache.lua load)
     }
+
+
+#: Fields a stored record may omit, and the value that omission stands for. A record is
+#: written without them at creation (a pending node of a 100,000-node flow then costs
+#: a fraction of the full document); every reader puts them back: ``with_defaults``
+#: here, ``load`` in lua/engine/cache.lua. ``fpol`` defaults to the record's ``policy``.
+SCALAR_DEFAULTS: dict[str, Any] = {
+    "task": None, "kind": "task", "input": None, "queue": None, "priority": None,
+    "rate": None, "policy": "fail", "epol": None, "rule": "all_success", "max_rec": None,
+    "timeout": None, "poke": None, "ctx": None, "state": NodeState.PENDING.value,
+    "attempt": 0, "skip_reason": None, "error": None, "retries": 0,
+    "recoveries": 0, "queued_at": None, "started_at": None, "finished_at": None,
+    "worker": None, "ignored": False,
+}
+LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
+
+
+_OMITTED: dict[str, Any] = {**SCALAR_DEFAULTS, **{k: [] for k in LIST_FIELDS}}
+_KEEP = object()
+
+
+def compact(rec: NodeRecord) -> dict[str, Any]:
+    """The record as stored at creation: without the fields at their default (no
+    default is equal to a value of another type a record holds: 0 vs False never
+    meet in one field)."""
+    omitted = _OMITTED
+    # the count of dependencies a node waits for lives in the flow's waiting hash
+    # (keys.py), which create.lua fills from ``after``
+    out = {k: v for k, v in rec.items() if k != "waiting" and omitted.get(k, _KEEP) != v}
+    if out.get("fpol", _KEEP) == rec.get("policy", "fail"):
+        del out["fpol"]
+    return out
+
+
+def with_defaults(rec: dict[str, Any]) -> NodeRecord:
+    """A stored record with every omitted field back at its default (in place)."""
+    for k, v in SCALAR_DEFAULTS.items():
+        if k not in rec:
+            rec[k] = v
+    for k in LIST_FIELDS:
+        rec[k] = as_list(rec.get(k))
+    if "fpol" not in rec:
+        rec["fpol"] = rec["policy"]
+    return cast(NodeRecord, rec)
+
+
+def longest_paths(records: dict[str, NodeRecord], order: list[str]) -> dict[str, int]:
+    """Each node's longest path, in nodes, to a sink of the flow (itself included):
+    the first key of the release order among held nodes (SPEC section 7), computed
+    once here in O(V+E) instead of by every claim. Needs ``deps_of`` (:func:`link`) and
+    a topological ``order`` (:func:`check_acyclic`)."""
+    paths: dict[str, int] = {}
+    for nid in reversed(order):
+        paths[nid] = 1 + max((paths[k] for k in records[nid]["deps_of"]), default=0)
+    return paths
 
 
 def as_list(value: Any) -> list[Any]:

@@ -19,8 +19,8 @@ from ..define.flow import Flow
 from ..define.records import NodeRecord, context_field
 from ..errors import FlowDefinitionError
 from ..registry.codes import raise_for
+from ..registry.creation import CreateRow
 from ..registry.keys import FORMAT_VERSION
-from ..registry.transitions import CreateRow
 from .dispatch import CLAIM
 from .eager import run_eager
 from .outcomes import OnOutcomes
@@ -31,6 +31,10 @@ __all__ = ["Submitter"]
 # (User data is compared through its serialised blobs, which the digest also covers.)
 _DEF_FIELDS = ("task", "kind", "after", "input", "queue", "priority", "rate", "policy", "epol",
                "fpol", "rule", "max_rec", "timeout", "poke", "ctx")
+
+
+# json.dumps(..., sort_keys=True) as one encoder: dumps builds a new one per call
+_DIGEST_JSON = json.JSONEncoder(sort_keys=True)
 
 
 class Submitter(OnOutcomes):
@@ -68,22 +72,25 @@ class Submitter(OnOutcomes):
         nodes: list[tuple[str, NodeRecord, bytes]] = []
         digest = hashlib.sha256()
         digest.update(json.dumps([compiled.name, compiled.options], sort_keys=True).encode())
+        encode = _DIGEST_JSON.encode
+        empty = self.codec.empty_call
+        dump_call = self.codec.dump_call
         for field, blob in blobs:
             digest.update(f"{field}\n{len(blob)}\n".encode())
             digest.update(blob)
         for nid, rec in compiled.records.items():
             call = compiled.calls.get(nid)
             try:
-                blob = self.codec.dump_call(*call) if call is not None else b""
+                blob = dump_call(*call) if call is not None else b""
             except Exception as exc:
                 raise FlowDefinitionError(
                     f"node {nid!r}: arguments or signature options cannot be serialised "
                     f"with task_serializer {self.codec.task_serializer!r}: {exc}"
                 ) from None
-            nodes.append((nid, rec, blob))
+            # the digest covers the call as serialised even where nothing is stored
+            nodes.append((nid, rec, b"" if blob is empty else blob))
             digest.update(nid.encode())
-            digest.update(json.dumps({k: rec.get(k) for k in _DEF_FIELDS},
-                                     sort_keys=True).encode())
+            digest.update(encode({k: rec.get(k) for k in _DEF_FIELDS}).encode())
             digest.update(f"\n{len(blob)}\n".encode())
             digest.update(blob)
         meta = {
@@ -104,7 +111,14 @@ class Submitter(OnOutcomes):
 
     def submit(self, flow: Flow) -> str:
         """Store the flow atomically and release its roots; returns its id."""
-        _compiled, row = self.prepare(flow)
+        row = self.prepare(flow)[1]
+        raise_for(self.submit_row(row), row[0])
+        return row[0]
+
+    def submit_row(self, row: CreateRow) -> int:
+        """Store a prepared flow in one create.lua call and release its roots; the
+        create code (a large flow is stored in pieces instead: engine/batch.py
+        ``submit_flow``)."""
         fid = row[0]
         store = self.store
         eager = self.eager
@@ -117,5 +131,4 @@ class Submitter(OnOutcomes):
             # also for an existing flow: whatever its outbox holds is due anyway
             faults.point("after-create")
             self.dispatcher.release(fid, created.token, created.claim)
-        raise_for(created.reply, fid)  # CONFLICT: another definition under this id
-        return fid
+        return created.reply

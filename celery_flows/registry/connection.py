@@ -88,6 +88,14 @@ class Connection:
         slots, so they are written by separate commands in the same round trip."""
         return not self.config.redis_cluster
 
+    @property
+    def want_paths(self) -> str:
+        """Ask claim.lua for longest paths when any shared limit may hold nodes."""
+        return "1" if self.config.rate_limits or self.config.queue_limits else ""
+
+    def _claim_args(self, lease: float, limit: int) -> list[Any]:
+        return [lease, limit, self.want_paths]
+
     def _flow_keys(self, fid: str, request_id: str) -> list[str]:
         keys = self.keys.flow(fid)
         return [*keys, self.keys.request(keys[0], request_id)]

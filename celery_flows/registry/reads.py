@@ -8,7 +8,7 @@ from typing import Any, cast
 
 import redis
 
-from ..define.records import NodeRecord, as_list
+from ..define.records import NodeRecord, with_defaults
 from ..define.states import TERMINAL_NODE_STATES, NodeState
 from .codes import NOT_FOUND, VERSION, raise_for
 from .connection import Connection
@@ -30,9 +30,6 @@ def _as_cancelled(rec: NodeRecord) -> None:
         fields["prev_state"] = rec["state"]
         fields["state"] = NodeState.CANCELLED.value
         fields["cancel_reason"] = "cancelled"
-
-
-_LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
 
 
 def _b(value: Any) -> bytes:
@@ -88,6 +85,18 @@ class Reads(Connection):
             return None
         return meta
 
+    def digests(self, fids: list[str]) -> list[tuple[str | None, str | None]]:
+        """Each flow's (definition digest, hiding batch), None where absent, in one
+        round trip per thousand flows."""
+        out: list[tuple[str | None, str | None]] = []
+        for i in range(0, len(fids), 1000):
+            pipe = self.client.pipeline(transaction=False)
+            for fid in fids[i:i + 1000]:
+                pipe.hmget(self.keys.meta(fid), ["digest", "hidden"])
+            out += [(text(d) if d else None, text(h) if h else None)
+                    for d, h in pipe.execute()]
+        return out
+
     def require_meta(self, fid: str) -> dict[str, str]:
         meta = self.meta(fid)
         if meta is None:
@@ -106,13 +115,11 @@ class Reads(Connection):
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
         raw = self.client.hgetall(self.keys.nodes(fid))
         cancelling = bool(raw) and self._cancelling(fid)
-        decoded = sorted(((json.loads(v), text(k)) for k, v in raw.items()),
+        decoded = sorted(((with_defaults(json.loads(v)), text(k)) for k, v in raw.items()),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
         out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
-        for rec in out.values():
-            for name in _LIST_FIELDS:
-                cast(dict[str, Any], rec)[name] = as_list(rec.get(name))
-            if cancelling:
+        if cancelling:
+            for rec in out.values():
                 _as_cancelled(rec)
         return out
 
@@ -120,7 +127,7 @@ class Reads(Connection):
         raw = self.client.hget(self.keys.nodes(fid), nid)
         if not raw:
             return None
-        rec = cast(NodeRecord, json.loads(raw))
+        rec = with_defaults(json.loads(raw))
         if self._cancelling(fid):
             _as_cancelled(rec)
         return rec

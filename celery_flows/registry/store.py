@@ -1,7 +1,8 @@
 """The registry: the only code of celery-flows that talks to Redis.
 
 :class:`Store` puts together the connection (connection.py: client, scripts, Redis
-time), the transitions (transitions.py: one method per Lua script), the services' global
+time), the transitions (transitions.py and creation.py: one method per Lua script),
+the services' global
 keys (services.py) and the read side (reads.py). Keys are built in keys.py, identity
 formats in ids.py, script return codes map to exceptions in codes.py, and every reply
 is typed in replies.py.
@@ -9,6 +10,7 @@ is typed in replies.py.
 
 from __future__ import annotations
 
+from .creation import Creation
 from .reads import Reads
 from .services import Services
 from .transitions import Transitions
@@ -16,6 +18,6 @@ from .transitions import Transitions
 __all__ = ["Store"]
 
 
-class Store(Transitions, Services, Reads):
+class Store(Transitions, Creation, Services, Reads):
     """The registry of one app (``flows.store``): built from its configuration and
     codec, connected lazily, safe to share between threads (redis-py pools)."""

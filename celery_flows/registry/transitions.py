@@ -9,10 +9,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from .. import faults
 from ..define.records import NodeRecord
 from .connection import Connection
-from .ids import new_dirty_token, new_request_id
+from .ids import new_dirty_token
 from .replies import (
     Admission,
     Change,
@@ -25,93 +24,15 @@ from .replies import (
     text,
 )
 
-__all__ = ["CHUNK", "CreateRow", "Transitions"]
+__all__ = ["CHUNK", "Transitions"]
 
 #: Nodes per step of a chunked change (a cancel of a flow with more nodes goes in
 #: steps), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
 #: (the tests use small chunks).
 CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
 
-#: (flow id, meta fields, digest, [(node id, record, call blob)], [(args field, blob)])
-CreateRow = tuple[str, dict[str, str], str, list[tuple[str, NodeRecord, bytes]],
-                  list[tuple[str, bytes]]]
-
-
-def _create_argv(meta: dict[str, str], digest: str,
-                 nodes: list[tuple[str, NodeRecord, bytes]],
-                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
-    argv: list[Any] = [json.dumps(meta), digest, len(nodes)]
-    for nid, rec, blob in nodes:
-        argv += [nid, json.dumps(rec), blob]
-    argv.append(len(blobs))
-    for field, blob in blobs:
-        argv += [field, blob]
-    return argv
-
-
 class Transitions(Connection):
     """Every write of a flow's state goes through one of these methods."""
-
-    @property
-    def want_paths(self) -> str:
-        """Ask claim.lua for longest paths when any shared limit may hold nodes."""
-        return "1" if self.config.rate_limits or self.config.queue_limits else ""
-
-    def _claim_args(self, lease: float, limit: int) -> list[Any]:
-        return [lease, limit, self.want_paths]
-
-    # -- create -------------------------------------------------------------------------
-
-    def create(self, row: CreateRow, claim: tuple[float, int] | None = None
-               ) -> Marked[int]:
-        """Index the flow, mark it dirty, create it (create.lua: 1 created, 0 exists
-        with the same digest, -3 another definition) and, given ``(lease, limit)``,
-        claim its roots, in one round trip."""
-        fid, meta, digest, nodes, blobs = row
-        token = new_dirty_token(fid)
-        argv = _create_argv(meta, digest, nodes, blobs)
-        now = self.now()
-
-        def build(pipe: Any) -> None:
-            pipe.zadd(self.keys.index, {fid: now}, nx=True)
-            pipe.zadd(self.keys.dispatch, {token: now})
-            self._queue(pipe, "create", fid, argv)
-            if claim is not None:
-                self._queue(pipe, "claim", fid, self._claim_args(*claim))
-
-        out = self._execute(build)
-        return Marked(token, int(out[2]), Claim.of(out[3]) if claim is not None else None)
-
-    def create_many(self, rows: list[CreateRow]) -> list[int]:
-        """Create several flows (create.lua codes): in one MULTI/EXEC on a single
-        Redis, one by one on a cluster. add_bulk creates them hidden, so a reader sees
-        none of them either way until their batch is committed."""
-        if not rows:
-            return []
-        script = self._scripts["create"]
-        if self.config.redis_cluster:
-            codes = []
-            for fid, meta, digest, nodes, blobs in rows:
-                codes.append(int(script(keys=self._flow_keys(fid, new_request_id()),
-                                        args=_create_argv(meta, digest, nodes, blobs))))
-                faults.point("bulk-created")
-            return codes
-        pipe = self.client.pipeline(transaction=True)
-        for fid, meta, digest, nodes, blobs in rows:
-            script(keys=self._flow_keys(fid, new_request_id()),
-                   args=_create_argv(meta, digest, nodes, blobs), client=pipe)
-        codes = [int(c) for c in pipe.execute()]
-        for _ in codes:
-            faults.point("bulk-created")
-        return codes
-
-    def unhide(self, fid: str, batch_id: str) -> int:
-        """unhide.lua: 1 un-hidden | 0 not hidden | -5 another batch's | -1 gone."""
-        return int(self._run("unhide", fid, [batch_id]))
-
-    def discard(self, fid: str, batch_id: str) -> int:
-        """discard.lua: 1 the hidden flow of this batch deleted | 0 left alone."""
-        return int(self._run("discard", fid, [batch_id]))
 
     # -- claim and publish --------------------------------------------------------------
 
@@ -358,13 +279,3 @@ class Transitions(Connection):
         """heartbeat.lua: the worker instance is alive (returns the Redis time used)."""
         keys = [self.keys.workers, self.keys.worker_info]
         return float(text(self._run_global("heartbeat", keys, [instance, json.dumps(info)])))
-
-    def batch_open(self, batch_id: str, fids: list[str]) -> None:
-        # the record first: the sweeper finds a batch by its index entry and then
-        # needs the record to know its flows
-        self._run_global("batch", [self.keys.batch(batch_id)], ["open", json.dumps(fids)])
-        self.client.zadd(self.keys.batches, {batch_id: self.now()})
-
-    def batch_decide(self, batch_id: str, op: str, grace: float = 0.0) -> str:
-        """'commit', 'abort' or 'expire' a pending batch; returns its state after."""
-        return text(self._run_global("batch", [self.keys.batch(batch_id)], [op, grace]))

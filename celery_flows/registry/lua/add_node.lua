@@ -21,7 +21,7 @@ if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then
   return {-5, 'the flow already holds ' .. mget('total') .. ' nodes, the most ' ..
     'flows_max_nodes=' .. ARGV[4] .. ' allows', mget('state')}
 end
-local rec = cjson.decode(ARGV[2])
+local rec = with_defaults(cjson.decode(ARGV[2]))
 local waiting = 0
 for _, did in ipairs(list(rec.after)) do
   local dep = load(did)
@@ -29,9 +29,14 @@ for _, did in ipairs(list(rec.after)) do
   if not TERMINAL[dep.state] then waiting = waiting + 1 end
 end
 local now = now_ts()
+-- Longest paths (claim.lua's release order) are stored from submit: the new node is a
+-- sink, and each dependency's path grows to reach past it. Nodes further upstream keep
+-- theirs: an approximation of the order among held nodes, never of what runs.
+rec.lp = 1
 for _, did in ipairs(list(rec.after)) do
   local dep = load(did)
   push(dep, 'deps_of', id)
+  if tonumber(val(dep.lp)) and dep.lp < 2 then dep.lp = 2 end
   save(did, dep)
 end
 rec.waiting = nil

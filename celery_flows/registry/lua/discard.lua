@@ -5,5 +5,6 @@
   Returns: 1 deleted | 0 not a hidden flow of this batch (left alone)
 ]]
 if redis.call('HGET', META, 'hidden') ~= ARGV[1] then return 0 end
-redis.call('DEL', META, NODES, ARGS, RESULTS, READY, TIMED, WAITING)
+-- UNLINK: a large flow's hashes are freed off the main thread
+redis.call('UNLINK', META, NODES, ARGS, RESULTS, READY, TIMED, WAITING)
 return 1

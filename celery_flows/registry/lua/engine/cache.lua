@@ -45,11 +45,38 @@ local function push(rec, field, x, max)
   rec[field] = t
 end
 
+-- A record is stored without the fields at their default (define/records.py compact,
+-- SCALAR_DEFAULTS): put them back, so that every transition sees the whole record
+-- (and writes it whole once it changes it).
+local RECORD_DEFAULTS = {
+  kind = 'task', policy = 'fail', rule = 'all_success', state = 'pending', attempt = 0,
+  retries = 0, recoveries = 0, ignored = false,
+}
+local RECORD_NULLS = {'task', 'input', 'queue', 'priority', 'rate', 'epol', 'max_rec',
+  'timeout', 'poke', 'ctx', 'skip_reason', 'error', 'queued_at', 'started_at',
+  'finished_at', 'worker'}
+local RECORD_LISTS = {'after', 'deps_of', 'removed', 'task_ids', 'starts', 'progress',
+  'history'}
+
+local function with_defaults(rec)
+  for k, v in pairs(RECORD_DEFAULTS) do
+    if rec[k] == nil then rec[k] = v end
+  end
+  for _, k in ipairs(RECORD_NULLS) do
+    if rec[k] == nil then rec[k] = cjson.null end
+  end
+  for _, k in ipairs(RECORD_LISTS) do
+    if rec[k] == nil then rec[k] = {} end
+  end
+  if rec.fpol == nil then rec.fpol = rec.policy end
+  return rec
+end
+
 local function load(id)
   local rec = CACHE[id]
   if rec == nil then
     local raw = redis.call('HGET', NODES, id)
-    rec = raw and cjson.decode(raw) or false
+    rec = raw and with_defaults(cjson.decode(raw)) or false
     CACHE[id] = rec
   end
   return rec or nil
@@ -102,20 +129,42 @@ local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id
 local function timed_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', TIMED, id} end
 local function later(fn) LATER[#LATER + 1] = fn end
 
-local function flush()
-  for _, id in ipairs(DIRTY_ORDER) do
-    redis.call('HSET', NODES, id, cjson.encode(CACHE[id]))
+-- Fields per variadic HSET/HDEL: one command instead of one per field (a create sets
+-- some twenty meta fields), in batches well inside Lua's unpack limit.
+local WRITE_BATCH = 256
+
+local function hset_all(key, args)
+  for i = 1, #args, 2 * WRITE_BATCH do
+    redis.call('HSET', key, unpack(args, i, math.min(i + 2 * WRITE_BATCH - 1, #args)))
   end
+end
+
+local function flush()
+  local args = {}
+  for _, id in ipairs(DIRTY_ORDER) do
+    args[#args + 1] = id
+    args[#args + 1] = cjson.encode(CACHE[id])
+  end
+  hset_all(NODES, args)
+  local sets, dels = {}, {}
   for field, _ in pairs(MDIRTY) do
     if MCACHE[field] == false then
-      redis.call('HDEL', META, field)
+      dels[#dels + 1] = field
     else
-      redis.call('HSET', META, field, MCACHE[field])
+      sets[#sets + 1] = field
+      sets[#sets + 1] = MCACHE[field]
     end
   end
-  for field, _ in pairs(WDIRTY) do
-    redis.call('HSET', WAITING, field, WCACHE[field])
+  hset_all(META, sets)
+  for i = 1, #dels, WRITE_BATCH do
+    redis.call('HDEL', META, unpack(dels, i, math.min(i + WRITE_BATCH - 1, #dels)))
   end
+  local wargs = {}
+  for field, _ in pairs(WDIRTY) do
+    wargs[#wargs + 1] = field
+    wargs[#wargs + 1] = WCACHE[field]
+  end
+  hset_all(WAITING, wargs)
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
       redis.call('ZADD', op[2], op[4], op[3])

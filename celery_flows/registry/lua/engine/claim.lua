@@ -60,6 +60,8 @@ local function claim_entries(lease, limit, mode, ids_given)
       local top = stack[#stack]
       local rec = load(top[1])
       local kids = list(rec.deps_of)
+      -- a node with a stored path ends the walk there
+      if top[2] == 1 and tonumber(val(rec.lp)) then kids = {} end
       if top[2] <= #kids then
         local kid = kids[top[2]]
         top[2] = top[2] + 1
@@ -69,7 +71,7 @@ local function claim_entries(lease, limit, mode, ids_given)
         for _, kid in ipairs(kids) do
           if memo[kid] and memo[kid] > best then best = memo[kid] end
         end
-        memo[top[1]] = best + 1
+        memo[top[1]] = tonumber(val(rec.lp)) or (best + 1)
         stack[#stack] = nil
       end
     end
@@ -97,7 +99,9 @@ local function claim_entries(lease, limit, mode, ids_given)
         if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
       end
       local path = 0
-      if want_path or val(rec.rate) then path = longest(id) end
+      -- submit stores it (define/records.py longest_paths); the walk is for records
+      -- stored by an earlier version, without it
+      if want_path or val(rec.rate) then path = tonumber(val(rec.lp)) or longest(id) end
       out[#out + 1] = {id, cjson.encode(rec), redis.call('HGET', ARGS, id),
                        cjson.encode(kinds), results, path}
     end

@@ -1,0 +1,154 @@
+"""Storing flows: one flow's create (create.lua), a large flow in pieces
+(create_part.lua, written hidden), add_bulk's many flows and their batch (un-hide,
+discard, the batch record of lua/global/batch.lua)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .. import faults
+from ..define.records import NodeRecord, compact
+from .connection import Connection
+from .ids import new_dirty_token, new_request_id
+from .replies import Claim, Marked, text
+
+__all__ = ["CreateRow", "Creation", "NodeRow"]
+
+#: (node id, record, call blob)
+NodeRow = tuple[str, NodeRecord, bytes]
+#: (flow id, meta fields, digest, [node row], [(args field, blob)])
+CreateRow = tuple[str, dict[str, str], str, list[NodeRow], list[tuple[str, bytes]]]
+
+
+def _create_argv_nodes(nodes: Sequence[tuple[str, NodeRecord, bytes]],
+                       blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
+    argv: list[Any] = [len(nodes)]
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    for nid, rec, blob in nodes:
+        argv += [nid, dumps(compact(rec)), blob]
+    argv.append(len(blobs))
+    for field, blob in blobs:
+        argv += [field, blob]
+    return argv
+
+
+def _create_argv(meta: dict[str, str], digest: str,
+                 nodes: Sequence[tuple[str, NodeRecord, bytes]],
+                 blobs: Sequence[tuple[str, bytes]] = ()) -> list[Any]:
+    return [json.dumps(meta), digest, *_create_argv_nodes(nodes, blobs)]
+
+
+class Creation(Connection):
+    """Every write that brings a flow into the registry."""
+
+    # -- create -------------------------------------------------------------------------
+
+    def create(self, row: CreateRow, claim: tuple[float, int] | None = None
+               ) -> Marked[int]:
+        """Index the flow, mark it dirty, create it (create.lua: 1 created, 0 exists
+        with the same digest, -3 another definition) and, given ``(lease, limit)``,
+        claim its roots, in one round trip; on a single Redis the first three are one
+        script call."""
+        fid, meta, digest, nodes, blobs = row
+        token = new_dirty_token(fid)
+        argv = _create_argv(meta, digest, nodes, blobs)
+        single = self.inline
+        now = 0.0 if single else self.now()
+
+        def build(pipe: Any) -> None:
+            if single:
+                # two commands fewer: create.lua writes both (same Redis TIME)
+                self._queue(pipe, "create", fid, [*argv, fid, token],
+                            [self.keys.index, self.keys.dispatch])
+            else:
+                pipe.zadd(self.keys.index, {fid: now}, nx=True)
+                pipe.zadd(self.keys.dispatch, {token: now})
+                self._queue(pipe, "create", fid, argv)
+            if claim is not None:
+                self._queue(pipe, "claim", fid, self._claim_args(*claim))
+
+        out = self._execute(build)[0 if single else 2:]
+        return Marked(token, int(out[0]), Claim.of(out[1]) if claim is not None else None)
+
+    def create_many(self, rows: list[CreateRow]) -> list[int]:
+        """Create several flows (create.lua codes): in one MULTI/EXEC on a single
+        Redis, one by one on a cluster. add_bulk creates them hidden, so a reader sees
+        none of them either way until their batch is committed."""
+        if not rows:
+            return []
+        script = self._scripts["create"]
+        if self.config.redis_cluster:
+            codes = []
+            for fid, meta, digest, nodes, blobs in rows:
+                codes.append(int(script(keys=self._flow_keys(fid, new_request_id()),
+                                        args=_create_argv(meta, digest, nodes, blobs))))
+                faults.point("bulk-created")
+            return codes
+        pipe = self.client.pipeline(transaction=True)
+        for fid, meta, digest, nodes, blobs in rows:
+            script(keys=self._flow_keys(fid, new_request_id()),
+                   args=_create_argv(meta, digest, nodes, blobs), client=pipe)
+        codes = [int(c) for c in pipe.execute()]
+        for _ in codes:
+            faults.point("bulk-created")
+        return codes
+
+    def create_parts(self, fid: str, batch_id: str,
+                     parts: Sequence[Sequence[NodeRow]]) -> list[int]:
+        """Store further pieces of a flow create.lua began hidden by ``batch_id``
+        (create_part.lua: 1 stored | -5 no longer hidden by it), pipelined: each call is
+        bounded, and other clients' commands run between them."""
+        def build(pipe: Any) -> None:
+            for nodes in parts:
+                self._queue(pipe, "create_part", fid, [batch_id, *_create_argv_nodes(nodes)])
+
+        return [int(c) for c in self._execute(build)]
+
+    def unhide(self, fid: str, batch_id: str) -> int:
+        """unhide.lua: 1 un-hidden | 0 not hidden | -5 another batch's | -1 gone."""
+        return int(self._run("unhide", fid, [batch_id]))
+
+    def unhide_many(self, batch_id: str, fids: Sequence[str],
+                    claim: tuple[float, int] | None) -> list[Marked[int]]:
+        """For each flow of a committed batch: mark it dirty, un-hide it (unhide.lua
+        codes), index it and, given ``(lease, limit)``, claim its roots; pipelined, so
+        that round trips grow with the batch's size in chunks, not with its flows."""
+        out: list[Marked[int]] = []
+        for i in range(0, len(fids), 500):
+            out += self._unhide_chunk(batch_id, fids[i:i + 500], claim)
+        return out
+
+    def _unhide_chunk(self, batch_id: str, fids: Sequence[str],
+                      claim: tuple[float, int] | None) -> list[Marked[int]]:
+        tokens = [new_dirty_token(fid) for fid in fids]
+        now = self.now()
+
+        def build(pipe: Any) -> None:
+            for fid, token in zip(fids, tokens, strict=True):
+                pipe.zadd(self.keys.dispatch, {token: now})
+                self._queue(pipe, "unhide", fid, [batch_id])
+                pipe.zadd(self.keys.index, {fid: now}, nx=True)
+                if claim is not None:
+                    self._queue(pipe, "claim", fid, self._claim_args(*claim))
+
+        res = self._execute(build)
+        step = 4 if claim is not None else 3
+        return [Marked(token, int(res[j * step + 1]),
+                       Claim.of(res[j * step + 3]) if claim is not None else None)
+                for j, token in enumerate(tokens)]
+
+    def discard(self, fid: str, batch_id: str) -> int:
+        """discard.lua: 1 the hidden flow of this batch deleted | 0 left alone."""
+        return int(self._run("discard", fid, [batch_id]))
+
+    def batch_open(self, batch_id: str, fids: list[str]) -> None:
+        # the record first: the sweeper finds a batch by its index entry and then
+        # needs the record to know its flows
+        self._run_global("batch", [self.keys.batch(batch_id)], ["open", json.dumps(fids)])
+        self.client.zadd(self.keys.batches, {batch_id: self.now()})
+
+    def batch_decide(self, batch_id: str, op: str, grace: float = 0.0) -> str:
+        """'commit', 'abort' or 'expire' a pending batch; returns its state after."""
+        return text(self._run_global("batch", [self.keys.batch(batch_id)], [op, grace]))
