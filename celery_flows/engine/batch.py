@@ -274,7 +274,9 @@ def finish(ext: Submitter, bid: str, fids: list[str]) -> None:
             run_eager(ext.outcomes, fid)
             store.clear_dirty(mark.token)
         else:
-            ext.dispatcher.release(fid, mark.token, mark.claim)
+            # acknowledged together below: one round trip for the whole batch
+            ext.dispatcher.release(fid, mark.token, mark.claim, defer=True)
+    ext.dispatcher.acks.flush()  # returns with every root queued
     store.batch_forget(bid)
 
 
