@@ -97,7 +97,8 @@ def commands_per_node(bench: Bench, nodes: int, rounds: int) -> Figure:
 
         counts: dict[str, list[tuple[Counter[str], Counter[str], Counter[str]]]] = {
             "bare": [], "flow": []}
-        bare(), flow()  # warm-up
+        bare()  # warm-up
+        flow()
         for _ in range(rounds):
             for name, fn in (("bare", bare), ("flow", flow)):
                 time.sleep(0.5)  # let the previous run's trailing commands pass
@@ -256,7 +257,15 @@ def submit_100k(bench: Bench, nodes: int, rounds: int) -> Figure:
             f, _last = chain_flow(bench, nodes, name="bench-100k")
             build.append(time.perf_counter() - started)
             before = _used_memory(bench)
-            submit.append(bench.timed(lambda f=f: bench.flows.submit(f), "100k submit"))
+            started = time.perf_counter()
+            try:
+                submit.append(bench.timed(lambda f=f: bench.flows.submit(f),
+                                          "100k submit"))
+            except redis.TimeoutError as exc:
+                raise RuntimeError(
+                    f"submit() gave up after {time.perf_counter() - started:.1f} s: one "
+                    "Redis round trip of it ran past redis-py's default 5 s socket "
+                    f"timeout ({exc})") from exc
             per_node.append((_used_memory(bench) - before) / nodes)
         bench.client.flushdb()
         fig.sides = {"submit": submit, "build": build}
