@@ -74,7 +74,7 @@ def results_rst(figs: list[Figure], env: dict[str, str], params: dict[str, Any],
            f"{params['timeout']:.0f} s per measurement, "
            f"started {params['started']} UTC, took {params['took_s'] / 60:.1f} min.", "",
            "Machine", "=======", ""]
-    out += _rst_table(["", ""], [[k, v] for k, v in env.items()])
+    out += _rst_table(["item", "value"], [[k, v] for k, v in env.items()])
     met = sum(1 for f in figs if f.met)
     failed = sum(1 for f in figs if f.met is False)
     broken = sum(1 for f in figs if f.error is not None)

@@ -30,7 +30,7 @@ from benchmarks.harness import Bench, Figure, machine  # noqa: E402
 ROWS = ("T1", "T2", "T3", "submit+wait", "commands", "big", "cost", "add_bulk", "memory",
         "slowlog", "100k")
 # Row order in the report; a new row (fair-share wait, issue #13) goes in ROWS, SIZES,
-# plan() and NOTES.
+# plan() and notes().
 ORDER = ("T1", "T2", "T3", "submit+wait", "commands/node", "big vs small", "cost per node",
          "add_bulk", "memory", "SLOWLOG", "100k submit")
 
@@ -59,40 +59,46 @@ QUICK = Sizes(lengths=(10, 100), widths=(10, 200), diamonds=100, sequential=100,
               command_nodes=200, command_rounds=1, big=2_000, big_rounds=3, bulk=1_000,
               memory=20_000, slowlog=2_000, huge=100_000, huge_rounds=1)
 
-NOTES = [
-    "- Every timed row: one warm-up per side, then the sides alternate for the rounds; "
-    "the figure is the ratio of the medians. A measurement runs from building the "
-    "canvas or flow until the checked final value is in hand (``AsyncResult.get()`` / "
-    "``FlowHandle.wait()`` + ``results()``).",
-    "- T1/T2 run twice: with the default worker, and after restarting it with "
-    "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
-    "- T3: all 500 diamonds ``submit()``-ed, then each awaited; Celery: 2000 "
-    "``apply_async`` of ``inc``, then each ``.get()``.",
-    "- submit+wait: per item ``submit`` then ``wait`` (Celery: ``delay`` then ``get``); "
-    "the per-call figures time only the ``submit`` / ``delay`` call.",
-    "- commands/node: a MONITOR client (redis-py) counts every client-sent command from "
-    "the start of a run until an ``ECHO`` marker sent 0.3 s after it ends, skipping lines "
-    "marked ``[0 lua]``; the worker's idle polling in that window is counted on both "
-    "sides. ``INFO commandstats`` is reset before each run and read after it.",
-    "- big vs small / cost per node: one flow of N independent ``noop`` nodes, N/10 flows "
-    "of 10 (all submitted, then each awaited), and N ``noop.apply_async()`` awaited with "
-    "``ResultSet.join_native``; the three alternate; warm-up at N/10.",
-    "- add_bulk: the worker is STOPPED; timed is only the producer call "
-    "(``flows.add_bulk(list)`` / the loop of ``apply_async`` of the 10,000 roots), the "
-    "flows and signatures being built before the clock starts; ``FLUSHDB`` after each "
-    "round.",
-    "- memory, 100k submit, SLOWLOG submit and cancel: the worker is STOPPED (the process "
-    "exits; the queued root messages stay unread), ``FLUSHDB`` before each measurement. "
-    "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes.",
-    "- SLOWLOG: ``slowlog-log-slower-than 0``, ``SLOWLOG RESET`` before each phase, the "
-    "longest entry reported. submit: a flow of N independent nodes (all N released at "
-    "submit); cancel: ``flows.cancel`` of that flow; release (worker running): a root "
-    "napping 1 s then N dependents, SLOWLOG reset right after ``submit`` and read after "
-    "the flow succeeded; retry (worker running): N nodes that all raise, "
-    "``flows.retry`` once the flow failed, read when ``retry`` returns.",
-    "- Fair-share wait (issue #13) is not measured yet: add it as a row in "
-    "``benchmarks/run.py`` (ROWS, plan()) with its body in a module of its own.",
-]
+def notes(s: Sizes) -> list[str]:
+    """How each row was run, with this run's sizes, for RESULTS.rst."""
+    return [
+        "- Every timed row: one warm-up per side, then the sides alternate for the rounds; "
+        "the figure is the ratio of the medians. A measurement runs from building the "
+        "canvas or flow until the checked final value is in hand (``AsyncResult.get()`` / "
+        "``FlowHandle.wait()`` + ``results()``).",
+        "- T1/T2 run twice: with the default worker, and after restarting it with "
+        "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
+        f"- T3: all {s.diamonds} diamonds ``submit()``-ed, then each awaited; Celery: "
+        f"{4 * s.diamonds} ``apply_async`` of ``inc``, then each ``.get()``.",
+        "- submit+wait: per item ``submit`` then ``wait`` (Celery: ``delay`` then ``get``); "
+        "the per-call figures time only the ``submit`` / ``delay`` call.",
+        "- commands/node: a MONITOR client (redis-py) counts every client-sent command from "
+        "the start of a run until an ``ECHO`` marker sent 0.3 s after it ends, skipping lines "
+        "marked ``[0 lua]``; the worker's idle polling in that window is counted on both "
+        "sides. ``INFO commandstats`` is reset before each run and read after it. The bare "
+        "side's ``.get()`` of each result sends a ``GET`` the flow side does not send (it "
+        "waits on the flow's notification), so about 1 per node is netted out.",
+        "- big vs small / cost per node: one flow of N independent ``noop`` nodes, N/10 flows "
+        "of 10 (all submitted, then each awaited), and N ``noop.apply_async()`` awaited with "
+        "``ResultSet.join_native``; the three alternate; warm-up at N/10.",
+        "- add_bulk: the worker is STOPPED; timed is only the producer call "
+        f"(``flows.add_bulk(list)`` / the loop of ``apply_async`` of the {s.bulk} roots), the "
+        "flows and signatures being built before the clock starts; ``FLUSHDB`` after each "
+        "round.",
+        "- memory, 100k submit, SLOWLOG submit and cancel: the worker is STOPPED (the process "
+        "exits; the queued root messages stay unread), ``FLUSHDB`` before each measurement. "
+        "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes.",
+        "- SLOWLOG: ``slowlog-log-slower-than 0``, ``SLOWLOG RESET`` before each phase, the "
+        "longest entry reported. submit: a flow of N independent nodes (all N released at "
+        "submit); cancel: ``flows.cancel`` of that flow; release (worker running): a root "
+        "napping 1 s then N dependents, SLOWLOG reset right after ``submit`` and read after "
+        "the flow succeeded; retry (worker running): N nodes that all raise, "
+        "``flows.retry`` once the flow failed, read when ``retry`` returns.",
+        "- The machine is shared with other jobs: single-run figures are noisy; compare "
+        "ratios within one run.",
+        "- Fair-share wait (issue #13) is not measured yet: add it as a row in "
+        "``benchmarks/run.py`` (ROWS, plan()) with its body in a module of its own.",
+    ]
 
 
 def plan(bench: Bench, sizes: Sizes, rounds: int, only: set[str]
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         params = {"quick": args.quick, "rounds": rounds, "only": args.only,
                   "timeout": timeout, "sizes": sizes.__dict__, "started": started,
                   "took_s": time.perf_counter() - t0}
-        args.results.write_text(report.results_rst(figs, env, params, NOTES))
+        args.results.write_text(report.results_rst(figs, env, params, notes(sizes)))
         print(f"\nwrote {args.results}")
         if args.json:
             report.write_json(args.json, figs, env, params)
