@@ -72,7 +72,10 @@ def results_rst(figs: list[Figure], env: dict[str, str], params: dict[str, Any],
            f"{' --only ' + params['only'] if params['only'] else ''}``; a **{mode}** run, "
            f"{params['rounds']} alternating rounds after a warm-up, timeout "
            f"{params['timeout']:.0f} s per measurement, "
-           f"started {params['started']} UTC, took {params['took_s'] / 60:.1f} min.", "",
+           f"started {params['started']} UTC, took {params['took_s'] / 60:.1f} min"
+           + ("." if params["steps_done"] == params["steps"] else
+              f" **so far: PARTIAL, {params['steps_done']} of {params['steps']} steps "
+              "done** (the run was interrupted or is still going)."), "",
            "Machine", "=======", ""]
     out += _rst_table(["item", "value"], [[k, v] for k, v in env.items()])
     met = sum(1 for f in figs if f.met)

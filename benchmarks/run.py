@@ -173,24 +173,30 @@ def main(argv: list[str] | None = None) -> int:
         bench.start()
         env = machine(bench)
         print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
-        for config, step in plan(bench, sizes, rounds, only):
+        steps = plan(bench, sizes, rounds, only)
+
+        def write(done: int) -> None:
+            figs.sort(key=lambda f: ORDER.index(f.row))
+            params = {"quick": args.quick, "rounds": rounds, "only": args.only,
+                      "timeout": timeout, "sizes": sizes.__dict__, "started": started,
+                      "took_s": time.perf_counter() - t0, "steps_done": done,
+                      "steps": len(steps)}
+            args.results.write_text(report.results_rst(figs, env, params, notes(sizes)))
+            if args.json:
+                report.write_json(args.json, figs, env, params)
+
+        for done, (config, step) in enumerate(steps, 1):
             if config == "stopped" and bench.config != "stopped":
                 bench.stop_worker()
             elif config not in ("stopped", "any") and bench.config != config:
                 print(f"worker: starting ({config})", flush=True)
                 bench.start_worker(config)
             figs.extend(step())
-        figs.sort(key=lambda f: ORDER.index(f.row))
+            # rewritten after every step, so an interrupted run still leaves its figures
+            write(done)
         print()
         print(report.console(figs), flush=True)
-        params = {"quick": args.quick, "rounds": rounds, "only": args.only,
-                  "timeout": timeout, "sizes": sizes.__dict__, "started": started,
-                  "took_s": time.perf_counter() - t0}
-        args.results.write_text(report.results_rst(figs, env, params, notes(sizes)))
-        print(f"\nwrote {args.results}")
-        if args.json:
-            report.write_json(args.json, figs, env, params)
-            print(f"wrote {args.json}")
+        print(f"\nwrote {args.results}" + (f" and {args.json}" if args.json else ""))
         return 0 if all(f.met for f in figs) else 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
