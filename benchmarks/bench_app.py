@@ -4,12 +4,15 @@ so plain canvas messages and flow nodes go through the same worker processes.
 The tasks are plain ``@app.task`` tasks (flows accept them as nodes) and as cheap as a
 task can be, so what is measured is the orchestration, not the work. Broker, result
 backend and flow registry share the Redis named by ``BENCH_REDIS_URL``.
+``BENCH_ACKS_LATE=1`` gives the worker ``task_acks_late=True`` and
+``worker_prefetch_multiplier=1`` (the T1/T2 rows run under both configurations).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 from celery import Celery
 
@@ -26,6 +29,8 @@ app.conf.update(
     # benchmarks/limits.py: the limiter groups under test
     flows_rate_limits=json.loads(os.environ.get("BENCH_RATE_LIMITS", "{}")),
 )
+if os.environ.get("BENCH_ACKS_LATE") == "1":
+    app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)
 flows = Flows(app)
 
 
@@ -37,3 +42,19 @@ def inc(x: int) -> int:
 @app.task
 def tsum(values: list[int]) -> int:
     return sum(values)
+
+
+@app.task
+def noop() -> None:
+    return None
+
+
+@app.task
+def nap(seconds: float) -> None:
+    # A root that holds its dependents back long enough to reset SLOWLOG first.
+    time.sleep(seconds)
+
+
+@app.task
+def boom() -> None:
+    raise RuntimeError("benchmark failure, on purpose")

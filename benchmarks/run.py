@@ -1,172 +1,135 @@
 """celery-flows against plain Celery, same Redis, same worker: ``python benchmarks/run.py``.
 
-Starts a private redis-server and ONE prefork worker (``-c 2 --flows``) on
-:mod:`benchmarks.bench_app`, then times three scenarios, each as a plain Celery canvas
-and as the equivalent flow:
-
-- ``linear``: N ``inc`` tasks, each getting the previous result (``chain``);
-- ``fan-in``: W parallel ``inc`` tasks and one ``tsum`` getting their list (``chord``);
-- ``many``: M independent one-task flows vs M ``inc.delay()`` calls.
-
-A measurement runs from building the canvas or flow to holding the checked final value:
-``AsyncResult.get()`` (the result backend) for Celery, ``FlowHandle.wait()`` then
-``results()`` for flows. After one warm-up round per scenario, the two sides alternate
-for ``--rounds`` rounds; the table shows medians and the ratio flows/celery.
+Measures every row of issue #11 in one run (see README.rst) against one private
+redis-server and one prefork worker (``-c 2 --flows``) on :mod:`benchmarks.bench_app`,
+and writes ``benchmarks/RESULTS.rst``. The worker runs in three phases: default
+configuration, then ``task_acks_late=True`` + ``worker_prefetch_multiplier=1`` (T1,
+T2 again), then stopped (rows that need nothing to run).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from celery_flows.testing import RedisServer, Worker  # noqa: E402
+from benchmarks import redis_rows, report, timing  # noqa: E402
+from benchmarks.harness import Bench, Figure, machine  # noqa: E402
 
-APP = "benchmarks.bench_app"
-TIMEOUT = 300.0  # seconds one measurement may take before the run is declared stuck
-
-
-@dataclass
-class Result:
-    scenario: str
-    size: str
-    tasks: int
-    celery_s: list[float] = field(default_factory=list)
-    flows_s: list[float] = field(default_factory=list)
-
-    @property
-    def celery_median(self) -> float:
-        return statistics.median(self.celery_s)
-
-    @property
-    def flows_median(self) -> float:
-        return statistics.median(self.flows_s)
-
-    @property
-    def ratio(self) -> float:
-        return self.flows_median / self.celery_median
+ROWS = ("T1", "T2", "T3", "submit+wait", "commands", "big", "cost", "add_bulk", "memory",
+        "slowlog", "100k")
+# Row order in the report; a new row (fair-share wait, issue #13) goes in ROWS, SIZES,
+# plan() and notes().
+ORDER = ("T1", "T2", "T3", "submit+wait", "commands/node", "big vs small", "cost per node",
+         "add_bulk", "memory", "SLOWLOG", "100k submit")
 
 
-class Scenarios:
-    """The measured bodies. Each returns nothing and asserts the final value."""
-
-    def __init__(self, n: int, w: int, m: int) -> None:
-        from celery import chain, chord
-
-        from benchmarks import bench_app
-        from celery_flows import Flow, FlowState
-
-        self.n, self.w, self.m = n, w, m
-        self.app = bench_app.app
-        self.flows = bench_app.flows
-        self.inc = bench_app.inc
-        self.tsum = bench_app.tsum
-        self._chain = chain
-        self._chord = chord
-        self._flow = Flow
-        self._succeeded = FlowState.SUCCEEDED
-
-    # -- linear -----------------------------------------------------------------------
-
-    def linear_celery(self) -> None:
-        sig = self._chain(self.inc.s(0), *(self.inc.s() for _ in range(self.n - 1)))
-        value = sig.apply_async().get(timeout=TIMEOUT)
-        assert value == self.n, value
-
-    def linear_flows(self) -> None:
-        f = self._flow("bench-linear")
-        prev = f.add(self.inc.s(0), id="n0")
-        for i in range(1, self.n):
-            prev = f.add(self.inc.s(), id=f"n{i}", after=[prev])
-        value = self._finish(self.flows.submit(f))[prev.id]
-        assert value == self.n, value
-
-    # -- fan-in -------------------------------------------------------------------------
-
-    def fanin_celery(self) -> None:
-        header = [self.inc.s(i) for i in range(self.w)]
-        value = self._chord(header)(self.tsum.s()).get(timeout=TIMEOUT)
-        assert value == self.w * (self.w + 1) // 2, value
-
-    def fanin_flows(self) -> None:
-        f = self._flow("bench-fanin")
-        parts = [f.add(self.inc.s(i), id=f"p{i}") for i in range(self.w)]
-        f.add(self.tsum.s(), id="sum", after=list(parts))
-        value = self._finish(self.flows.submit(f))["sum"]
-        assert value == self.w * (self.w + 1) // 2, value
-
-    # -- many small ---------------------------------------------------------------------
-
-    def many_celery(self) -> None:
-        pending = [self.inc.delay(i) for i in range(self.m)]
-        values = [r.get(timeout=TIMEOUT) for r in pending]
-        assert values == list(range(1, self.m + 1)), values
-
-    def many_flows(self) -> None:
-        handles = []
-        for i in range(self.m):
-            f = self._flow("bench-one")
-            f.add(self.inc.s(i), id="inc")
-            handles.append(self.flows.submit(f))
-        values = [self._finish(h)["inc"] for h in handles]
-        assert values == list(range(1, self.m + 1)), values
-
-    def _finish(self, handle: Any) -> dict[str, Any]:
-        state = handle.wait(timeout=TIMEOUT)
-        assert state is self._succeeded, f"flow {handle.id} ended {state.value}"
-        results: dict[str, Any] = handle.results()
-        return results
+@dataclass(frozen=True)
+class Sizes:
+    lengths: tuple[int, ...]
+    widths: tuple[int, ...]
+    diamonds: int
+    sequential: int
+    command_nodes: int
+    command_rounds: int
+    big: int
+    big_rounds: int
+    bulk: int
+    memory: int
+    slowlog: int
+    huge: int
+    huge_rounds: int
 
 
-def measure(fn: Callable[[], None], worker: Worker) -> float:
-    started = time.perf_counter()
-    try:
-        fn()
-    except BaseException:
-        worker.check_alive()  # a dead worker is the better explanation
-        raise
-    return time.perf_counter() - started
+FULL = Sizes(lengths=(10, 100, 1000), widths=(10, 400, 1000, 2000), diamonds=500,
+             sequential=500, command_nodes=200, command_rounds=3, big=20_000, big_rounds=3,
+             bulk=10_000, memory=20_000, slowlog=20_000, huge=100_000, huge_rounds=1)
+QUICK = Sizes(lengths=(10, 100), widths=(10, 200), diamonds=100, sequential=100,
+              command_nodes=200, command_rounds=1, big=2_000, big_rounds=3, bulk=1_000,
+              memory=20_000, slowlog=2_000, huge=100_000, huge_rounds=1)
+
+def notes(s: Sizes) -> list[str]:
+    """How each row was run, with this run's sizes, for RESULTS.rst."""
+    return [
+        "- Every timed row: one warm-up per side, then the sides alternate for the rounds; "
+        "the figure is the ratio of the medians. A measurement runs from building the "
+        "canvas or flow until the checked final value is in hand (``AsyncResult.get()`` / "
+        "``FlowHandle.wait()`` + ``results()``).",
+        "- T1/T2 run twice: with the default worker, and after restarting it with "
+        "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
+        f"- T3: all {s.diamonds} diamonds ``submit()``-ed, then each awaited; Celery: "
+        f"{4 * s.diamonds} ``apply_async`` of ``inc``, then each ``.get()``.",
+        "- submit+wait: per item ``submit`` then ``wait`` (Celery: ``delay`` then ``get``); "
+        "the per-call figures time only the ``submit`` / ``delay`` call.",
+        "- commands/node: a MONITOR client (redis-py) counts every client-sent command from "
+        "the start of a run until an ``ECHO`` marker sent 0.3 s after it ends, skipping lines "
+        "marked ``[0 lua]``; the worker's idle polling in that window is counted on both "
+        "sides. ``INFO commandstats`` is reset before each run and read after it. The bare "
+        "side's ``.get()`` of each result sends a ``GET`` the flow side does not send (it "
+        "waits on the flow's notification), so about 1 per node is netted out.",
+        "- big vs small / cost per node: one flow of N independent ``noop`` nodes, N/10 flows "
+        "of 10 (all submitted, then each awaited), and N ``noop.apply_async()`` awaited with "
+        "``ResultSet.join_native``; the three alternate; warm-up at N/10.",
+        "- add_bulk: the worker is STOPPED; timed is only the producer call "
+        f"(``flows.add_bulk(list)`` / the loop of ``apply_async`` of the {s.bulk} roots), the "
+        "flows and signatures being built before the clock starts; ``FLUSHDB`` after each "
+        "round.",
+        "- memory, 100k submit, SLOWLOG submit and cancel: the worker is STOPPED (the process "
+        "exits; the queued root messages stay unread), ``FLUSHDB`` before each measurement. "
+        "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes.",
+        "- SLOWLOG: ``slowlog-log-slower-than 0``, ``SLOWLOG RESET`` before each phase, the "
+        "longest entry reported. submit: a flow of N independent nodes (all N released at "
+        "submit); cancel: ``flows.cancel`` of that flow; release (worker running): a root "
+        "napping 1 s then N dependents, SLOWLOG reset right after ``submit`` and read after "
+        "the flow succeeded; retry (worker running): N nodes that all raise, "
+        "``flows.retry`` once the flow failed, read when ``retry`` returns.",
+        "- The machine is shared with other jobs: single-run figures are noisy; compare "
+        "ratios within one run.",
+        "- Fair-share wait (issue #13) is not measured yet: add it as a row in "
+        "``benchmarks/run.py`` (ROWS, plan()) with its body in a module of its own.",
+    ]
 
 
-def run_scenario(result: Result, celery_fn: Callable[[], None], flows_fn: Callable[[], None],
-                 rounds: int, worker: Worker) -> None:
-    print(f"  {result.scenario} {result.size}: warm-up", end="", flush=True)
-    measure(celery_fn, worker)
-    measure(flows_fn, worker)
-    for i in range(rounds):
-        result.celery_s.append(measure(celery_fn, worker))
-        result.flows_s.append(measure(flows_fn, worker))
-        print(f", round {i + 1}", end="", flush=True)
-    print(flush=True)
+def plan(bench: Bench, sizes: Sizes, rounds: int, only: set[str]
+         ) -> list[tuple[str, Callable[[], list[Figure]]]]:
+    """The steps in run order, each with the worker configuration it needs."""
+    s = sizes
+    steps: list[tuple[str, Callable[[], list[Figure]]]] = []
 
+    def add(row: str, config: str, fn: Callable[[], list[Figure]]) -> None:
+        if row in only:
+            steps.append((config, fn))
 
-def table(results: list[Result], header: str) -> str:
-    rows = [header, ""]
-    rows.append(f"{'scenario':<26} {'tasks':>6} {'celery (median)':>16} "
-                f"{'flows (median)':>16} {'flows/celery':>13}")
-    rows.append("-" * len(rows[-1]))
-    for r in results:
-        rows.append(
-            f"{r.scenario + ' ' + r.size:<26} {r.tasks:>6} {r.celery_median * 1e3:>13.1f} ms "
-            f"{r.flows_median * 1e3:>13.1f} ms {r.ratio:>12.2f}x"
-        )
-    return "\n".join(rows)
+    for config in ("default", "acks_late"):
+        for n in s.lengths:
+            add("T1", config, lambda c=config, n=n: [timing.linear(bench, c, n, rounds)])
+        for w in s.widths:
+            add("T2", config, lambda c=config, w=w: [timing.fanin(bench, c, w, rounds)])
+        if config == "acks_late":
+            continue
+        add("T3", config, lambda: [timing.diamonds(bench, s.diamonds, rounds)])
+        add("submit+wait", config, lambda: [timing.submit_wait(bench, s.sequential, rounds)])
+        add("commands", config, lambda: [redis_rows.commands_per_node(
+            bench, s.command_nodes, s.command_rounds)])
+        if only & {"big", "cost"}:
+            steps.append((config, lambda: timing.big_small(bench, s.big, s.big_rounds)))
+    add("add_bulk", "stopped", lambda: [timing.add_bulk(bench, s.bulk, rounds)])
+    add("memory", "stopped", lambda: [redis_rows.memory(bench, s.memory, 1)])
+    add("100k", "stopped", lambda: [redis_rows.submit_100k(bench, s.huge, s.huge_rounds)])
+    # SLOWLOG switches between a stopped and a running worker itself; it runs last.
+    add("slowlog", "any", lambda: redis_rows.slowlog(bench, s.slowlog))
+    return steps
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -174,107 +137,74 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Time celery-flows against plain Celery on one worker and one Redis."
-    )
-    parser.add_argument("-n", "--length", type=int, default=None,
-                        help="linear: nodes in the chain (default 50, --quick 10)")
-    parser.add_argument("-w", "--width", type=int, default=None,
-                        help="fan-in: parallel nodes before the collector (default 200, "
-                             "--quick 20)")
-    parser.add_argument("-m", "--many", type=int, default=None,
-                        help="many: one-node flows / delay() calls (default 200, --quick 20)")
+    parser = argparse.ArgumentParser(description="Every row of issue #11: celery-flows "
+                                     "against plain Celery on one worker and one Redis.")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced sizes (see README.rst): a run of a few minutes")
     parser.add_argument("-r", "--rounds", type=int, default=None,
                         help="measured rounds per side after the warm-up (default 5, "
                              "--quick 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes and 3 rounds: a smoke run of a few seconds")
+    parser.add_argument("--only", metavar="ROW[,ROW]", default="",
+                        help=f"run only these rows, of: {','.join(ROWS)}")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds one measurement may take (default 900, --quick 300)")
     parser.add_argument("--json", metavar="PATH", type=Path,
-                        help="also write every timing and the medians to PATH as JSON")
+                        help="also write every round and every figure to PATH as JSON")
+    parser.add_argument("--results", metavar="PATH", type=Path,
+                        default=Path(__file__).resolve().parent / "RESULTS.rst",
+                        help="where to write the RESULTS.rst (default benchmarks/)")
     args = parser.parse_args(argv)
-    n = args.length or (10 if args.quick else 50)
-    w = args.width or (20 if args.quick else 200)
-    m = args.many or (20 if args.quick else 200)
     rounds = args.rounds or (3 if args.quick else 5)
-    if min(n, w, m) < 1:
-        parser.error("--length, --width and --many must be >= 1")
     if rounds < 3:
         parser.error("--rounds must be >= 3 (a median of fewer says little)")
+    only = set(filter(None, args.only.split(","))) or set(ROWS)
+    unknown = only - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; choose from {','.join(ROWS)}")
+    sizes = QUICK if args.quick else FULL
+    timeout = args.timeout or (300.0 if args.quick else 900.0)
 
     signal.signal(signal.SIGTERM, _interrupt)
-    server = RedisServer()
     log_dir = Path(tempfile.mkdtemp(prefix="cfb-log-"))
-    worker: Worker | None = None
+    bench = Bench(log_dir, timeout)
+    started, t0 = time.strftime("%Y-%m-%d %H:%M", time.gmtime()), time.perf_counter()
+    figs: list[Figure] = []
     try:
-        server.start()
-        os.environ["BENCH_REDIS_URL"] = server.celery_url()
-        worker = Worker(APP, loglevel="warning", log_path=log_dir / "worker.log",
-                        env={"BENCH_REDIS_URL": server.celery_url()}, pythonpath=[ROOT])
-        worker.start()
-        scenarios = Scenarios(n, w, m)
-        worker.wait_ready(60, app=scenarios.app)
+        bench.start()
+        env = machine(bench)
+        print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+        steps = plan(bench, sizes, rounds, only)
 
-        import celery
+        def write(done: int) -> None:
+            figs.sort(key=lambda f: ORDER.index(f.row))
+            params = {"quick": args.quick, "rounds": rounds, "only": args.only,
+                      "timeout": timeout, "sizes": sizes.__dict__, "started": started,
+                      "took_s": time.perf_counter() - t0, "steps_done": done,
+                      "steps": len(steps)}
+            args.results.write_text(report.results_rst(figs, env, params, notes(sizes)))
+            if args.json:
+                report.write_json(args.json, figs, env, params)
 
-        import celery_flows
-
-        with server.client() as client:
-            redis_version = client.info("server").get("redis_version", "?")
-        header = (
-            f"celery-flows {celery_flows.__version__} vs Celery {celery.__version__}, "
-            f"Python {platform.python_version()}, {os.cpu_count()} CPUs\n"
-            f"redis-server {redis_version} on a unix socket, one prefork worker -c 2 --flows;"
-            f" median of {rounds} alternating rounds after 1 warm-up"
-        )
-        print(header, flush=True)
-        results = [
-            Result("linear", f"N={n}", n),
-            Result("fan-in", f"W={w}", w + 1),
-            Result("many", f"M={m}", m),
-        ]
-        bodies = [
-            (scenarios.linear_celery, scenarios.linear_flows),
-            (scenarios.fanin_celery, scenarios.fanin_flows),
-            (scenarios.many_celery, scenarios.many_flows),
-        ]
-        for result, (celery_fn, flows_fn) in zip(results, bodies, strict=True):
-            run_scenario(result, celery_fn, flows_fn, rounds, worker)
+        for done, (config, step) in enumerate(steps, 1):
+            if config == "stopped" and bench.config != "stopped":
+                bench.stop_worker()
+            elif config not in ("stopped", "any") and bench.config != config:
+                print(f"worker: starting ({config})", flush=True)
+                bench.start_worker(config)
+            figs.extend(step())
+            # rewritten after every step, so an interrupted run still leaves its figures
+            write(done)
         print()
-        print(table(results, header), flush=True)
-        if args.json:
-            doc = {
-                "params": {"length": n, "width": w, "many": m, "rounds": rounds},
-                "env": {
-                    "celery_flows": celery_flows.__version__,
-                    "celery": celery.__version__,
-                    "redis_server": redis_version,
-                    "python": platform.python_version(),
-                    "cpus": os.cpu_count(),
-                    "worker": "prefork -c 2 --flows",
-                },
-                "scenarios": [
-                    {**asdict(r), "celery_median_s": r.celery_median,
-                     "flows_median_s": r.flows_median, "ratio": r.ratio}
-                    for r in results
-                ],
-            }
-            args.json.write_text(json.dumps(doc, indent=2) + "\n")
-            print(f"\nwrote {args.json}")
-        return 0
+        print(report.console(figs), flush=True)
+        print(f"\nwrote {args.results}" + (f" and {args.json}" if args.json else ""))
+        return 0 if all(f.met for f in figs) else 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        print(f"\nbenchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        if worker is not None:
-            print(f"worker log tail:\n{worker.log_tail()}", file=sys.stderr)
-        return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if worker is not None:
-            worker.stop(timeout=20)
-        server.cleanup()
+        bench.stop()
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

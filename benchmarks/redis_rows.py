@@ -1,0 +1,277 @@
+"""The rows read off Redis itself rather than a stopwatch: commands per node (MONITOR
+and ``INFO commandstats``), registry memory per pending node, the longest single
+command (SLOWLOG) in the heavy transitions, and the 100,000-node submit.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from benchmarks.harness import Bench, Figure
+from benchmarks.timing import chain_flow, independent_flow
+from celery_flows import FlowState
+
+STOP = "bench-monitor-stop"
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|"
+                   r"[0-9a-f]{16,}")
+_TAG = re.compile(r"\{[^}]*\}")
+_DIGITS = re.compile(r"\d+")
+
+
+def key_suffix(key: str) -> str:
+    """A key with its ids blanked out, last ``:`` part only: what kind of key it is."""
+    if key.count("|") >= 2:
+        return "<worker>|<pid>|<id>"  # a worker instance's lease set
+    key = _DIGITS.sub("#", _UUID.sub("*", _TAG.sub("{*}", key)))
+    # a flow node's Celery task id carries the node id after the uuid
+    key = re.sub(r"\*[^:]*$", "*", key)
+    return key.rsplit(":", 1)[-1] if ":" in key else key
+
+
+class Monitor:
+    """Counts the commands clients send while it runs (not those Lua scripts run)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.names: Counter[str] = Counter()
+        self.keys: Counter[str] = Counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    def __enter__(self) -> Monitor:
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("MONITOR did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.echo(STOP)  # the marker tells the reader where the window ends
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with self.client.monitor() as mon:
+            self._ready.set()
+            for entry in mon.listen():
+                parts = entry["command"].split(" ")
+                if parts[0].upper() == "ECHO" and STOP in entry["command"]:
+                    return
+                if entry["client_type"] == "lua":
+                    continue
+                name = parts[0].upper()
+                if name in ("EVALSHA", "EVAL") and len(parts) > 3 and parts[2] != "0":
+                    key = parts[3]
+                else:
+                    key = parts[1] if len(parts) > 1 else ""
+                self.names[name] += 1
+                self.keys[f"{name} {key_suffix(key)}"] += 1
+
+
+def _commandstats(bench: Bench) -> Counter[str]:
+    stats = bench.client.info("commandstats")
+    return Counter({k.removeprefix("cmdstat_").upper(): int(v["calls"])
+                    for k, v in stats.items()})
+
+
+def commands_per_node(bench: Bench, nodes: int, rounds: int) -> Figure:
+    """``nodes`` independent noop nodes in one flow (submit + wait) vs ``nodes`` bare
+    ``apply_async`` (then ``get`` each), commands counted over the whole run."""
+
+    def body(fig: Figure) -> None:
+        noop, t = bench.tasks.noop, bench.timeout
+
+        def bare() -> None:
+            pending = [noop.apply_async() for _ in range(nodes)]
+            for r in pending:
+                r.get(timeout=t)
+
+        def flow() -> None:
+            h = bench.flows.submit(independent_flow(bench, nodes))
+            assert h.wait(timeout=t) is FlowState.SUCCEEDED
+
+        counts: dict[str, list[tuple[Counter[str], Counter[str], Counter[str]]]] = {
+            "bare": [], "flow": []}
+        bare()  # warm-up
+        flow()
+        for _ in range(rounds):
+            for name, fn in (("bare", bare), ("flow", flow)):
+                time.sleep(0.5)  # let the previous run's trailing commands pass
+                bench.client.config_resetstat()
+                mon = Monitor(bench.server.client())
+                with mon:
+                    fig.sides.setdefault(name, []).append(bench.timed(fn, f"commands {name}"))
+                    time.sleep(0.3)
+                counts[name].append((mon.names, mon.keys, _commandstats(bench)))
+
+        def added(which: int) -> dict[str, float]:
+            names = set().union(*(c[which] for side in counts.values() for c in side))
+            out = {}
+            for n in names:
+                f = statistics.median(c[which][n] for c in counts["flow"])
+                b = statistics.median(c[which][n] for c in counts["bare"])
+                if f != b:
+                    out[n] = (f - b) / nodes
+            return dict(sorted(out.items(), key=lambda kv: -abs(kv[1])))
+
+        by_name, by_key, by_stats = added(0), added(1), added(2)
+        totals = {side: statistics.median(sum(c[0].values()) for c in v)
+                  for side, v in counts.items()}
+        fig.value = (totals["flow"] - totals["bare"]) / nodes
+        fig.extra = {"client_commands_total_median": totals,
+                     "added_per_node_by_command": by_name,
+                     "added_per_node_by_key": by_key,
+                     "commandstats_added_per_node": by_stats,
+                     "commandstats_total_added_per_node": sum(by_stats.values())}
+
+    fig = Figure("commands/node", f"{nodes} noop nodes in one flow vs {nodes} apply_async",
+                 "added client commands per node <= 2", 2.0, unit="cmd")
+    return bench.guarded(fig, body)
+
+
+def _used_memory(bench: Bench) -> int:
+    return int(bench.client.info("memory")["used_memory"])
+
+
+def memory(bench: Bench, nodes: int, rounds: int) -> Figure:
+    """Worker stopped: a chain of ``nodes`` is submitted, only its root is published
+    (to a queue nobody reads); used_memory after minus before, per node."""
+
+    def body(fig: Figure) -> None:
+        per_node = []
+        for _ in range(rounds):
+            bench.client.flushdb()
+            f, _last = chain_flow(bench, nodes, name="bench-memory")
+            before = _used_memory(bench)
+            bench.timed(lambda f=f: bench.flows.submit(f), "memory submit")
+            per_node.append((_used_memory(bench) - before) / nodes)
+        bench.client.flushdb()
+        fig.sides = {"bytes_per_node": per_node}
+        fig.value = statistics.median(per_node)
+
+    fig = Figure("memory", f"chain of {nodes}, no payload", "used_memory / node <= 512 B",
+                 512, unit="B")
+    return bench.guarded(fig, body)
+
+
+def _slowest(bench: Bench) -> tuple[float, str, int]:
+    # SLOWLOG's own GET/RESET (long over a big log) are the bench's, not the phase's
+    entries = [e for e in bench.client.slowlog_get(10_000_000)
+               if not str(e["command"]).lstrip("b'\"").upper().startswith("SLOWLOG")]
+    if not entries:
+        return 0.0, "-", 0
+    top = max(entries, key=lambda e: e["duration"])
+    cmd = top["command"]
+    name = (cmd.split(b" ", 1)[0] if isinstance(cmd, bytes) else str(cmd).split(" ")[0])
+    return top["duration"] / 1000.0, name.decode() if isinstance(name, bytes) else name, \
+        len(entries)
+
+
+def slowlog(bench: Bench, nodes: int) -> list[Figure]:
+    """The longest single command in four transitions of a ``nodes``-node flow. Runs
+    with the default worker; submit and cancel happen while it is stopped."""
+    goal = "longest command <= 10 ms"
+    figs = {k: Figure("SLOWLOG", f"{k} {nodes}", goal, 10.0, unit="ms")
+            for k in ("submit", "release", "cancel", "retry")}
+    t = bench.timeout
+    bench.client.config_set("slowlog-log-slower-than", 0)
+    bench.client.config_set("slowlog-max-len", 4 * nodes + 100_000)
+
+    def phase(fig: Figure, action: Any) -> Any:
+        bench.client.slowlog_reset()
+        out = action()
+        ms, name, seen = _slowest(bench)
+        fig.value = ms
+        fig.extra = {"command": name, "slowlog_entries": seen}
+        return out
+
+    def submit_cancel(fig: Figure) -> None:
+        bench.stop_worker()
+        bench.client.flushdb()
+        f = independent_flow(bench, nodes, name="bench-slow-submit")
+        held: list[Any] = []
+        bench.timed(lambda: held.append(phase(fig, lambda: bench.flows.submit(f))),
+                    "slowlog submit")
+
+        def cancel(c: Figure) -> None:
+            bench.timed(lambda: phase(c, lambda: bench.flows.cancel(held[0].id)) and None,
+                        "slowlog cancel")
+
+        bench.guarded(figs["cancel"], cancel)
+        bench.client.flushdb()
+
+    def release(fig: Figure) -> None:
+        bench.start_worker("default")
+        from celery_flows import Flow
+
+        f = Flow("bench-slow-release")
+        root = f.add(bench.tasks.nap.si(1.0), id="root")
+        for i in range(nodes):
+            f.add(bench.tasks.noop.si(), id=f"n{i}", after=[root])
+
+        def run() -> None:
+            h = bench.flows.submit(f)
+            bench.client.slowlog_reset()  # the root naps for 1 s: nothing released yet
+            assert h.wait(timeout=t) is FlowState.SUCCEEDED
+            ms, name, seen = _slowest(bench)
+            fig.value, fig.extra = ms, {"command": name, "slowlog_entries": seen}
+
+        bench.timed(run, "slowlog release")
+
+    def retry(fig: Figure) -> None:
+        f = independent_flow(bench, nodes, task=bench.tasks.boom, name="bench-slow-retry")
+        h = bench.flows.submit(f)
+        bench.timed(lambda: h.wait(timeout=t) and None, "slowlog retry: first failure")
+        assert h.state() is FlowState.FAILED, h.state()
+        bench.timed(lambda: phase(fig, lambda: bench.flows.retry(h.id)) and None,
+                    "slowlog retry")
+        bench.flows.cancel(h.id)
+        bench.app.control.purge()
+
+    try:
+        bench.guarded(figs["submit"], submit_cancel)
+        if figs["submit"].error is not None and figs["cancel"].error is None:
+            figs["cancel"].error = "not run: the submit before it failed"
+        bench.guarded(figs["release"], release)
+        bench.guarded(figs["retry"], retry)
+    finally:
+        bench.client.config_set("slowlog-log-slower-than", 10_000)
+        bench.client.slowlog_reset()
+    return list(figs.values())
+
+
+def submit_100k(bench: Bench, nodes: int, rounds: int) -> Figure:
+    """Worker stopped: wall time of ``flows.submit`` of a chain of ``nodes`` (built
+    beforehand, build time reported apart), and used_memory per node."""
+
+    def body(fig: Figure) -> None:
+        build, per_node, submit = [], [], []
+        for _ in range(rounds):
+            bench.client.flushdb()
+            started = time.perf_counter()
+            f, _last = chain_flow(bench, nodes, name="bench-100k")
+            build.append(time.perf_counter() - started)
+            before = _used_memory(bench)
+            started = time.perf_counter()
+            try:
+                submit.append(bench.timed(lambda f=f: bench.flows.submit(f),
+                                          "100k submit"))
+            except redis.TimeoutError as exc:
+                raise RuntimeError(
+                    f"submit() gave up after {time.perf_counter() - started:.1f} s: one "
+                    "Redis round trip of it ran past redis-py's default 5 s socket "
+                    f"timeout ({exc})") from exc
+            per_node.append((_used_memory(bench) - before) / nodes)
+        bench.client.flushdb()
+        fig.sides = {"submit": submit, "build": build}
+        fig.value = statistics.median(submit)
+        fig.extra = {"bytes_per_node": statistics.median(per_node),
+                     "bytes_per_node_rounds": per_node}
+
+    fig = Figure("100k submit", f"chain of {nodes}", "submit() <= 5 s", 5.0, unit="s")
+    return bench.guarded(fig, body)
