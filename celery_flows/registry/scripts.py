@@ -35,7 +35,7 @@ NO_REQUEST = ""
 #: a part uses only what the parts before it define (Lua locals exist from their
 #: definition on). Each file's header says what it owns and what it uses.
 ENGINE_PARTS = ("constants", "cache", "flow", "evaluate", "cancel", "settle", "reopen",
-                "claim")
+                "claim", "piece")
 
 
 def engine_text() -> str:

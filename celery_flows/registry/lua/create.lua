@@ -38,29 +38,7 @@ mset('total', total)
 mset('done', 0)
 mset('nfail', 0)
 mset('seq', total)
-local roots, recs, blobs = {}, {}, {}
-for i = 0, n - 1 do
-  local id, raw, blob = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
-  -- stored as given; evaluate_all loads the roots back whole (cache.lua load)
-  recs[#recs + 1] = id
-  recs[#recs + 1] = raw
-  if blob ~= '' then
-    blobs[#blobs + 1] = id
-    blobs[#blobs + 1] = blob
-  end
-  -- nothing is removed yet: a node waits for each of its dependencies, counted in the
-  -- waiting hash (keys.py), not in its record
-  local waiting = #list(cjson.decode(raw).after)
-  if waiting == 0 then roots[#roots + 1] = id else wset(id, waiting) end
-end
-local m = tonumber(ARGV[4 + 3 * n]) or 0
-for j = 0, m - 1 do
-  blobs[#blobs + 1] = ARGV[5 + 3 * n + 2 * j]
-  blobs[#blobs + 1] = ARGV[6 + 3 * n + 2 * j]
-end
-hset_all(NODES, recs)
-hset_all(ARGS, blobs)
-evaluate_all(roots, now)
+store_piece(3, now)
 set_flow_state(now)
 flush()
 return 1

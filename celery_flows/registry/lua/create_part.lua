@@ -15,27 +15,7 @@
 ]]
 if redis.call('HGET', META, 'hidden') ~= ARGV[1] then return -5 end
 local now = now_ts()
-local n = tonumber(ARGV[2])
-local roots, recs, blobs = {}, {}, {}
-for i = 0, n - 1 do
-  local id, raw, blob = ARGV[3 + 3 * i], ARGV[4 + 3 * i], ARGV[5 + 3 * i]
-  recs[#recs + 1] = id
-  recs[#recs + 1] = raw
-  if blob ~= '' then
-    blobs[#blobs + 1] = id
-    blobs[#blobs + 1] = blob
-  end
-  local waiting = #list(cjson.decode(raw).after)  -- as in create.lua
-  if waiting == 0 then roots[#roots + 1] = id else wset(id, waiting) end
-end
-local m = tonumber(ARGV[3 + 3 * n]) or 0
-for j = 0, m - 1 do
-  blobs[#blobs + 1] = ARGV[4 + 3 * n + 2 * j]
-  blobs[#blobs + 1] = ARGV[5 + 3 * n + 2 * j]
-end
-hset_all(NODES, recs)
-hset_all(ARGS, blobs)
-evaluate_all(roots, now)
+store_piece(2, now)
 set_flow_state(now)
 flush()
 return 1
