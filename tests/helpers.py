@@ -58,6 +58,17 @@ def cli(*args: str, broker: str, env: dict[str, str] | None = None
     )
 
 
+def visible(proj: Any, fid: str) -> bool:
+    """Whether ``flows.get`` finds the flow (a hidden or half-written one it does not)."""
+    from celery_flows import FlowNotFoundError
+
+    try:
+        proj.flows.get(fid)
+    except FlowNotFoundError:
+        return False
+    return True
+
+
 def node_doc(handle: Any, nid: str) -> dict[str, Any]:
     """Node ``nid`` of ``handle.inspect()``."""
     doc: dict[str, Any] = handle.inspect()["nodes"][nid]

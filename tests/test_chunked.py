@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-from celery_flows import Flow, FlowNotFoundError, FlowState, FlowStateError
+from celery_flows import Flow, FlowState, FlowStateError
 from celery_flows.observe.stats import collect
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.helpers import FLOWS, ROOT, cli, run_counts
+from tests.helpers import FLOWS, ROOT, cli, run_counts, visible
 
 PAIRS = 200  # a_i -> b_i: 400 nodes; stored by the producer below in 8 pieces of 50
 
@@ -55,14 +55,6 @@ def _producer(script: str, faults: str, broker: str, *args: str) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _visible(proj: object, fid: str) -> bool:
-    try:
-        proj.flows.get(fid)  # type: ignore[attr-defined]
-    except FlowNotFoundError:
-        return False
-    return True
-
-
 def test_producer_killed_mid_chunked_create_leaves_nothing_and_a_resubmit_runs_once(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
 ) -> None:
@@ -76,7 +68,7 @@ def test_producer_killed_mid_chunked_create_leaves_nothing_and_a_resubmit_runs_o
     assert 0 < stored < 2 * PAIRS  # killed mid-way, some roots among what was stored
     assert store.hidden_by("halfway")
     time.sleep(3)  # what a --flows worker would do with it, it has had time to do
-    assert not _visible(proj, "halfway")
+    assert not visible(proj, "halfway")
     listed = cli("list", "--limit", "100", broker=redis_db.celery_url)
     assert listed.returncode == 0 and "halfway" not in listed.stdout
     assert cli("inspect", "halfway", broker=redis_db.celery_url).returncode == 1

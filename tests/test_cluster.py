@@ -18,7 +18,7 @@ import pytest
 from celery_flows import Flow, FlowState
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.helpers import FLOWS, ROOT, cli, run_counts
+from tests.helpers import FLOWS, ROOT, cli, run_counts, visible
 from tests.redis_cluster import LocalCluster
 
 
@@ -146,16 +146,6 @@ def _producer(prefix: str, faults: str, env: dict[str, str], broker: str
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _visible(proj: object, fid: str) -> bool:
-    from celery_flows import FlowNotFoundError
-
-    try:
-        proj.flows.get(fid)  # type: ignore[attr-defined]
-    except FlowNotFoundError:
-        return False
-    return True
-
-
 def _listed(broker: str) -> str:
     out = cli("list", "--limit", "1000", broker=broker)
     assert out.returncode == 0, out.stderr
@@ -186,11 +176,11 @@ def test_add_bulk_producer_killed_before_commit_leaves_nothing(
     # deletes its hidden flows; nothing of it is visible or runs meanwhile
     deadline = time.monotonic() + batch.GRACE + 90
     while store.batch_ids() or any(store.hidden_by(fid) for fid in fids):
-        assert not any(_visible(proj, fid) for fid in fids)
+        assert not any(visible(proj, fid) for fid in fids)
         assert time.monotonic() < deadline, "the sweeper did not give the batch up"
         time.sleep(1)
     time.sleep(3)
-    assert not any(_visible(proj, fid) for fid in fids)
+    assert not any(visible(proj, fid) for fid in fids)
     assert not any(fid in _listed(redis_db.celery_url) for fid in fids)
     assert not any(store.client.exists(*store.keys.flow(fid)) for fid in fids)
     assert not [r for r in redis_db.client.lrange("runs", 0, -1) if r.startswith(b"doomed-")]
@@ -212,7 +202,7 @@ def test_add_bulk_producer_killed_after_commit_runs_the_whole_batch(
     assert producer.returncode == -9, out
     fids = [f"kept-{i}" for i in range(5)]
     # a committed batch is visible whole at once, before the sweeper finishes it
-    assert all(_visible(proj, fid) for fid in fids)
+    assert all(visible(proj, fid) for fid in fids)
     for i, fid in enumerate(fids):
         handle = proj.flows.get(fid)
         assert handle.wait(timeout=120) == FlowState.SUCCEEDED
@@ -247,7 +237,7 @@ def test_add_bulk_clash_during_the_batch_leaves_nothing(
     assert mine.results() == {"mine": "mine"}
     time.sleep(3)  # the worker ran for a while: nothing of the batch ran
     fids = [f"clash-{i}" for i in (0, 1, 2, 4)]
-    assert not any(_visible(proj, fid) for fid in fids)
+    assert not any(visible(proj, fid) for fid in fids)
     assert not any(store.client.exists(*store.keys.flow(fid)) for fid in fids)
     listed = _listed(redis_db.celery_url)
     assert "clash-3" in listed and not any(fid in listed for fid in fids)
