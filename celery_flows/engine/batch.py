@@ -164,6 +164,8 @@ def _take_over(ext: Submitter, row: CreateRow, code: int) -> int:
     if store.batch_decide(other, "abort") == "committed":
         return code
     store.discard(row[0], other)
+    if store.batch_record(other)[1] == [row[0]]:
+        store.batch_forget(other)  # a batch of this flow alone: nothing left to sweep
     return store.create_many([row])[0]
 
 
