@@ -15,7 +15,7 @@ import pytest
 
 from celery_flows import Flow, FlowState, NodeState
 from celery_flows.faults import ENV as FAULTS
-from celery_flows.registry import transitions
+from celery_flows.registry import scripts
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import BROKER_ENV, FLOWS, ROOT, run_counts
@@ -75,7 +75,7 @@ def test_chunked_cancel_reports_everything_and_runs_nothing_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     proj = import_app("tests.proj")
-    monkeypatch.setattr(transitions, "CHUNK", int(CHUNK))
+    monkeypatch.setattr(scripts, "CHUNK", int(CHUNK))
     worker_factory("tests.proj", extra_args=FLOWS, concurrency=3)
     handle = proj.flows.submit(_big_flow(proj, 30))
     _wait_running(handle, "hold", "later")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .. import faults
 from ..define.compile import PASSTHROUGH_OPTIONS
 from ..define.flow import Node
 from ..define.records import new_record
@@ -20,7 +21,8 @@ from ..define.validate import check_id, check_node_opts, check_rate, check_signa
 from ..errors import FlowDefinitionError, FlowStateError
 from ..registry.codes import raise_for
 from ..registry.replies import Change, Marked, text
-from .chunks import cancel_steps
+from ..registry import scripts
+from .chunks import cancel_steps, retry_report, stage_retry
 from .dispatch import CLAIM
 from .eager import run_eager
 from .outcomes import OnOutcomes
@@ -103,15 +105,54 @@ class Changes(OnOutcomes):
         marked = self.store.resume(flow_id, self._claim(dry_run), dry_run)
         return self._finish(flow_id, marked, dry_run)[0]
 
+    def _settle_first(self, flow_id: str) -> dict[str, str]:
+        """Finish the bounded steps a large transition left to the claims (a fail_fast
+        cancel, a retry's reopening, dependents to settle) before a change that needs
+        every record written; returns the flow's meta."""
+        meta = self.store.require_meta(flow_id)
+        for _ in range(10_000):
+            busy = meta.get("settling") == "1" or meta.get("reopening") == "1" or (
+                "cancel_cursor" in meta and meta.get("state") != "cancelled")
+            if not busy or meta.get("hidden"):
+                break
+            if meta.get("eager") == "1":
+                run_eager(self.outcomes, flow_id)
+            else:
+                self.dispatcher.drain(flow_id)
+            meta = self.store.require_meta(flow_id)
+        return meta
+
     def retry(self, flow_id: str, dry_run: bool = False) -> dict[str, Any]:
         """Run again the nodes that failed under ``"fail"`` and the nodes skipped as
-        ``upstream_failed`` because of them, as new attempts; nothing else re-runs."""
-        marked = self.store.retry(flow_id, self._claim(dry_run), dry_run)
-        return self._finish(flow_id, marked, dry_run)[0]
+        ``upstream_failed`` because of them, as new attempts; nothing else re-runs.
+        A flow of more than CHUNK nodes is retried in bounded steps (chunks.py)."""
+        meta = self._settle_first(flow_id)
+        if int(meta.get("total") or 0) <= scripts.CHUNK:
+            marked = self.store.retry(flow_id, self._claim(dry_run), dry_run)
+            return self._finish(flow_id, marked, dry_run)[0]
+        for _ in range(20):
+            fgen, ids, recs = stage_retry(self.store, flow_id, meta.get("state", ""))
+            report = retry_report(ids, recs)
+            if dry_run:
+                return {"released": report["released"], "skipped": [], "cancelled": [],
+                        "reopened": report["reopened"], "state": "running",
+                        "dry_run": True}
+            self.store.reopen_stage(flow_id, ids)
+            faults.point("retry-staged")
+            marked = self.store.retry_commit(flow_id, fgen, CLAIM)
+            if marked.reply.code != 2:
+                out = self._finish(flow_id, marked, dry_run)[0]
+                out.update(report)
+                return out
+            self.store.clear_dirty(marked.token)
+            meta = self._settle_first(flow_id)
+        raise FlowStateError(f"flow {flow_id!r} kept changing while its retry was being "
+                             "staged; nothing was changed, try again")
 
     def remove_dependency(self, flow_id: str, node_id: str, dep_id: str,
                           dry_run: bool = False) -> dict[str, Any]:
         """Drop the edge ``dep_id -> node_id`` of a node not yet released."""
+        self._settle_first(flow_id)
         marked = self.store.remove_dependency(flow_id, node_id, dep_id, self._claim(dry_run),
                                               dry_run)
         return self._finish(flow_id, marked, dry_run)[0]
@@ -119,6 +160,7 @@ class Changes(OnOutcomes):
     def ignore_failure(self, flow_id: str, node_id: str, dry_run: bool = False
                        ) -> dict[str, Any]:
         """Count a node that failed under ``"fail"`` as ``"ignore"`` from now on."""
+        self._settle_first(flow_id)
         marked = self.store.ignore_failure(flow_id, node_id, self._claim(dry_run), dry_run)
         return self._finish(flow_id, marked, dry_run)[0]
 
@@ -133,6 +175,7 @@ class Changes(OnOutcomes):
                 raise FlowDefinitionError(f"add_node: after= entry {dep!r} is not a node id")
         if len(set(deps)) != len(deps):
             raise FlowDefinitionError("add_node: after= names a node twice")
+        self._settle_first(flow_id)
         if node_id is None:
             node_id = new_node_id(sig.task, self.store.nodes(flow_id))
         check_id(node_id, "node id")

@@ -123,7 +123,13 @@ class Dispatcher:
                 store.set_timer(fid, claim.next_due)
             if claim.webhook_pending:
                 store.queue_webhook(fid)
+            if claim.more:
+                faults.point("chore-step")
             if claim.code != 0:
+                if claim.more:
+                    # stopped by fail_fast: its cancel goes on a bounded step per claim
+                    claim = None
+                    continue
                 # gone, paused or cancelled: resume/retry mark the flow dirty themselves
                 if token:
                     store.published(fid, [], clear_token=token)
@@ -158,7 +164,7 @@ class Dispatcher:
                 logger.error("celery-flows: node %s of flow %s cannot be sent: %s",
                              nid, fid, error)
                 store.complete(fid, nid, attempt, "failed", b"", error)
-            if short and not refused:
+            if short and not refused and not claim.more:
                 self._acknowledge(fid, sent, token if claim.left == 0 else None, defer)
                 return
             self._acknowledge(fid, sent, None, defer)

@@ -50,6 +50,8 @@ def run_eager(outcomes: Outcomes, fid: str) -> None:
             time.sleep(max(claim.next_due - store.now(), 0.0))
             continue
         if code != 0 or not entries:
+            if claim.more:  # bounded steps of a large transition are left
+                continue
             return
         for entry in entries:
             call = dispatcher.prepare(fid, nonce, entry)

@@ -30,6 +30,14 @@ transition touches a single Redis Cluster slot::
                                       flow of format 1.1 (counter in the record, none
                                       here) stays correct. "<node>#<dep>" marks an edge
                                       removed while dep was not terminal.
+    <prefix>:{<fid>}:work      list   terminal nodes whose dependents a transition had no
+                                      budget left to settle ("<next edge> <node id>",
+                                      meta settling=1 while it holds any): the next claim
+                                      goes on with them (lua/engine/settle.lua)
+    <prefix>:{<fid>}:reopen    set    a chunked retry's nodes not yet reopened: written
+                                      while staging (hidden until meta reopening=1, then
+                                      they read as pending), drained by the claims
+                                      (lua/engine/reopen.lua)
 
 Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
@@ -102,7 +110,8 @@ from ..define.records import context_field
 
 __all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
 
-FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting")
+FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting", "work",
+             "reopen")
 
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.

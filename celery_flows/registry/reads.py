@@ -22,14 +22,25 @@ INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being creat
 _TERMINAL = frozenset(state.value for state in TERMINAL_NODE_STATES)
 
 
-def _as_cancelled(rec: NodeRecord) -> None:
-    """A node a chunked cancel has not written yet is cancelled all the same (the flow
-    was, at once: lua/cancel.lua): readers see what the last step will write."""
+def _as_cancelled(rec: NodeRecord, reason: str) -> None:
+    """A node a chunked cancel (or fail_fast's) has not written yet is cancelled all the
+    same (the flow was, at once: lua/cancel.lua): readers see what the last step will
+    write."""
     if rec["state"] not in _TERMINAL:
         fields = cast(dict[str, Any], rec)
         fields["prev_state"] = rec["state"]
         fields["state"] = NodeState.CANCELLED.value
-        fields["cancel_reason"] = "cancelled"
+        fields["cancel_reason"] = reason
+
+
+def _as_reopened(rec: NodeRecord) -> None:
+    """A node a chunked retry has not reopened yet is pending all the same (the retry
+    took effect at once: lua/retry.lua 'commit'): readers see what its step will write."""
+    if rec["state"] in _TERMINAL:
+        fields = cast(dict[str, Any], rec)
+        fields["state"] = NodeState.PENDING.value
+        for name in ("skip_reason", "cancel_reason", "error"):
+            fields[name] = None
 
 
 def _b(value: Any) -> bytes:
@@ -106,31 +117,62 @@ class Reads(Connection):
             raise_for(VERSION, fid)
         return meta
 
-    def _cancelling(self, fid: str) -> bool:
-        """Read after the records: a flow cancelled by then shows them all cancelled
-        (whether a chunked cancel is still writing them or not)."""
-        state = self.client.hget(self.keys.meta(fid), "state")
-        return state is not None and text(state) == "cancelled"
+    def _reopening(self, fid: str, nid: str | None = None) -> set[str]:
+        """Read before the records: the nodes a chunked retry has not reopened yet (they
+        read as pending; a node reopened meanwhile is read as it is)."""
+        if self.client.hget(self.keys.meta(fid), "reopen_set") is None:
+            return set()
+        key = self.keys.flow(fid)[8]
+        if nid is not None:
+            return {nid} if self.client.sismember(key, nid) else set()
+        return {text(m) for m in self.client.smembers(key)}
+
+    def _cancelling(self, fid: str) -> str | None:
+        """Read after the records: a flow cancelled by then (or stopped by fail_fast)
+        shows them all cancelled, whether a chunked cancel is still writing them or not;
+        the reason they show, else None."""
+        state, cursor, reason = self.client.hmget(
+            self.keys.meta(fid), ["state", "cancel_cursor", "cancel_reason"])
+        if cursor is not None:
+            return text(reason) if reason else "cancelled"
+        if state is not None and text(state) == "cancelled":
+            return "cancelled"
+        return None
+
+    def _overlay(self, fid: str, recs: dict[str, NodeRecord], staged: set[str]) -> None:
+        for nid in staged:
+            if nid in recs:
+                _as_reopened(recs[nid])
+        reason = self._cancelling(fid) if recs else None
+        if reason is not None:
+            for rec in recs.values():
+                _as_cancelled(rec, reason)
 
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
+        staged = self._reopening(fid)
         raw = self.client.hgetall(self.keys.nodes(fid))
-        cancelling = bool(raw) and self._cancelling(fid)
         decoded = sorted(((with_defaults(json.loads(v)), text(k)) for k, v in raw.items()),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
         out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
-        if cancelling:
-            for rec in out.values():
-                _as_cancelled(rec)
+        self._overlay(fid, out, staged)
         return out
 
     def node(self, fid: str, nid: str) -> NodeRecord | None:
+        staged = self._reopening(fid, nid)
         raw = self.client.hget(self.keys.nodes(fid), nid)
         if not raw:
             return None
-        rec = with_defaults(json.loads(raw))
-        if self._cancelling(fid):
-            _as_cancelled(rec)
-        return rec
+        recs = {nid: with_defaults(json.loads(raw))}
+        self._overlay(fid, recs, staged)
+        return recs[nid]
+
+    def scan_nodes(self, fid: str, cursor: int = 0, count: int = 500
+                   ) -> tuple[int, dict[str, NodeRecord]]:
+        """One HSCAN page of the node records, as stored (no reader's overlay): for the
+        staging of a chunked retry (engine/chunks.py)."""
+        cursor, raw = self.client.hscan(self.keys.nodes(fid), cursor, count=count)
+        pairs = cast(dict[Any, Any], raw)
+        return int(cursor), {text(k): with_defaults(json.loads(v)) for k, v in pairs.items()}
 
     def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
         key = self.keys.results(fid)

@@ -25,13 +25,15 @@ class Claim(NamedTuple):
     flow_rate: str
     next_due: float | None  # when the first timed entry is due (a timer to set)
     webhook_pending: bool
+    more: bool  # bounded steps of a large transition are left: claim again
     entries: list[Any]
 
     @classmethod
     def of(cls, out: list[Any]) -> Claim:
         due = text(out[4])
         return cls(int(out[0]), int(out[1]), text(out[2]), text(out[3]),
-                   float(due) if due else None, text(out[5]) == "1", list(out[6:]))
+                   float(due) if due else None, text(out[5]) == "1", text(out[6]) == "1",
+                   list(out[7:]))
 
 
 class Completion(NamedTuple):

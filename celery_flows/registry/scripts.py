@@ -10,12 +10,13 @@ returns the first answer instead of running the transition twice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from .ids import new_request_id
 
-__all__ = ["ENGINE_PARTS", "LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential",
+__all__ = ["CHUNK", "ENGINE_PARTS", "LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential",
            "engine_text", "script_texts"]
 
 LUA_DIR = Path(__file__).with_name("lua")
@@ -23,6 +24,13 @@ LUA_DIR = Path(__file__).with_name("lua")
 #: Seconds a transition's reply is kept for a re-sent call: well past redis-py's retry
 #: window (8 tries with a backoff capped at 2 s, see connection.py) and a failover.
 REPLY_TTL = 120
+
+#: The bounded step of large transitions: nodes per step of a chunked change (a cancel
+#: or retry of a flow with more nodes goes in steps), and a twentieth of the edges one
+#: script settles before it leaves the rest to the next claim (lua/engine/cache.lua
+#: BUDGET), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
+#: (the tests use small chunks).
+CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
 #: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
 REPLAY_ENTRIES = frozenset({"claim"})
 REPLAY_CLAIMED = frozenset({"complete"})
@@ -50,7 +58,8 @@ def script_texts() -> dict[str, str]:
     engine = engine_text()
 
     def wrap(name: str, body: str, prelude: str = "") -> str:
-        flags = f"local REPLY_TTL, REPLAY_ENTRIES, REPLAY_CLAIMED = {REPLY_TTL}, " \
+        flags = f"local REPLY_TTL, STEP, REPLAY_ENTRIES, REPLAY_CLAIMED = {REPLY_TTL}, " \
+                f"{CHUNK}, " \
                 f"{'true' if name in REPLAY_ENTRIES else 'false'}, " \
                 f"{'true' if name in REPLAY_CLAIMED else 'false'}\n"
         return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"

@@ -5,7 +5,6 @@ marker and the claim that follow them, in one round trip."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,13 +22,10 @@ from .replies import (
     Started,
     text,
 )
+from . import scripts
 
-__all__ = ["CHUNK", "Transitions"]
+__all__ = ["Transitions"]
 
-#: Nodes per step of a chunked change (a cancel of a flow with more nodes goes in
-#: steps), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
-#: (the tests use small chunks).
-CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
 
 class Transitions(Connection):
     """Every write of a flow's state goes through one of these methods."""
@@ -232,12 +228,12 @@ class Transitions(Connection):
         caller died (:meth:`cancel_done` takes it out)."""
         if not dry_run:
             self.client.zadd(self.keys.cancelling, {fid: self.now()}, nx=True)
-        return self._change("cancel", fid, [CHUNK], dry_run, None)
+        return self._change("cancel", fid, [scripts.CHUNK], dry_run, None)
 
     def cancel_step(self, fid: str, cursor: str = "0", dry_run: bool = False) -> Change:
         """cancel_step.lua, one bounded step; ``extra``: started task ids JSON, the next
         cursor ("" when done). ``cursor`` is a dry run's own."""
-        argv = [CHUNK, cursor, "1" if dry_run else ""]
+        argv = [scripts.CHUNK, cursor, "1" if dry_run else ""]
         return Change.of(self._run("cancel_step", fid, argv, dry_run=dry_run))
 
     def cancel_done(self, fid: str) -> None:
@@ -257,7 +253,27 @@ class Transitions(Connection):
 
     def retry(self, fid: str, claim: tuple[float, int] | None, dry_run: bool = False
               ) -> Marked[Change]:
-        return self._change("retry", fid, [], dry_run, claim)
+        """retry.lua as one script (a flow of at most CHUNK nodes)."""
+        return self._change("retry", fid, ["", ""], dry_run, claim)
+
+    def reopen_stage(self, fid: str, ids: Sequence[str], ttl: int = 3600) -> None:
+        """Stage a chunked retry's nodes in the flow's reopen set (hidden until
+        :meth:`retry_commit`; it expires if the stager dies), a bounded command each."""
+        key = self.keys.flow(fid)[8]
+
+        def build(pipe: Any) -> None:
+            pipe.delete(key)
+            for i in range(0, len(ids), 20 * scripts.CHUNK):
+                pipe.sadd(key, *ids[i:i + 20 * scripts.CHUNK])
+            pipe.expire(key, ttl)
+
+        self._execute(build)
+
+    def retry_commit(self, fid: str, fgen: str, claim: tuple[float, int] | None
+                     ) -> Marked[Change]:
+        """retry.lua 'commit': the staged nodes read as pending at once; the claims reopen
+        them in bounded steps (code 2: the staging went stale, stage again)."""
+        return self._change("retry", fid, ["commit", fgen], False, claim)
 
     def remove_dependency(self, fid: str, nid: str, dep_id: str,
                           claim: tuple[float, int] | None, dry_run: bool = False

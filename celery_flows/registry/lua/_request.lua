@@ -1,8 +1,8 @@
 --[[
   The request wrapper. scripts.py builds every script, flow and global alike, as
 
-    local REPLY_TTL, REPLAY_ENTRIES, REPLAY_CLAIMED = <store.REPLY_TTL>,
-      <true for claim only>, <true for complete only>
+    local REPLY_TTL, STEP, REPLAY_ENTRIES, REPLAY_CLAIMED = <scripts.REPLY_TTL>,
+      <scripts.CHUNK>, <true for claim only>, <true for complete only>
     <the part of this file above the @transition line>
     <the engine, lua/engine/*.lua in the order of store.ENGINE_PARTS, for flow scripts>
     local function transition() <the script> end
@@ -65,7 +65,7 @@ if REPLAY_CLAIMED then
     kept[6] = reply[6]
     if type(reply[6]) == 'table' then
       kept[6] = {}
-      for i = 7, #reply[6] do kept[6][#kept[6] + 1] = reply[6][i][1] end
+      for i = 8, #reply[6] do kept[6][#kept[6] + 1] = reply[6][i][1] end
     end
     redis.call('SET', REQUEST, cmsgpack.pack(kept), 'EX', REPLY_TTL)
   end

@@ -1,7 +1,7 @@
 --[[
   add_node: add a node to a running (or paused) flow.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] record JSON (after filled in; waiting is computed here)
   ARGV[3] args blob ('' = none)  ARGV[4] flows_max_nodes  ARGV[5] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
@@ -15,6 +15,8 @@ local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
 local id = ARGV[1]
 if flow_finished() then return finished_refusal() end
+local refused = busy_refusal()
+if refused then return refused end
 if load(id) then return {-5, 'node id ' .. id .. ' is already used', mget('state')} end
 local max_nodes = tonumber(ARGV[4])
 if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then

@@ -1,8 +1,8 @@
 --[[
   cancel: stop the whole flow. Nothing is released after it; every non-terminal node
   becomes cancelled; the flow is cancelled at once.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] chunk: a flow of more nodes than this is cancelled in steps (0: never)
   ARGV[2] '1' for a dry run (report only, change nothing)
   Returns: {code, report JSON | reason, flow state, task ids of started nodes JSON,
@@ -22,9 +22,9 @@ local now = now_ts()
 local chunk = tonumber(ARGV[1]) or 0
 if chunk > 0 and (tonumber(mget('total')) or 0) > chunk then
   if ARGV[2] == '1' then return {1, report_json(), 'cancelled', '[]', '1'} end
-  mset('cancel_cursor', '0')
   -- every unfinished node counts as done already: it will be cancelled, nothing else
-  mset('done', mget('total'))
+  begin_chunked_cancel('cancelled')
+  drop_work()
   finish_flow('cancelled', now)
   flush()
   return {1, report_json(), 'cancelled', '[]', '1'}
@@ -38,6 +38,7 @@ for _, id in ipairs(redis.call('HKEYS', NODES)) do
   end
 end
 cancel_all(now, 'cancelled')
+drop_work()
 finish_flow('cancelled', now)
 local report = report_json()
 if ARGV[2] == '1' then return {1, report, 'cancelled', cjson.encode(started), ''} end

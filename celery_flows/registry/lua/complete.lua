@@ -1,7 +1,7 @@
 --[[
   complete: record an attempt's outcome (first report wins) and release what it unblocks.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] outcome: succeeded | failed | retrying
   ARGV[4] serialised result ('' unless succeeded)  ARGV[5] error text ('' if none)
   ARGV[6] '1' for an external node's signal (its state is awaiting), else ''
@@ -15,8 +15,8 @@
           task id whose lease to drop, both used only with GKEYS (below)
   GKEYS (after the request key, only on a single Redis; on a cluster the caller sends
          these writes itself): [1] the dispatch index: the marker ARGV[12] is added at
-         the Redis time when the claim took entries or others' claims are pending
-         (someone must publish them); [2] the recording worker's lease set: ARGV[13]
+         the Redis time when the claim took entries, others' claims are pending or
+         bounded steps are left (someone must publish them, or claim again); [2] the recording worker's lease set: ARGV[13]
          leaves it
   Returns: {code, released, flow state, the node's queue, '1' if the marker was added,
             claim reply (claim.lua) or ''}
@@ -38,7 +38,7 @@ local function record()
   local err = ARGV[5]
   local external = ARGV[6] == '1'
   local open = rec.attempt == attempt and not TERMINAL[rec.state] and rec.state ~= 'pending'
-    and mget('state') ~= 'cancelled' -- a chunked cancel's nodes (lua/cancel.lua)
+    and not stopping() -- a chunked cancel's nodes (lua/cancel.lua, fail_fast)
   if external then
     open = open and rec.state == 'awaiting'
   else
@@ -109,7 +109,8 @@ reply[5], reply[6] = '', ''
 if (ARGV[9] or '') ~= '' and reply[1] >= 0 then
   local claim = claim_entries(tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], {})
   reply[6] = claim
-  if GKEYS[1] and claim[1] == 0 and (#claim > 6 or tonumber(claim[2]) > 0) then
+  if GKEYS[1] and ((claim[1] == 0 and (#claim > 7 or tonumber(claim[2]) > 0))
+      or claim[7] == '1') then
     redis.call('ZADD', GKEYS[1], now_ts(), ARGV[12])
     reply[5] = '1'
   end

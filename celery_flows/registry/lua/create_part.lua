@@ -5,7 +5,7 @@
   Pieces come in reverse topological order, so every dependent of a node is stored
   before the node: a root evaluated here (and any skip it cascades) finds its
   dependents in place.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua)
+  KEYS: meta nodes args results ready timed waiting work reopen, request (lua/_request.lua)
   ARGV[1]  batch id the flow must still be hidden by
   ARGV[2]  n, then n triples: node id, record JSON, args blob ('' = none)
   then     m, then m pairs: args-hash field, blob

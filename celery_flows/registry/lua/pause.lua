@@ -1,8 +1,8 @@
 --[[
   pause / resume: a paused flow releases nothing (ready nodes wait as scheduled);
   running nodes finish and are recorded. Resume lets the outbox go again.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] 'pause' | 'resume'   ARGV[2] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
     1 done | -5 refused (finished, already paused, not paused) | -1 no flow | -2 version

@@ -1,7 +1,7 @@
 --[[
   progress: record a milestone reported by a running node.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] percent (number or '')  ARGV[4] message
   Returns: 1 recorded | 0 the attempt is not current | -1 no such flow | -4 no such node
 ]]

@@ -1,7 +1,7 @@
 --[[
   published: acknowledge that claimed nodes were sent to the broker.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] k, then k dirty markers to clear (GKEYS[2]), then groups of six: node id,
         attempt, queue name, release time ('' = now; a limited node's release is the
         moment its limiters admitted it), task id, the node's retry count the message

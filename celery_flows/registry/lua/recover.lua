@@ -1,8 +1,8 @@
 --[[
   recover: an attempt's worker was lost; run the node again as a new attempt, or fail
   it with WorkerLostError once its recoveries are used up.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] default max recoveries  ARGV[4] error text
   ARGV[5] the lost worker instance: a node another instance started is not its to recover
   Returns: {code, released, flow state}
@@ -15,7 +15,7 @@ local id, attempt = ARGV[1], tonumber(ARGV[2])
 local rec = load(id)
 if not rec then return {-4, 0, ''} end
 local st = mget('state')
-if st == 'cancelled' or rec.attempt ~= attempt or TERMINAL[rec.state]
+if stopping() or rec.attempt ~= attempt or TERMINAL[rec.state]
     or rec.state == 'pending' or rec.state == 'awaiting' or rec.state == 'scheduled' then
   return {0, 0, st}
 end

@@ -1,7 +1,7 @@
 --[[
   remove_dependency: drop the edge dep -> node of a node not yet released.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] dependency id  ARGV[3] '1' for a dry run
   Returns: {code, report JSON | reason, flow state}
     1 done | -5 refused (finished flow, no such node or edge, node already released)
@@ -12,6 +12,8 @@ local ok = flow_ok()
 if ok < 0 then return {ok, '', ''} end
 local id, dep_id = ARGV[1], ARGV[2]
 if flow_finished() then return finished_refusal() end
+local refused = busy_refusal()
+if refused then return refused end
 local rec = load(id)
 if not rec then return {-5, 'no node ' .. id, mget('state')} end
 if not load(dep_id) then return {-5, 'no node ' .. dep_id, mget('state')} end

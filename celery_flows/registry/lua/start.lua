@@ -1,7 +1,7 @@
 --[[
   start: the attempt guard, run by the worker right before a node's body.
-  KEYS: meta nodes args results ready timed waiting, request (lua/_request.lua: a re-sent call
-        returns the first reply without running again)
+  KEYS: meta nodes args results ready timed waiting work reopen,
+        request (lua/_request.lua: a re-sent call returns the first reply without running again)
   ARGV[1] node id  ARGV[2] attempt  ARGV[3] start key "<retries>:<replace nesting>"
   ARGV[4] task id  ARGV[5] worker hostname  ARGV[6] worker instance (lease holder)
   GKEYS (after the request key, only on a single Redis; on a cluster the caller sends
@@ -31,7 +31,7 @@ local function start()
   local id, attempt, key = ARGV[1], tonumber(ARGV[2]), ARGV[3]
   local rec = load(id)
   if not rec then return {-4} end
-  if mget('state') == 'cancelled' or TERMINAL[rec.state] then return {3} end
+  if stopping() or TERMINAL[rec.state] then return {3} end
   if rec.attempt ~= attempt then return {2} end
   if rec.state == 'pending' or rec.state == 'awaiting' then return {2} end
   if contains(rec.starts, key) then return {0} end

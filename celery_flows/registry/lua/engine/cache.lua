@@ -13,6 +13,11 @@ local READY_OPS = {}
 local LATER = {}
 local REPORT = {released = {}, skipped = {}, cancelled = {}, reopened = {}}
 
+-- What one script may still do of a large transition, in edges settled (a node record
+-- rewritten by a chunked step costs 20): settle.lua leaves the rest in the work list
+-- for the next claim, so that no call blocks Redis for long whatever the flow's size.
+local BUDGET = {left = 20 * STEP}
+
 -- The Redis clock, in seconds.
 local function now_ts()
   local t = redis.call('TIME')
@@ -101,6 +106,12 @@ end
 
 local function mset(field, value)
   MCACHE[field] = tostring(value)
+  MDIRTY[field] = true
+end
+
+-- The meta field goes (at flush).
+local function mdel(field)
+  MCACHE[field] = false
   MDIRTY[field] = true
 end
 

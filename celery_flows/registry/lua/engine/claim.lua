@@ -1,9 +1,11 @@
 --[[
   engine/claim.lua: claim_entries, taking outbox entries for publishing (claim.lua, and
   complete.lua, which claims what a completion released in the same step).
+  Before it claims, a claim without explicit ids does a bounded share of what large
+  transitions left (chores): see its reply's "more".
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
-  list, contains, flush), flow (set_flow_state), evaluate (edge_kind), settle
-  (fail_node).
+  list, contains, flush, BUDGET), flow (set_flow_state, stopping), evaluate (edge_kind),
+  cancel (cancel_chunk), settle (fail_node, settle_more), reopen (reopen_more).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
     lease      seconds an unacknowledged claim holds an entry
@@ -11,15 +13,41 @@
     mode       '1': report longest paths; 'eager': the eager driver's claim
     ids_given  explicit node ids (a releaser's held nodes), or {} for due entries
 ]]
+
+-- The bounded steps a large transition left to the claims, within the script's BUDGET:
+-- fail_fast's chunked cancel (then nothing else), a chunked retry's reopening, the work
+-- list's settling. Returns true while any is left: the caller claims again.
+local function chores(now)
+  if mget('cancel_cursor') then
+    if mget('state') == 'cancelled' then return false end -- cancel_step.lua's
+    if BUDGET.left > 0 then
+      BUDGET.left = BUDGET.left - 20 * STEP
+      cancel_chunk(mget('cancel_cursor'), STEP, now, false)
+    end
+    return mget('cancel_cursor') ~= nil
+  end
+  local more = reopen_more(now)
+  if settle_more(now) then more = true end
+  -- the last skips may have finished the flow
+  set_flow_state(now)
+  return more
+end
+
 local function claim_entries(lease, limit, mode, ids_given)
   local st = mget('state')
+  local webhook = mget('webhook_pending') or ''
   -- an eager flow belongs to the producer driving it in-process, never to the workers;
   -- a flow of an add_bulk batch not yet committed and un-hidden: nothing of it runs
-  if st == 'cancelled' or mget('paused') == '1' or mget('hidden')
-      or (mget('eager') == '1' and mode ~= 'eager') then
-    return {1, 0, '', '', '', mget('webhook_pending') or ''}
+  if st == 'cancelled' or mget('hidden') or (mget('eager') == '1' and mode ~= 'eager') then
+    return {1, 0, '', '', '', webhook, ''}
   end
   local now = now_ts()
+  local more = ''
+  if #ids_given == 0 and chores(now) then more = '1' end
+  if mget('paused') == '1' or stopping() then
+    flush()
+    return {1, 0, '', '', '', mget('webhook_pending') or '', more}
+  end
   -- due timed entries: a held retry or poke goes to the outbox; an external node past
   -- its deadline fails
   local expired = false
@@ -39,6 +67,8 @@ local function claim_entries(lease, limit, mode, ids_given)
       -- written now, so that what the expiry released is claimed by this same call
       set_flow_state(now)
       flush()
+      -- fail_fast stopped it: nothing is claimed, the cancel goes on in steps
+      if stopping() then return {1, 0, '', '', '', mget('webhook_pending') or '', '1'} end
     end
   end
   -- claimed by another process, not yet published (held entries are not claims)
@@ -78,7 +108,7 @@ local function claim_entries(lease, limit, mode, ids_given)
     return memo[id]
   end
   local want_path = mode == '1' or (mget('rate_limit') or '') ~= ''
-  local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', ''}
+  local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', '', more}
   for _, id in ipairs(ids) do
     local rec = load(id)
     if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then

@@ -21,6 +21,27 @@ local function flow_finished()
   return st == 'succeeded' or st == 'failed' or st == 'cancelled'
 end
 
+-- The flow was cancelled, or fail_fast stopped it: a chunked cancel may still be writing
+-- its node records (cancel_cursor, lua/cancel.lua), and nothing of it runs any more.
+local function stopping()
+  return mget('state') == 'cancelled' or mget('cancel_cursor') ~= nil
+end
+
+-- The reason a change that needs every node record written must wait (a chunked
+-- cancel, retry or settle in progress: the claims finish them), or nil.
+local function busy()
+  if mget('cancel_cursor') then return 'its nodes are still being cancelled' end
+  if mget('reopening') == '1' then return 'a retry of it is still being written' end
+  return nil
+end
+
+-- The reply of a change refused while busy() says why, or nil.
+local function busy_refusal()
+  local why = busy()
+  if why then return {-5, why .. ' (try again in a moment)', mget('state')} end
+  return nil
+end
+
 -- The reply of a change refused because the flow already finished.
 local function finished_refusal()
   local st = mget('state')
@@ -47,7 +68,8 @@ local function set_flow_state(now)
   local total = tonumber(mget('total'))
   local done = tonumber(mget('done'))
   local new
-  if done < total then
+  -- a chunked retry (reopening) counts each node back only as it rewrites it
+  if done < total or mget('reopening') == '1' then
     if mget('paused') == '1' then new = 'paused' else new = 'running' end
   elseif tonumber(mget('nfail')) > 0 then
     new = 'failed'

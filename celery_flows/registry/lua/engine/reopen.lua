@@ -1,13 +1,18 @@
 --[[
   engine/reopen.lua: terminal nodes back to pending (retry.lua, ignore_failure.lua), and
   the nodes such a change reaches: those skipped as upstream_failed downstream.
-  Uses: constants (RESULTS, TERMINAL), cache (load, save, list, contains, mincr, wset,
-  history, later, REPORT), evaluate (clear_attempt).
+  A chunked retry (lua/retry.lua) stages its nodes in the reopen set and reopens them a
+  step per claim (reopen_more).
+  Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, contains, mget,
+  mdel, mincr, wset, history, later, REPORT, BUDGET), flow (set_flow_state), settle
+  (evaluate_all).
 ]]
 
 -- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
 -- recount what each waits for. Returns the reopened nodes with nothing left to wait for.
 local function reopen(ids, now)
+  mincr('fgen', 1)
+  local staged = mget('reopen_set') == '1'
   local set = {}
   for _, id in ipairs(ids) do set[id] = true end
   for _, id in ipairs(ids) do
@@ -34,7 +39,8 @@ local function reopen(ids, now)
     local rec = load(id)
     local waiting = 0
     for _, did in ipairs(list(rec.after)) do
-      if not contains(rec.removed, did) and (set[did] or not TERMINAL[load(did).state]) then
+      if not contains(rec.removed, did) and (set[did] or not TERMINAL[load(did).state]
+          or (staged and redis.call('SISMEMBER', REOPEN, did) == 1)) then
         waiting = waiting + 1
       end
     end
@@ -64,4 +70,20 @@ local function upstream_failed_closure(roots)
     end
   end
   return out
+end
+
+-- A step of a chunked retry (meta reopening=1): up to STEP nodes of the reopen set go
+-- back to pending and are evaluated; after the last, the flow's state is its counters'
+-- again. Returns true while nodes are left.
+local function reopen_more(now)
+  if mget('reopening') ~= '1' or BUDGET.left <= 0 then return mget('reopening') == '1' end
+  BUDGET.left = BUDGET.left - 20 * STEP
+  local ids = redis.call('SPOP', REOPEN, STEP)
+  if #ids > 0 then evaluate_all(reopen(ids, now), now) end
+  if mget('reopening') == '1' and redis.call('SCARD', REOPEN) == 0 then
+    mdel('reopening')
+    mdel('reopen_set')
+    set_flow_state(now)
+  end
+  return mget('reopening') == '1'
 end
