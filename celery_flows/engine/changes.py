@@ -19,9 +19,9 @@ from ..define.records import new_record
 from ..define.states import NodeState
 from ..define.validate import check_id, check_node_opts, check_rate, check_signature, new_node_id
 from ..errors import FlowDefinitionError, FlowStateError
+from ..registry import scripts
 from ..registry.codes import raise_for
 from ..registry.replies import Change, Marked, text
-from ..registry import scripts
 from .chunks import cancel_steps, retry_report, stage_retry
 from .dispatch import CLAIM
 from .eager import run_eager

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..define.records import NodeRecord
+from . import scripts
 from .connection import Connection
 from .ids import new_dirty_token
 from .replies import (
@@ -22,7 +23,6 @@ from .replies import (
     Started,
     text,
 )
-from . import scripts
 
 __all__ = ["Transitions"]
 
