@@ -27,7 +27,10 @@ __all__ = ["BATCH", "CLAIM", "CLAIM_LEASE", "Call", "Dispatcher", "resolve_input
 logger = logging.getLogger(__name__)
 
 CLAIM_LEASE = 15.0  # seconds before another process may publish an unacknowledged claim
-BATCH = 200
+#: Entries per claim, and so per acknowledgement: bounded work per script. Measured on
+#: redis-server 6.2 (2 cores shared with a loaded test run), a claim of 200 entries took
+#: 7.3 ms (median) and its published.lua 8.9 ms, with outliers past 25 ms; 100 halves that.
+BATCH = 100
 CLAIM = (CLAIM_LEASE, BATCH)  # a claim after a transition: (lease, most entries)
 
 
