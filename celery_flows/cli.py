@@ -91,6 +91,35 @@ def inspect(ctx: click.Context, flow_id: str, as_json: bool, watch: bool) -> Non
         click.echo(render_tree(doc))
 
 
+@flows.command()
+@click.argument("flow_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.option("--since", default=None, metavar="ID",
+              help="First replay the events after this event id.")
+@click.pass_context
+def events(ctx: click.Context, flow_id: str | None, as_json: bool, since: str | None) -> None:
+    """Print events live: one flow's (from its first, until it finishes), or every
+    flow's from now on."""
+    from .observe.events import follow, format_event, format_json
+
+    if since is not None:
+        from .registry.events import valid_event_id
+
+        if not valid_event_id(since):
+            raise click.BadParameter(f"{since!r} is not an event id (like "
+                                     "1764750000000-0)", param_hint="--since")
+    ext = _flows(ctx)
+    show = format_json if as_json else format_event
+    try:
+        for event in follow(ext.store, flow_id, since,
+                            warn=lambda msg: click.echo(f"warning: {msg}", err=True)):
+            click.echo(show(event))
+    except FlowsError as exc:
+        _fail(exc, ext)
+    except KeyboardInterrupt:
+        pass
+
+
 def _change_command(name: str, doc: str, terminate: bool = False) -> None:
     @flows.command(name=name, help=doc)
     @click.argument("flow_id")

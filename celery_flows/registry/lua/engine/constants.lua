@@ -6,14 +6,14 @@
   from its definition on), and each header says what it uses.
   Uses: nothing. Nothing in the engine builds a key: fields only.
 
-  Every flow script receives the same seven keys (see keys.py):
+  Every flow script receives the same eight keys (see keys.py):
     KEYS[1] meta   KEYS[2] nodes   KEYS[3] args   KEYS[4] results   KEYS[5] ready
-    KEYS[6] timed  KEYS[7] waiting
-  (a seventh, the request key, is taken off by the wrapper of _request.lua, which
+    KEYS[6] timed  KEYS[7] waiting KEYS[8] events
+  (a ninth, the request key, is taken off by the wrapper of _request.lua, which
   scripts.py puts around the engine and the transition)
 ]]
-local META, NODES, ARGS, RESULTS, READY, TIMED, WAITING = KEYS[1], KEYS[2], KEYS[3],
-  KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local META, NODES, ARGS, RESULTS, READY, TIMED, WAITING, EVENTS = KEYS[1], KEYS[2],
+  KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 
 -- Node states after which nothing more happens to a node (short of a retry).
 local TERMINAL = {succeeded = true, failed = true, skipped = true, cancelled = true}
