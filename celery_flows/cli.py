@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -116,6 +117,49 @@ def events(ctx: click.Context, flow_id: str | None, as_json: bool, since: str | 
             click.echo(show(event))
     except FlowsError as exc:
         _fail(exc, ext)
+    except KeyboardInterrupt:
+        pass
+
+
+@flows.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5580, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--read-only", is_flag=True, help="Refuse every action (403).")
+@click.pass_context
+def dashboard(ctx: click.Context, host: str, port: int, read_only: bool) -> None:
+    """Serve the web dashboard (standard library only; works offline)."""
+    from .dashboard import server
+
+    ext = _flows(ctx)
+    httpd = server(ext.app, host, port, read_only=read_only)
+    bound = httpd.server_address
+    mode = "read-only" if read_only or not ext.config.dashboard_token else "actions need the token"
+    click.echo(f"celery-flows dashboard on http://{bound[0]!s}:{bound[1]}/ ({mode})")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+@flows.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535))
+@click.pass_context
+def metrics(ctx: click.Context, host: str, port: int) -> None:
+    """Serve Prometheus metrics on /metrics (needs celery-flows[metrics])."""
+    ext = _flows(ctx)
+    try:
+        from .metrics import serve
+    except ImportError:
+        _fail(RuntimeError("metrics need the optional extra: pip install "
+                           "'celery-flows[metrics]'"), ext)
+        return
+    httpd, _thread = serve(ext.app, port, host)
+    click.echo(f"celery-flows metrics on http://{host}:{httpd.server_address[1]}/metrics")
+    try:
+        threading.Event().wait()
     except KeyboardInterrupt:
         pass
 

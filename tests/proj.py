@@ -48,6 +48,7 @@ app.conf.update(
     flows_max_result_bytes=int(os.environ.get("FLOWS_TEST_MAX_RESULT", "1048576")),
     flows_lease_timeout=float(os.environ.get("FLOWS_TEST_LEASE", "60")),
     flows_events_maxlen=int(os.environ.get("FLOWS_TEST_EVENTS_MAXLEN", "100000")),
+    flows_dashboard_token=os.environ.get("FLOWS_TEST_DASHBOARD_TOKEN") or None,
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
     flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,

@@ -123,6 +123,8 @@ class Outcomes:
         if marked.reply.code < 0:
             store.clear_dirty(marked.token)
             raise_for(marked.reply.code, ref.flow_id)
+        if marked.reply.code > 0:
+            store.count_recovery()
         self.dispatcher.release(ref.flow_id, marked.token, marked.claim)
         return marked.reply.code
 

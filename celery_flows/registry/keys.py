@@ -71,6 +71,9 @@ Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's c
                                       on Redis Cluster it is of another slot than any
                                       flow, so there the events are kept in the flows'
                                       own streams only and readers follow those
+    <prefix>:recoveries        string how many nodes recovery took from a lost worker (a
+                                      new attempt or WorkerLostError), ever: the counter
+                                      celery_flows_recoveries_total (metrics.py)
     <prefix>:index             zset   flow id -> creation time (``flows list``, read in
                                       bounded pages); entries of expired flows are pruned
                                       a chunk at a time by the --flows workers
@@ -144,6 +147,10 @@ class Keys:
 
     def flow_events(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:events"
+
+    @property
+    def recoveries(self) -> str:
+        return f"{self.prefix}:recoveries"
 
     @property
     def events(self) -> str:

@@ -196,7 +196,7 @@ class Reads(Connection):
         """One page of the index, newest first, with each flow's name, state and
         counters (None once expired), and whether the index goes on past it."""
         ids = self.flow_ids(count, start)
-        fields = ("name", "state", "done", "total", "created_at")
+        fields = ("name", "state", "done", "total", "created_at", "finished_at")
         pipe = self.client.pipeline(transaction=False)
         for fid in ids:
             pipe.hmget(self.keys.meta(fid), fields)

@@ -230,3 +230,10 @@ class Services(Connection):
             policy = conf.get("maxmemory-policy") if isinstance(conf, dict) else None
             out.append((where, None if policy is None else text(policy), None))
         return out
+
+    def count_recovery(self) -> None:
+        """One more node recovered from a lost worker (metrics: recoveries_total)."""
+        self.client.incr(self.keys.recoveries)
+
+    def recoveries_total(self) -> int:
+        return int(self.client.get(self.keys.recoveries) or 0)
