@@ -165,3 +165,29 @@ def test_a_trimmed_since_warns_and_starts_at_the_oldest_kept(
     events = _events(out.stdout)
     assert events[0]["id"] == oldest and len(events) == kept
     assert events[-1]["node"] is None and events[-1]["state"] == "succeeded"
+
+
+def test_inspect_watch_redraws_from_the_stream_until_the_flow_ends(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS)
+    f = Flow("watched", id="ev-watch")
+    hold = f.add(proj.wait_for_key.si("ev-watch-go"), id="hold")
+    f.add(proj.ident.si("x"), id="after", after=[hold])
+    handle = proj.flows.submit(f)
+    wait_until(lambda: handle.node_states()["hold"] == "running", timeout=20)
+    watcher = _popen("inspect", handle.id, "--watch", broker=redis_db.celery_url)
+    try:
+        # the first drawing is up once the watcher waits on the flow's stream
+        wait_until(lambda: _reading(redis_db), timeout=20)
+        redis_db.client.set("ev-watch-go", 1)
+        out, err = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, err
+    # click drops the clear-screen codes off a terminal: each drawing opens with its title
+    frames = ["flow watched" + frame for frame in out.split("flow watched")[1:]]
+    assert len(frames) >= 2  # redrawn on events, not only once
+    assert "running" in frames[0] and "succeeded" in frames[-1]
+    assert handle.state() == FlowState.SUCCEEDED
