@@ -61,6 +61,8 @@
   main.appendChild(layout);
   var timeline = el("div", {"class": "timeline", id: "timeline"});
   main.appendChild(timeline);
+  var hooks = el("div", {id: "webhooks"});
+  main.appendChild(hooks);
 
   function act(name) {
     sessionStorage.setItem("flows-token", token.value);
@@ -244,6 +246,25 @@
     timeline.replaceChildren(root);
   }
 
+  // the webhook's delivery log (inspect's "webhooks"), newest first
+  function drawWebhooks() {
+    var log = (doc.webhooks || []).slice().reverse();
+    if (!log.length) { hooks.replaceChildren(); return; }
+    var table = el("table", {id: "webhook-log"});
+    var head = el("tr");
+    ["webhook sent", "event", "to", "status", "error"].forEach(function (h) {
+      head.appendChild(el("th", {}, h));
+    });
+    table.appendChild(head);
+    log.forEach(function (e) {
+      var tr = el("tr", {"class": "webhook-row"});
+      [when(e.at), e.event_id, e.to, e.status === null ? "-" : String(e.status),
+       e.error || ""].forEach(function (v) { tr.appendChild(el("td", {}, v)); });
+      table.appendChild(tr);
+    });
+    hooks.replaceChildren(el("h3", {}, "Webhook deliveries"), table);
+  }
+
   function render(full) {
     flowState.textContent = doc.state;
     flowState.className = "state state-" + doc.state;
@@ -251,6 +272,7 @@
     else Object.keys(doc.nodes).forEach(recolour);
     showPanel();
     drawTimeline();
+    drawWebhooks();
   }
 
   function refetch(full) {

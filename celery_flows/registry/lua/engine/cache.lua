@@ -81,6 +81,25 @@ local function with_defaults(rec)
   return rec
 end
 
+local function mget(field)
+  local v = MCACHE[field]
+  if v == nil then
+    v = redis.call('HGET', META, field) or false
+    MCACHE[field] = v
+  end
+  return v or nil
+end
+
+local function mset(field, value)
+  if field == 'state' and FLOW_SEEN == nil then FLOW_SEEN = mget('state') or false end
+  MCACHE[field] = tostring(value)
+  MDIRTY[field] = true
+end
+
+local function mincr(field, n)
+  mset(field, (tonumber(mget(field)) or 0) + n)
+end
+
 -- What an event says of a node: a new event is due when this changes.
 local function node_mark(rec)
   local last = list(rec.progress)
@@ -109,30 +128,19 @@ local function save(id, rec)
     PENDING[#PENDING + 1] = {node = id, name = rec.task, state = rec.state,
       attempt = rec.attempt, error = rec.error,
       progress = progress[#progress] or cjson.null}
+    -- node events opted in for the flow's webhook (SPEC section 8): a node that ends
+    -- makes the webhook due at once (the claim of this same step reads the flag); the
+    -- deliverer reads what to post from the flow's stream (worker/webhooks.py)
+    if TERMINAL[rec.state] and mget('webhook_pending') ~= '1'
+        and string.find(mget('webhook_events') or '', 'node', 1, true)
+        and (mget('webhook') or '') ~= '' then
+      mset('webhook_pending', '1')
+    end
   end
   if not DIRTY[id] then
     DIRTY[id] = true
     DIRTY_ORDER[#DIRTY_ORDER + 1] = id
   end
-end
-
-local function mget(field)
-  local v = MCACHE[field]
-  if v == nil then
-    v = redis.call('HGET', META, field) or false
-    MCACHE[field] = v
-  end
-  return v or nil
-end
-
-local function mset(field, value)
-  if field == 'state' and FLOW_SEEN == nil then FLOW_SEEN = mget('state') or false end
-  MCACHE[field] = tostring(value)
-  MDIRTY[field] = true
-end
-
-local function mincr(field, n)
-  mset(field, (tonumber(mget(field)) or 0) + n)
 end
 
 -- A field of the waiting hash as a number; nil when absent.
