@@ -106,6 +106,12 @@ def test_api_lists_documents_acts_and_streams_events(
     assert status == 200 and set(flow_doc) == set(shown) and flow_doc["nodes"].keys() == \
         shown["nodes"].keys()
     assert served.json("/api/flows/nope")[0] == 404
+    # task arguments only with flows_dashboard_show_args
+    assert "args" not in flow_doc["nodes"]["hold"]
+    from celery_flows.dashboard import Dashboard
+
+    shown_args = Dashboard(proj.flows, show_args=True).flow_doc("d-held")
+    assert shown_args["nodes"]["hold"]["args"] == {"args": ["d-go"], "kwargs": {}}
 
     # actions: the token, compared in constant time; 409 when the state forbids; 404
     assert served.json("/api/flows/d-held/pause", method="POST")[0] == 401

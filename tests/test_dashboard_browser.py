@@ -161,3 +161,42 @@ def test_screenshot_of_the_example_project_flow(
     finally:
         served.stop()
         example.app.close()
+
+
+def test_big_graphs_collapse_sub_flows_and_cap_the_drawing_with_a_banner(
+    import_app: ImportApp, redis_db: RedisDB, browser: Any,
+) -> None:
+    proj = import_app("tests.proj")  # no worker: the flows just wait
+    f = Flow("big", id="b-big")
+    start = f.add(proj.add.si(0, 0), id="start")
+    for s in range(3):
+        sub = Flow("part")
+        prev = sub.add(proj.add.si(s, 0), id="n0")
+        for i in range(1, 80):
+            prev = sub.add(proj.add.si(s, i), id=f"n{i}", after=[prev])
+        f.add(sub, id=f"part{s}", after=[start])
+    proj.flows.submit(f)
+    wide = Flow("wide", id="b-wide")
+    for i in range(1600):
+        wide.add(proj.add.si(i, i), id=f"w{i}")
+    proj.flows.submit(wide)
+    served = Served(proj.app)
+    try:
+        page, errors, elsewhere = _offline_page(browser, served)
+        page.goto(served.url + "/flows/b-big")
+        # 241 nodes: each sub-flow is one dashed box, its edges drawn once
+        _until(page, "document.querySelectorAll('g.node').length === 4")
+        assert "collapsed" in page.inner_text("#banner")
+        boxes = {page.get_attribute(f"g.node >> nth={i}", "data-node") for i in range(4)}
+        assert boxes == {"start", "part0:*", "part1:*", "part2:*"}
+        assert len(page.query_selector_all("path.edge")) == 3
+        page.click('g.node[data-node="part1:*"]')  # expand one
+        _until(page, "document.querySelectorAll('g.node').length === 83")
+        assert len(page.query_selector_all("path.edge")) == 2 + 1 + 79
+
+        page.goto(served.url + "/flows/b-wide")
+        _until(page, "document.querySelectorAll('g.node').length === 1500", timeout=60)
+        assert "showing the first 1500 of 1600" in page.inner_text("#banner")
+        assert errors == [] and elsewhere == []
+    finally:
+        served.stop()

@@ -68,11 +68,14 @@ def _page(title: str, script: str, data: dict[str, str]) -> bytes:
 class Dashboard:
     """The WSGI callable of one app's dashboard (``make_app(app)``)."""
 
-    def __init__(self, flows: Flows, read_only: bool = False, block: float = 15.0) -> None:
+    def __init__(self, flows: Flows, read_only: bool = False, block: float = 15.0,
+                 show_args: bool | None = None) -> None:
         self.flows = flows
         self.store = flows.store
         self.config = flows.config
         self.read_only = read_only
+        # task arguments only with flows_dashboard_show_args (they may hold secrets)
+        self.show_args = self.config.dashboard_show_args if show_args is None else show_args
         self.block = block  # seconds an SSE stream waits between keep-alive comments
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
@@ -156,9 +159,20 @@ class Dashboard:
     def flow_doc(self, fid: str) -> dict[str, Any]:
         """``GET /api/flows/<id>``: the document of ``inspect --json``."""
         try:
-            return describe(self.store, fid)
+            doc = describe(self.store, fid)
         except FlowNotFoundError as exc:
             raise _Reply("404 Not Found", {"error": str(exc)}) from None
+        if self.show_args and len(doc["nodes"]) <= COUNT_NODES:
+            blobs = self.store.node_call_blobs(fid, list(doc["nodes"]))
+            for nid, blob in blobs.items():
+                try:
+                    call = self.flows.codec.load_node_call(blob)
+                    shown: Any = json.loads(json.dumps(
+                        {"args": call.args, "kwargs": call.kwargs}, default=repr))
+                except Exception as exc:  # an app serializer this process cannot read
+                    shown = {"error": f"{type(exc).__name__}: {exc}"}
+                doc["nodes"][nid]["args"] = shown
+        return doc
 
     def _act(self, fid: str, action: str, environ: dict[str, Any]) -> dict[str, Any]:
         token = self.config.dashboard_token

@@ -142,6 +142,9 @@ class Keys:
     def nodes(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:nodes"
 
+    def args(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:args"
+
     def results(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:results"
 

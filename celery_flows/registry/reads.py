@@ -141,6 +141,13 @@ class Reads(Connection):
         values = self.client.hmget(key, ids)
         return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
+    def node_call_blobs(self, fid: str, ids: list[str]) -> dict[str, bytes | None]:
+        """The stored calls (args, kwargs, options) of these nodes, still serialised."""
+        if not ids:
+            return {}
+        blobs: list[Any] = list(self.client.hmget(self.keys.args(fid), ids))
+        return dict(zip(ids, blobs, strict=True))
+
     def first_timed(self, fid: str) -> str | None:
         """The node whose timed entry is due first (a poke, a retry, a deadline)."""
         first = self.client.zrange(self.keys.flow(fid)[5], 0, 0)

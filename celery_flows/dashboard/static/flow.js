@@ -218,6 +218,7 @@
       return (p.percent === null ? "" : p.percent + "% ") + (p.message || "");
     }).join("; ") || "-");
     row("waiting for", n.waiting_for || "-");
+    if (n.args !== undefined) row("arguments", JSON.stringify(n.args));
     panel.replaceChildren(dl);
   }
 
