@@ -114,7 +114,8 @@ def events(ctx: click.Context, flow_id: str | None, as_json: bool, since: str | 
     try:
         for event in follow(ext.store, flow_id, since,
                             warn=lambda msg: click.echo(f"warning: {msg}", err=True)):
-            click.echo(show(event))
+            if event is not None:
+                click.echo(show(event))
     except FlowsError as exc:
         _fail(exc, ext)
     except KeyboardInterrupt:

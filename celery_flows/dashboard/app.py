@@ -208,8 +208,11 @@ class Dashboard:
         def stream() -> Iterator[bytes]:
             yield b"retry: 2000\n\n"
             try:
-                for event in follow(self.store, fid, since, block=self.block):
-                    yield f"id: {event['id']}\ndata: {json.dumps(event)}\n\n".encode()
+                for event in follow(self.store, fid, since, block=self.block, idle=True):
+                    if event is None:
+                        yield b": keep-alive\n\n"  # a closed connection fails here
+                    else:
+                        yield f"id: {event['id']}\ndata: {json.dumps(event)}\n\n".encode()
             except FlowsError:
                 pass  # the flow expired meanwhile
             yield b"event: end\ndata: {}\n\n"

@@ -35,11 +35,14 @@ def _flow_state(store: Store, fid: str) -> str:
 
 def follow(store: Store, fid: str | None = None, since: str | None = None,
            warn: Callable[[str], None] = lambda _msg: None, block: float = 1.0,
-           stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
+           stop: Callable[[], bool] = lambda: False, idle: bool = False
+           ) -> Iterator[dict[str, Any] | None]:
     """Yield events as they come (see the module's docstring). ``since``: only those
     after that id (one that was trimmed away warns and starts at the oldest kept).
-    Ends after a flow's terminal event, or when ``stop()`` turns true. Raises
-    FlowNotFoundError for an unknown flow, ValueError for a malformed ``since``."""
+    ``idle``: also yield None after each ``block`` seconds without an event (a server
+    writes a keep-alive then, and so learns that its client went away). Ends after a
+    flow's terminal event, or when ``stop()`` turns true. Raises FlowNotFoundError for
+    an unknown flow, ValueError for a malformed ``since``."""
     if since is not None and not valid_event_id(since):
         raise ValueError(f"{since!r} is not an event id (like 1764750000000-0)")
     if fid is not None:
@@ -60,6 +63,8 @@ def follow(store: Store, fid: str | None = None, since: str | None = None,
             if state in _TERMINAL:
                 return
             events = store.read_events(fid, after, block=block)
+            if not events and idle:
+                yield None
         for event in events:
             after = event["id"]
             yield event
