@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -89,6 +90,79 @@ def inspect(ctx: click.Context, flow_id: str, as_json: bool, watch: bool) -> Non
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         click.echo(render_tree(doc))
+
+
+@flows.command()
+@click.argument("flow_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line.")
+@click.option("--since", default=None, metavar="ID",
+              help="First replay the events after this event id.")
+@click.pass_context
+def events(ctx: click.Context, flow_id: str | None, as_json: bool, since: str | None) -> None:
+    """Print events live: one flow's (from its first, until it finishes), or every
+    flow's from now on."""
+    from .observe.events import follow, format_event, format_json
+
+    if since is not None:
+        from .registry.events import valid_event_id
+
+        if not valid_event_id(since):
+            raise click.BadParameter(f"{since!r} is not an event id (like "
+                                     "1764750000000-0)", param_hint="--since")
+    ext = _flows(ctx)
+    show = format_json if as_json else format_event
+    try:
+        for event in follow(ext.store, flow_id, since,
+                            warn=lambda msg: click.echo(f"warning: {msg}", err=True)):
+            if event is not None:
+                click.echo(show(event))
+    except FlowsError as exc:
+        _fail(exc, ext)
+    except KeyboardInterrupt:
+        pass
+
+
+@flows.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5580, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--read-only", is_flag=True, help="Refuse every action (403).")
+@click.pass_context
+def dashboard(ctx: click.Context, host: str, port: int, read_only: bool) -> None:
+    """Serve the web dashboard (standard library only; works offline)."""
+    from .dashboard import server
+
+    ext = _flows(ctx)
+    httpd = server(ext.app, host, port, read_only=read_only)
+    bound = httpd.server_address
+    mode = "read-only" if read_only or not ext.config.dashboard_token else "actions need the token"
+    click.echo(f"celery-flows dashboard on http://{bound[0]!s}:{bound[1]}/ ({mode})")
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+@flows.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=9808, show_default=True, type=click.IntRange(0, 65535))
+@click.pass_context
+def metrics(ctx: click.Context, host: str, port: int) -> None:
+    """Serve Prometheus metrics on /metrics (needs celery-flows[metrics])."""
+    ext = _flows(ctx)
+    try:
+        from .metrics import serve
+    except ImportError:
+        _fail(RuntimeError("metrics need the optional extra: pip install "
+                           "'celery-flows[metrics]'"), ext)
+        return
+    httpd, _thread = serve(ext.app, port, host)
+    click.echo(f"celery-flows metrics on http://{host}:{httpd.server_address[1]}/metrics")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
 
 
 def _change_command(name: str, doc: str, terminate: bool = False) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import FlowsConfig
 from .define.flow import Flow
-from .engine import Engine, attach
+from .engine import Engine, attach, logcontext
 from .engine.batch import submit_batch, submit_flow
 from .engine.routing import node_defaults, with_call_defaults
 from .observe.handle import FlowHandle
@@ -38,6 +38,7 @@ class Flows:
         app.flows = self
         step.install(app)
         signals.connect()
+        logcontext.install()  # flow_id and node_id on every log record (SPEC 11)
 
     def __repr__(self) -> str:
         return f"<Flows of app {self.app.main!r}>"

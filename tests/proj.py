@@ -8,6 +8,7 @@ them (key ``runs``: a list of "<flow>|<node>|<attempt>")."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -47,9 +48,14 @@ app.conf.update(
     },
     flows_max_result_bytes=int(os.environ.get("FLOWS_TEST_MAX_RESULT", "1048576")),
     flows_lease_timeout=float(os.environ.get("FLOWS_TEST_LEASE", "60")),
+    worker_log_format=os.environ.get("FLOWS_TEST_LOG_FORMAT")
+    or "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",
+    flows_events_maxlen=int(os.environ.get("FLOWS_TEST_EVENTS_MAXLEN", "100000")),
+    flows_dashboard_token=os.environ.get("FLOWS_TEST_DASHBOARD_TOKEN") or None,
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
     flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,
+    flows_webhook_url=os.environ.get("FLOWS_TEST_WEBHOOK_URL") or None,
     # a separate registry (a Redis Cluster node) when set; else the test's Redis, named
     # only when the broker is not that Redis (so the broker default is tested too)
     flows_redis_url=os.environ.get("FLOWS_TEST_REGISTRY")
@@ -188,6 +194,13 @@ def reporter(steps: int) -> str:
         current_flow.progress(100 * (i + 1) / steps, f"step {i + 1}")
     _mark()
     return "reported"
+
+
+@flows.task(shared=False)
+def chatty(message: str) -> str:
+    """Logs ``message`` through a plain logger (tests/test_logging.py)."""
+    logging.getLogger("tests.proj.chatty").warning("chatty says %s", message)
+    return message
 
 
 @app.task(shared=False, time_limit=1)

@@ -63,7 +63,7 @@ def test_a_completion_releasing_hundreds_settles_them_in_steps_and_a_killed_work
                 if n != "root" and s != "pending"]
     # one script settled at most 100 edges: the rest waits in the work list
     assert 0 < len(released) <= 100
-    assert redis_db.client.llen(proj.flows.store.keys.flow(handle.id)[7]) > 0
+    assert redis_db.client.llen(proj.flows.store.keys.work(handle.id)) > 0
     assert handle.state() == FlowState.RUNNING
     worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
     assert handle.wait(timeout=120) == FlowState.SUCCEEDED
@@ -195,7 +195,7 @@ def test_a_large_retry_is_staged_hidden_then_reopened_in_steps_atomically(
     assert counts["fine"] == 1
     assert handle.results()["k4"] == 4
     assert _settled(proj, handle.id)
-    assert not redis_db.client.exists(proj.flows.store.keys.flow(handle.id)[8])
+    assert not redis_db.client.exists(proj.flows.store.keys.reopen(handle.id))
 
 
 def test_a_large_retry_by_its_caller_reports_and_runs_each_failed_node_once_more(

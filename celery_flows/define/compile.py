@@ -84,15 +84,19 @@ def compile_flow(flow: Definition, app: Celery, config: FlowsConfig, flow_id: st
     for seq, (nid, rec) in enumerate(records.items()):
         rec["seq"] = seq
         rec["lp"] = paths[nid]
+    options: dict[str, Any] = {
+        "rate_limit": flow.rate_limit,
+        "webhook": flow.webhook,
+        "fail_fast": flow.fail_fast,
+    }
+    events = tuple(getattr(flow, "webhook_events", ("flow",)))
+    if events != ("flow",):  # left out at its default: earlier digests stay the same
+        options["webhook_events"] = list(events)
     return CompiledFlow(
         id=fid,
         name=flow.name,
         context=flow.context,
-        options={
-            "rate_limit": flow.rate_limit,
-            "webhook": flow.webhook,
-            "fail_fast": flow.fail_fast,
-        },
+        options=options,
         records=records,
         calls=calls,
         contexts=contexts,

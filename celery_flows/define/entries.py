@@ -32,6 +32,7 @@ class Definition(Protocol):
     context: dict[str, Any]
     rate_limit: str | None
     webhook: str | None
+    webhook_events: tuple[str, ...]
     fail_fast: bool
     _entries: dict[str, Entry]
 

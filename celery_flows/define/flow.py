@@ -63,6 +63,7 @@ class Flow:
         context: dict[str, Any] | None = None,
         rate_limit: str | None = None,
         webhook: str | None = None,
+        webhook_events: tuple[str, ...] | list[str] = ("flow",),
         fail_fast: bool = False,
     ) -> None:
         if name is not None and not isinstance(name, str):
@@ -83,11 +84,17 @@ class Flow:
             )
         if not isinstance(fail_fast, bool):
             raise FlowDefinitionError("flow fail_fast must be True or False")
+        if isinstance(webhook_events, str) or not isinstance(webhook_events, (tuple, list)) \
+                or not webhook_events or not set(webhook_events) <= {"flow", "node"}:
+            raise FlowDefinitionError(
+                f"flow webhook_events {webhook_events!r}: give a tuple of 'flow' and/or "
+                "'node', e.g. ('flow', 'node')")
         self.name = name or "flow"
         self.id = id
         self.context = context
         self.rate_limit = rate_limit
         self.webhook = webhook
+        self.webhook_events = tuple(e for e in ("flow", "node") if e in webhook_events)
         self.fail_fast = fail_fast
         self._entries: dict[str, Entry] = {}
         self._counts: dict[str, int] = {}

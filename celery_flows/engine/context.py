@@ -6,6 +6,8 @@ import contextvars
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logcontext import Token as LogToken
+from .logcontext import enter_scope, leave_scope
 from .outcomes import Outcomes
 
 __all__ = ["CurrentFlow", "FlowRun", "current_flow", "enter", "leave"]
@@ -23,6 +25,7 @@ class FlowRun:
     task_id: str
     context: dict[str, Any] = field(default_factory=dict)
     retry_recorded: bool = False
+    log_token: LogToken | None = field(default=None, repr=False)
 
     def results(self) -> dict[str, Any]:
         return self.outcomes.dependency_results(self.id, self.node_id)
@@ -49,11 +52,17 @@ _current: contextvars.ContextVar[FlowRun | None] = contextvars.ContextVar(
 
 
 def enter(run: FlowRun) -> contextvars.Token[FlowRun | None]:
+    """``run`` is the node running here; log records carry its ids (logcontext.py)."""
+    run.log_token = enter_scope(run.id, run.node_id)
     return _current.set(run)
 
 
 def leave(token: contextvars.Token[FlowRun | None]) -> None:
+    run = _current.get()
     _current.reset(token)
+    if run is not None and run.log_token is not None:
+        leave_scope(run.log_token)
+        run.log_token = None
 
 
 class CurrentFlow:

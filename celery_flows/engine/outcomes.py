@@ -115,6 +115,12 @@ class Outcomes:
     def record_lost(self, ref: TaskRef, error: str, lost_instance: str = "") -> int:
         """The worker running ``ref``'s attempt died: recover the node (a new attempt,
         or WorkerLostError once its recoveries are used up)."""
+        from .logcontext import flow_scope
+
+        with flow_scope(ref.flow_id, ref.node_id):
+            return self._record_lost(ref, error, lost_instance)
+
+    def _record_lost(self, ref: TaskRef, error: str, lost_instance: str) -> int:
         store = self.store
         marked = store.recover_and_claim(
             ref.flow_id, ref.node_id, ref.attempt, self.config.max_recoveries, error,
@@ -123,6 +129,8 @@ class Outcomes:
         if marked.reply.code < 0:
             store.clear_dirty(marked.token)
             raise_for(marked.reply.code, ref.flow_id)
+        if marked.reply.code > 0:
+            store.count_recovery()
         self.dispatcher.release(ref.flow_id, marked.token, marked.claim)
         return marked.reply.code
 

@@ -102,6 +102,7 @@ class Submitter(OnOutcomes):
             "rate_limit": compiled.options["rate_limit"] or "",
             "webhook": compiled.options["webhook"] or self.config.webhook_url or "",
             "fail_fast": "1" if compiled.options["fail_fast"] else "0",
+            "webhook_events": ",".join(compiled.options.get("webhook_events", ["flow"])),
             "paused": "0",
             # driven by this process alone (eager.py): workers' services never claim it
             "eager": "1" if self.eager else "",

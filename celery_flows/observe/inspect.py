@@ -3,6 +3,7 @@ waits for. Drawing it (tree, Mermaid, dot) is render.py's."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..define.records import NodeRecord
@@ -86,4 +87,6 @@ def describe(store: Store, fid: str) -> dict[str, Any]:
         "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
         "now": now,
         "nodes": out_nodes,
+        # the webhook's delivery log (worker/webhooks.py), newest last
+        "webhooks": json.loads(meta["webhook_log"]) if meta.get("webhook_log") else [],
     }

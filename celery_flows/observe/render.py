@@ -3,7 +3,6 @@ Graphviz dot for ``flows graph``."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from ..registry import Store
@@ -78,13 +77,28 @@ def render_tree(doc: dict[str, Any]) -> str:
 
 
 def watch(store: Store, fid: str, echo: Any, interval: float = 1.0) -> dict[str, Any]:
-    """Redraw the tree until the flow is terminal; returns the last document."""
+    """Redraw the tree whenever the flow's event stream has something new (no polling
+    of the whole flow), until the flow is terminal; returns the last document."""
+    after = store.last_event_id(fid)
     while True:
         doc = describe(store, fid)
         echo("\x1b[2J\x1b[H" + render_tree(doc))
         if doc["state"] in ("succeeded", "failed", "cancelled"):
             return doc
-        time.sleep(interval)
+        while True:
+            # read before looking at the state: a terminal state then means its event
+            # was read, or comes in the next read
+            events = store.read_events(fid, after, block=interval)
+            if events:
+                after = events[-1]["id"]
+                # drain what else arrived, then redraw once
+                while events:
+                    events = store.read_events(fid, after)
+                    after = events[-1]["id"] if events else after
+                break
+            meta = store.meta(fid)
+            if meta is None or meta.get("state") in ("succeeded", "failed", "cancelled"):
+                break
 
 
 def to_mermaid(doc: dict[str, Any]) -> str:

@@ -75,7 +75,8 @@ class Connection:
 
     @cached_property
     def _scripts(self) -> dict[str, Any]:
-        return {name: self.client.register_script(text) for name, text in script_texts().items()}
+        return {name: self.client.register_script(text) for name, text in
+                script_texts(self.config.events_maxlen).items()}
 
     def sha(self, name: str) -> str:
         """The SHA1 of a script as sent to Redis (EVALSHA)."""
@@ -103,7 +104,14 @@ class Connection:
     def _run(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool = False) -> Any:
         """One flow transition; ``dry_run`` keeps no reply (the script writes nothing)."""
         rid = NO_REQUEST if dry_run else new_request_id()
-        return self._scripts[name](keys=self._flow_keys(fid, rid), args=list(args))
+        keys = [*self._flow_keys(fid, rid), *self._events_key()]
+        return self._scripts[name](keys=keys, args=list(args))
+
+    def _events_key(self) -> list[str]:
+        """The registry's event stream, passed after every flow script's global keys on
+        a single Redis (lua/_request.lua takes it off GKEYS); on a cluster it is of
+        another slot, and the events go to the flow's own stream only (keys.py)."""
+        return [self.keys.events] if self.inline else []
 
     def _run_global(self, name: str, keys: list[str], args: Sequence[Any]) -> Any:
         """A script of ``lua/global/``: its reply is kept beside ``keys[0]``."""
@@ -119,7 +127,8 @@ class Connection:
             rid = NO_REQUEST
         else:
             rid = pipe.request_id() if isinstance(pipe, Batch) else new_request_id()
-        keys = [*self._flow_keys(fid, rid), *gkeys]
+        keys = [*self._flow_keys(fid, rid), *gkeys,
+                *self._events_key()]
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
     def _execute(self, build: Callable[[Any], None]) -> list[Any]:

@@ -38,6 +38,13 @@ transition touches a single Redis Cluster slot::
                                       while staging (hidden until meta reopening=1, then
                                       they read as pending), drained by the claims
                                       (lua/engine/reopen.lua)
+    <prefix>:{<fid>}:events    stream the flow's events (SPEC section 11), appended by the
+                                      engine's flush() (lua/engine/cache.lua), one field
+                                      ``e``: the event as JSON without its id;
+                                      ``flows_events_maxlen`` entries (approximate);
+                                      expires with the flow. On a single Redis each
+                                      entry has the id of the same event in the
+                                      registry's stream (below)
 
 Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
@@ -62,9 +69,19 @@ Pub/sub channel (not a key; its name is stored in the flow's meta as ``channel``
 
     <prefix>:{<fid>}:done      the new state is published when the flow ends
 
-Global keys, one slot each, never touched by a flow script. Every time in a score is
+Global keys, one slot each, never touched by a flow script on a cluster. Every time in a score is
 Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's clock::
 
+    <prefix>:events            stream every flow's events, as in the flow's stream, about
+                                      ``flows_events_maxlen`` entries. Written by the flow
+                                      scripts on a single Redis only (passed last, after
+                                      the request key and GKEYS, see lua/_request.lua);
+                                      on Redis Cluster it is of another slot than any
+                                      flow, so there the events are kept in the flows'
+                                      own streams only and readers follow those
+    <prefix>:recoveries        string how many nodes recovery took from a lost worker (a
+                                      new attempt or WorkerLostError), ever: the counter
+                                      celery_flows_recoveries_total (metrics.py)
     <prefix>:index             zset   flow id -> creation time (``flows list``, read in
                                       bounded pages); entries of expired flows are pruned
                                       a chunk at a time by the --flows workers
@@ -111,7 +128,7 @@ from ..define.records import context_field
 __all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
 
 FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting", "work",
-             "reopen")
+             "reopen", "events")
 
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.
@@ -134,8 +151,28 @@ class Keys:
     def nodes(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:nodes"
 
+    def args(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:args"
+
     def results(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:results"
+
+    def work(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:work"
+
+    def reopen(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:reopen"
+
+    def flow_events(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:events"
+
+    @property
+    def recoveries(self) -> str:
+        return f"{self.prefix}:recoveries"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
 
     def channel(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:done"

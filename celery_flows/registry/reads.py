@@ -122,7 +122,7 @@ class Reads(Connection):
         read as pending; a node reopened meanwhile is read as it is)."""
         if self.client.hget(self.keys.meta(fid), "reopen_set") is None:
             return set()
-        key = self.keys.flow(fid)[8]
+        key = self.keys.reopen(fid)
         if nid is not None:
             return {nid} if self.client.sismember(key, nid) else set()
         return {text(m) for m in self.client.smembers(key)}
@@ -183,6 +183,13 @@ class Reads(Connection):
         values = self.client.hmget(key, ids)
         return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
+    def node_call_blobs(self, fid: str, ids: list[str]) -> dict[str, bytes | None]:
+        """The stored calls (args, kwargs, options) of these nodes, still serialised."""
+        if not ids:
+            return {}
+        blobs: list[Any] = list(self.client.hmget(self.keys.args(fid), ids))
+        return dict(zip(ids, blobs, strict=True))
+
     def first_timed(self, fid: str) -> str | None:
         """The node whose timed entry is due first (a poke, a retry, a deadline)."""
         first = self.client.zrange(self.keys.flow(fid)[5], 0, 0)
@@ -238,7 +245,7 @@ class Reads(Connection):
         """One page of the index, newest first, with each flow's name, state and
         counters (None once expired), and whether the index goes on past it."""
         ids = self.flow_ids(count, start)
-        fields = ("name", "state", "done", "total", "created_at")
+        fields = ("name", "state", "done", "total", "created_at", "finished_at")
         pipe = self.client.pipeline(transaction=False)
         for fid in ids:
             pipe.hmget(self.keys.meta(fid), fields)

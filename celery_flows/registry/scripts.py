@@ -51,9 +51,11 @@ def engine_text() -> str:
     return "".join((LUA_DIR / "engine" / f"{part}.lua").read_text() for part in ENGINE_PARTS)
 
 
-def script_texts() -> dict[str, str]:
+def script_texts(events_maxlen: int = 100000) -> dict[str, str]:
     """Every script as sent to Redis: the flow transitions with the engine in front,
-    the global ones without it, all inside the request wrapper (lua/_request.lua)."""
+    the global ones without it, all inside the request wrapper (lua/_request.lua).
+    ``events_maxlen`` (``flows_events_maxlen``) is written into the text: the event
+    streams' approximate length (lua/engine/cache.lua)."""
     head, tail = (LUA_DIR / "_request.lua").read_text().split(_TRANSITION)
     engine = engine_text()
 
@@ -61,7 +63,8 @@ def script_texts() -> dict[str, str]:
         flags = f"local REPLY_TTL, STEP, REPLAY_ENTRIES, REPLAY_CLAIMED = {REPLY_TTL}, " \
                 f"{CHUNK}, " \
                 f"{'true' if name in REPLAY_ENTRIES else 'false'}, " \
-                f"{'true' if name in REPLAY_CLAIMED else 'false'}\n"
+                f"{'true' if name in REPLAY_CLAIMED else 'false'}\n" \
+                f"local EVENTS_MAXLEN = {int(events_maxlen)}\n"
         return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"
                 f"{tail}")
 

@@ -96,6 +96,23 @@ class Services(Connection):
                              xx=True)
         return attempts
 
+    def webhook_note(self, fid: str, entry: dict[str, Any], keep: int = 20) -> None:
+        """Append one delivery attempt to the flow's delivery log (meta
+        ``webhook_log``, its last ``keep`` entries; shown by inspect and the dashboard)."""
+        meta = self.keys.meta(fid)
+        raw = self.client.hget(meta, "webhook_log")
+        log = json.loads(raw) if raw else []
+        log = [*log, entry][-keep:]
+        self.client.hset(meta, "webhook_log", json.dumps(log))
+
+    def webhook_cursor(self, fid: str) -> str:
+        """The id of the flow's last event posted as a node event (``"0"``: none)."""
+        raw = self.client.hget(self.keys.meta(fid), "webhook_cursor")
+        return text(raw) if raw else "0"
+
+    def set_webhook_cursor(self, fid: str, event_id: str) -> None:
+        self.client.hset(self.keys.meta(fid), "webhook_cursor", event_id)
+
     # -- workers and leases -------------------------------------------------------------
 
     def lease_add(self, instance: str, task_id: str) -> None:
@@ -230,3 +247,10 @@ class Services(Connection):
             policy = conf.get("maxmemory-policy") if isinstance(conf, dict) else None
             out.append((where, None if policy is None else text(policy), None))
         return out
+
+    def count_recovery(self) -> None:
+        """One more node recovered from a lost worker (metrics: recoveries_total)."""
+        self.client.incr(self.keys.recoveries)
+
+    def recoveries_total(self) -> int:
+        return int(self.client.get(self.keys.recoveries) or 0)

@@ -2,15 +2,15 @@
 
 :class:`Store` puts together the connection (connection.py: client, scripts, Redis
 time), the transitions (transitions.py and creation.py: one method per Lua script),
-the services' global
-keys (services.py) and the read side (reads.py). Keys are built in keys.py, identity
-formats in ids.py, script return codes map to exceptions in codes.py, and every reply
-is typed in replies.py.
+the services' global keys (services.py), the read side (reads.py) and the event
+streams (events.py). Keys are built in keys.py, identity formats in ids.py, script
+return codes map to exceptions in codes.py, and every reply is typed in replies.py.
 """
 
 from __future__ import annotations
 
 from .creation import Creation
+from .events import Events
 from .reads import Reads
 from .services import Services
 from .transitions import Transitions
@@ -18,6 +18,6 @@ from .transitions import Transitions
 __all__ = ["Store"]
 
 
-class Store(Transitions, Creation, Services, Reads):
+class Store(Transitions, Creation, Services, Reads, Events):
     """The registry of one app (``flows.store``): built from its configuration and
     codec, connected lazily, safe to share between threads (redis-py pools)."""

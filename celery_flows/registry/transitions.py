@@ -259,7 +259,7 @@ class Transitions(Connection):
     def reopen_stage(self, fid: str, ids: Sequence[str], ttl: int = 3600) -> None:
         """Stage a chunked retry's nodes in the flow's reopen set (hidden until
         :meth:`retry_commit`; it expires if the stager dies), a bounded command each."""
-        key = self.keys.flow(fid)[8]
+        key = self.keys.reopen(fid)
 
         def build(pipe: Any) -> None:
             pipe.delete(key)

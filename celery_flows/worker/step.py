@@ -108,6 +108,7 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
             self._spawn("celery-flows-releaser", self._releaser_loop)
             self._spawn("celery-flows-webhooks", self._webhook_loop)
             logger.info("celery-flows: manager services started")
+            webhooks.warn_if_unsigned(self.engine.config)
 
     def stop(self, parent: Any) -> None:
         """Warm shutdown: the consumer is closed, the pool still runs its bodies."""

@@ -6,7 +6,14 @@ queues it in ``<prefix>:webhooks``. The ``--flows`` workers POST the event as JS
 signed with HMAC-SHA256 of the body (``X-Flows-Signature: sha256=<hex>``, secret
 ``flows_webhook_secret``), and retry with exponential backoff. A failing webhook never
 changes a flow's state. The event id is stable across retries, so receivers can
-deduplicate.
+deduplicate; ``sent_at`` is the attempt's time (each attempt is signed afresh), so they
+can refuse replays. A 3xx answer is a failed delivery: redirects are never followed.
+
+Node events are opt-in (``Flow(webhook_events=("flow", "node"))``): a node that ends
+makes the webhook due (lua/engine/cache.lua), and the deliverer posts the flow's
+terminal node events from its event stream, after the last one posted
+(``webhook_cursor``), before the flow's own event. Every attempt goes to the flow's
+delivery log (meta ``webhook_log``), shown by ``inspect`` and the dashboard.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from ..config import FlowsConfig, redact_webhook, scrub
+from ..engine.logcontext import flow_scope
 from ..registry import Store
 
-__all__ = ["deliver_due", "payload", "post", "sign"]
+__all__ = ["deliver_due", "node_payload", "payload", "post", "sign", "warn_if_unsigned"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +93,84 @@ def post(url: str, body: bytes, signature: str | None) -> int:
         return int(exc.code)
 
 
+_TERMINAL_NODE = frozenset({"succeeded", "failed", "skipped", "cancelled"})
+_FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+_unsigned_warned = False
+
+
+def warn_if_unsigned(config: FlowsConfig) -> None:
+    """Warn once per process (at ``--flows`` worker start) when deliveries of the
+    configured webhook go unsigned."""
+    global _unsigned_warned
+    if config.webhook_url and not config.webhook_secret and not _unsigned_warned:
+        _unsigned_warned = True
+        logger.warning("celery-flows: flows_webhook_url is set without "
+                       "flows_webhook_secret: webhook deliveries to %s are unsigned",
+                       redact_webhook(config.webhook_url))
+
+
+def node_payload(store: Store, fid: str, meta: dict[str, str], event: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """A node event in the format of the flow's, with a ``node`` field."""
+    node = event["node"]
+    return {
+        "event_id": f"{fid}:{node}:{event['state']}:{event['attempt']}:{event['id']}",
+        "timestamp": event["time"],
+        "flow_id": fid,
+        "name": meta.get("name"),
+        "state": event["state"],
+        "node": node,
+        "nodes": {node: {"state": event["state"], "attempts": event["attempt"],
+                         "error": event["error"]}},
+    }
+
+
+class _Delivery:
+    """The attempts of one flow's due webhook, each signed afresh and logged."""
+
+    def __init__(self, store: Store, config: FlowsConfig, fid: str, url: str) -> None:
+        self.store, self.config, self.fid, self.url = store, config, fid, url
+        self.where = redact_webhook(url)
+
+    def send(self, event: dict[str, Any]) -> bool:
+        event = {**event, "sent_at": self.store.now()}
+        body = json.dumps(event, sort_keys=True).encode()
+        entry: dict[str, Any] = {"at": event["sent_at"], "event_id": event["event_id"],
+                                 "to": self.where, "status": None, "error": None}
+        try:
+            status = post(self.url, body, sign(self.config.webhook_secret, body))
+            entry["status"] = status
+            ok = 200 <= status < 300
+            if not ok:
+                entry["error"] = f"answered {status}" + (
+                    " (a redirect, not followed)" if 300 <= status < 400 else "")
+                logger.warning("celery-flows: webhook of flow %s to %s %s", self.fid,
+                               self.where, entry["error"])
+        except Exception as exc:
+            # an exception's text may quote the URL's path, query or credentials
+            entry["error"] = scrub(f"{type(exc).__name__}: {exc}", self.config, self.url)
+            logger.warning("celery-flows: webhook of flow %s to %s failed: %s", self.fid,
+                           self.where, entry["error"])
+            ok = False
+        self.store.webhook_note(self.fid, entry)
+        return ok
+
+    def node_events(self) -> bool:
+        """Post the flow's node events since the last posted; False at a failure."""
+        after = self.store.webhook_cursor(self.fid)
+        meta = self.store.meta(self.fid) or {}
+        while True:
+            events = self.store.read_events(self.fid, after, count=100)
+            if not events:
+                return True
+            for event in events:
+                if event["node"] is not None and event["state"] in _TERMINAL_NODE:
+                    if not self.send(node_payload(self.store, self.fid, meta, event)):
+                        return False
+                after = event["id"]
+                self.store.set_webhook_cursor(self.fid, after)
+
+
 def deliver_due(store: Store, config: FlowsConfig) -> int:
     """Deliver the webhooks that are due; returns how many were delivered."""
     delivered = 0
@@ -92,37 +178,36 @@ def deliver_due(store: Store, config: FlowsConfig) -> int:
         if not store.lock_webhook(fid, int(TIMEOUT * 3)):
             continue
         try:
-            meta = store.meta(fid)
-            url = (meta or {}).get("webhook")
-            if not meta or meta.get("webhook_pending") != "1" or not url:
-                store.webhook_settled(fid, None)
-                continue
-            where = redact_webhook(url)
-            if not config.webhook_allowed(url):
-                logger.error("celery-flows: not sending the webhook of flow %s: %s is not "
-                             "in flows_webhook_allowed_hosts", fid, where)
-                store.webhook_settled(fid, "refused")
-                continue
-            body = json.dumps(payload(store, fid, meta), sort_keys=True).encode()
-            try:
-                status = post(url, body, sign(config.webhook_secret, body))
-                ok = 200 <= status < 300
-                if not ok:
-                    logger.warning("celery-flows: webhook of flow %s to %s answered %d",
-                                   fid, where, status)
-            except Exception as exc:
-                # an exception's text may quote the URL's path, query or credentials
-                logger.warning("celery-flows: webhook of flow %s to %s failed: %s", fid,
-                               where, scrub(f"{type(exc).__name__}: {exc}", config, url))
-                ok = False
-            if ok:
-                store.webhook_settled(fid, "0")
-                delivered += 1
-                continue
-            attempts = store.webhook_failed(fid, MAX_ATTEMPTS, backoff)
-            if attempts >= MAX_ATTEMPTS:
-                logger.error("celery-flows: giving up the webhook of flow %s to %s after "
-                             "%d attempts", fid, where, attempts)
+            with flow_scope(fid):
+                delivered += _deliver(store, config, fid)
         finally:
             store.unlock_webhook(fid)
     return delivered
+
+
+def _deliver(store: Store, config: FlowsConfig, fid: str) -> int:
+    meta = store.meta(fid)
+    url = (meta or {}).get("webhook")
+    if not meta or meta.get("webhook_pending") != "1" or not url:
+        store.webhook_settled(fid, None)
+        return 0
+    delivery = _Delivery(store, config, fid, url)
+    if not config.webhook_allowed(url):
+        logger.error("celery-flows: not sending the webhook of flow %s: %s is not "
+                     "in flows_webhook_allowed_hosts", fid, delivery.where)
+        store.webhook_settled(fid, "refused")
+        return 0
+    kinds = (meta.get("webhook_events") or "flow").split(",")
+    ok = delivery.node_events() if "node" in kinds else True
+    finished = meta.get("state") in _FINISHED
+    if ok and finished and "flow" in kinds:
+        ok = delivery.send(payload(store, fid, meta))
+    if ok:
+        # a running flow's node events are posted; its end makes the webhook due again
+        store.webhook_settled(fid, "0")
+        return 1
+    attempts = store.webhook_failed(fid, MAX_ATTEMPTS, backoff)
+    if attempts >= MAX_ATTEMPTS:
+        logger.error("celery-flows: giving up the webhook of flow %s to %s after "
+                     "%d attempts", fid, delivery.where, attempts)
+    return 0

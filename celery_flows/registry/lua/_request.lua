@@ -40,6 +40,16 @@ local NREQ = #KEYS
 while NREQ > 0 and not string.find(KEYS[NREQ], '}:req:', 1, true) do NREQ = NREQ - 1 end
 local REQUEST = KEYS[NREQ]
 local GKEYS = {unpack(KEYS, NREQ + 1, #KEYS)}
+-- the registry's event stream (<prefix>:events, keys.py), passed last of all on a single
+-- Redis so that the engine's flush() appends to it (lua/engine/cache.lua); taken off
+-- GKEYS so that each script's own GKEYS keep their places
+local EVENTS_ALL = GKEYS[#GKEYS]
+if EVENTS_ALL and string.sub(EVENTS_ALL, -7) == ':events'
+    and not string.find(EVENTS_ALL, '{', 1, true) then
+  GKEYS[#GKEYS] = nil
+else
+  EVENTS_ALL = nil
+end
 local KEYS = {unpack(KEYS, 1, NREQ - 1)}
 local ARGV = ARGV
 if type(REQUEST) ~= 'string' or not string.find(REQUEST, ':req:', 1, true) then

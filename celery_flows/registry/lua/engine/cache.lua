@@ -4,7 +4,12 @@
   (save, mset, mincr, wset, ready_add/ready_rem, timed_add/timed_rem, later) reach
   Redis only in flush(). wget/wset are the fan-in counters (the waiting hash, keys.py). A transition called with dry_run skips flush() and returns REPORT
   (report_json): what it would have released, skipped, cancelled and reopened.
-  Uses: constants (META, NODES, READY, TIMED, WAITING, HISTORY_MAX).
+  Events (SPEC section 11): save() notes every change of a node's state, attempt or
+  last milestone, mset('state') every change of the flow's state; flush() appends them
+  to the flow's stream (EVENTS) and, on a single Redis, to the registry's stream
+  (EVENTS_ALL, lua/_request.lua), node events first, under the same stream id in both.
+  So every transition script emits its events without naming them.
+  Uses: constants (META, NODES, READY, TIMED, WAITING, EVENTS, HISTORY_MAX).
 ]]
 local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
 local MCACHE, MDIRTY = {}, {}
@@ -12,6 +17,10 @@ local WCACHE, WDIRTY = {}, {}
 local READY_OPS = {}
 local LATER = {}
 local REPORT = {released = {}, skipped = {}, cancelled = {}, reopened = {}}
+-- events: SEEN[id] is what the last event (or the stored record) said of node id;
+-- FLOW_SEEN the flow state as stored (nil: not read yet); PENDING the events to write
+local SEEN, PENDING = {}, {}
+local FLOW_SEEN
 
 -- What one script may still do of a large transition, in edges settled (a node record
 -- rewritten by a chunked step costs 20): settle.lua leaves the rest in the work list
@@ -77,24 +86,6 @@ local function with_defaults(rec)
   return rec
 end
 
-local function load(id)
-  local rec = CACHE[id]
-  if rec == nil then
-    local raw = redis.call('HGET', NODES, id)
-    rec = raw and with_defaults(cjson.decode(raw)) or false
-    CACHE[id] = rec
-  end
-  return rec or nil
-end
-
-local function save(id, rec)
-  CACHE[id] = rec
-  if not DIRTY[id] then
-    DIRTY[id] = true
-    DIRTY_ORDER[#DIRTY_ORDER + 1] = id
-  end
-end
-
 local function mget(field)
   local v = MCACHE[field]
   if v == nil then
@@ -105,6 +96,7 @@ local function mget(field)
 end
 
 local function mset(field, value)
+  if field == 'state' and FLOW_SEEN == nil then FLOW_SEEN = mget('state') or false end
   MCACHE[field] = tostring(value)
   MDIRTY[field] = true
 end
@@ -117,6 +109,49 @@ end
 
 local function mincr(field, n)
   mset(field, (tonumber(mget(field)) or 0) + n)
+end
+
+-- What an event says of a node: a new event is due when this changes.
+local function node_mark(rec)
+  local last = list(rec.progress)
+  last = last[#last]
+  return tostring(rec.state) .. '|' .. tostring(rec.attempt) .. '|' ..
+    tostring(last and last.at or '')
+end
+
+local function load(id)
+  local rec = CACHE[id]
+  if rec == nil then
+    local raw = redis.call('HGET', NODES, id)
+    rec = raw and with_defaults(cjson.decode(raw)) or false
+    CACHE[id] = rec
+    if SEEN[id] == nil then SEEN[id] = rec and node_mark(rec) or false end
+  end
+  return rec or nil
+end
+
+local function save(id, rec)
+  CACHE[id] = rec
+  local mark = node_mark(rec)
+  if SEEN[id] ~= mark then
+    SEEN[id] = mark
+    local progress = list(rec.progress)
+    PENDING[#PENDING + 1] = {node = id, name = rec.task, state = rec.state,
+      attempt = rec.attempt, error = rec.error,
+      progress = progress[#progress] or cjson.null}
+    -- node events opted in for the flow's webhook (SPEC section 8): a node that ends
+    -- makes the webhook due at once (the claim of this same step reads the flag); the
+    -- deliverer reads what to post from the flow's stream (worker/webhooks.py)
+    if TERMINAL[rec.state] and mget('webhook_pending') ~= '1'
+        and string.find(mget('webhook_events') or '', 'node', 1, true)
+        and (mget('webhook') or '') ~= '' then
+      mset('webhook_pending', '1')
+    end
+  end
+  if not DIRTY[id] then
+    DIRTY[id] = true
+    DIRTY_ORDER[#DIRTY_ORDER + 1] = id
+  end
 end
 
 -- A field of the waiting hash as a number; nil when absent.
@@ -150,7 +185,41 @@ local function hset_all(key, args)
   end
 end
 
+-- Append the noted events (node events first, then the flow's, if its state changed)
+-- to the flow's stream and, unless the flow is hidden (add_bulk, lua/create.lua), to
+-- the registry's; both trimmed to about EVENTS_MAXLEN entries (scripts.py).
+local function write_events()
+  local state = MCACHE['state']
+  if MDIRTY['state'] and state and state ~= FLOW_SEEN then
+    FLOW_SEEN = state
+    PENDING[#PENDING + 1] = {node = cjson.null, name = mget('name') or cjson.null,
+      state = state, attempt = cjson.null, error = cjson.null, progress = cjson.null}
+  end
+  if #PENDING == 0 then return end
+  local t = redis.call('TIME')
+  local time = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local flow = mget('id')
+  local global = EVENTS_ALL and not mget('hidden')
+  for _, e in ipairs(PENDING) do
+    e.time = time
+    e.flow = flow
+    local body = cjson.encode(e)
+    local id = '*'
+    if global then
+      id = redis.call('XADD', EVENTS_ALL, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'e', body)
+    end
+    -- the registry's id when there is one; a stream whose ids ran ahead of it (the
+    -- registry's stream deleted by hand) gets its own rather than failing the transition
+    local ok = redis.pcall('XADD', EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, id, 'e', body)
+    if type(ok) == 'table' and ok.err then
+      redis.call('XADD', EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'e', body)
+    end
+  end
+  PENDING = {}
+end
+
 local function flush()
+  write_events()
   local args = {}
   for _, id in ipairs(DIRTY_ORDER) do
     args[#args + 1] = id
