@@ -22,7 +22,7 @@ from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import BROKER_ENV, FLOWS, ROOT, run_counts
 
-CHUNK = "5"  # a script settles at most 100 edges, a step reopens or cancels 5 nodes
+CHUNK = "5"  # a script settles at most 50 edges, a step reopens or cancels 5 nodes
 SMALL = {"CELERY_FLOWS_CHUNK": CHUNK}
 _RETRY = ("import sys\nimport tests.proj as p\n"
           "p.flows.retry(sys.argv[1])\nprint('retry returned')\n")
@@ -61,8 +61,8 @@ def test_a_completion_releasing_hundreds_settles_them_in_steps_and_a_killed_work
                and "root" in run_counts(redis_db, handle.id), "the first step", timeout=30)
     released = [n for n, s in _raw_states(proj, handle.id).items()
                 if n != "root" and s != "pending"]
-    # one script settled at most 100 edges: the rest waits in the work list
-    assert 0 < len(released) <= 100
+    # one script settled at most 50 edges: the rest waits in the work list
+    assert 0 < len(released) <= 50
     assert redis_db.client.llen(proj.flows.store.keys.work(handle.id)) > 0
     assert handle.state() == FlowState.RUNNING
     worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
