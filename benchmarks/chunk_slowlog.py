@@ -1,11 +1,20 @@
-"""The longest single Redis command around the changes of large flows:
-``python benchmarks/chunk_slowlog.py`` (``BENCH_ROOT=<checkout>`` measures another).
+"""The longest single Redis command of each large transition, measured without any
+worker running: ``python benchmarks/chunk_slowlog.py [N]`` (default 20,000 nodes;
+``BENCH_ROOT=<checkout>`` measures another checkout).
 
-On a private redis-server with ``slowlog-log-slower-than 0`` (every command logged),
-without workers: the cancel of a 20,000-node flow (one root running, 19,999 children),
-and the 2,000 completions of a 2,000-wide fan-in's dependencies (each recorded with
-complete.lua as a worker would). Prints the longest command (µs) of each, and the
-total Redis time of the completions.
+SLOWLOG times a command by the wall clock. On this 2-core machine a worker's two
+processes, the producer and redis-server compete for the cores, so under a running
+worker a command's figure includes the time Redis waited for a core (an LPUSH was seen
+at 22 ms). Here the producer process does what a worker would (``complete`` then the
+dispatcher's ``drain``), so each figure is what the script itself costs:
+
+- submit: ``flows.submit`` of N independent nodes (all N released and published);
+- cancel: ``flows.cancel`` of that flow;
+- release: a root then N dependents; the root's completion and the drain that
+  publishes the N;
+- retry: N nodes recorded failed, then ``flows.retry`` (which drains what it reopens).
+
+Prints the five longest commands of each phase, by script name.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,69 +31,93 @@ sys.path.insert(0, str(ROOT))
 
 from celery_flows.testing import RedisServer  # noqa: E402
 
-SCRIPTS: dict[str, str] = {}
+
+def longest(client: Any, names: dict[str, str]) -> tuple[list[tuple[float, str]], str]:
+    """The five longest commands since the last SLOWLOG RESET, (ms, script or command),
+    and each script's calls, median and longest."""
+    def label(entry: dict[str, Any]) -> str:
+        cmd = entry["command"]
+        words = (cmd.decode(errors="replace") if isinstance(cmd, bytes) else str(cmd)).split()
+        if words[0].upper() == "EVALSHA":
+            return names.get(words[1], "EVALSHA ?")
+        return words[0].upper()
+
+    log = [(e["duration"] / 1000.0, label(e)) for e in client.slowlog_get(1_000_000)]
+    log = [e for e in log if not e[1].startswith(("SLOWLOG", "CONFIG"))]
+    by: dict[str, list[float]] = {}
+    for ms, name in log:
+        by.setdefault(name, []).append(ms)
+    rows = []
+    for name, times in sorted(by.items()):
+        if name.endswith(".lua"):
+            times.sort()
+            rows.append(f"{name} x{len(times)} median {times[len(times) // 2]:.2f} "
+                        f"p99 {times[int(len(times) * 0.99)]:.2f} max {times[-1]:.2f}")
+    return sorted(log, reverse=True)[:5], "\n           ".join(rows)
 
 
-def slowest(client: Any) -> tuple[int, int, str]:
-    """(longest µs, total µs, its command) since the last SLOWLOG RESET."""
-    def name(entry: dict[str, Any]) -> str:
-        command = entry["command"]
-        return command.decode(errors="replace") if isinstance(command, bytes) else str(command)
-
-    # the measuring commands themselves (SLOWLOG RESET of a long log, CONFIG) aside
-    log = [e for e in client.slowlog_get(1_000_000)
-           if not name(e).upper().startswith(("SLOWLOG", "CONFIG"))]
-    top = max(log, key=lambda e: e["duration"])
-    words = name(top).split()
-    label = SCRIPTS.get(words[1], words[1]) if words[0].upper() == "EVALSHA" else words[0]
-    if os.environ.get("BENCH_VERBOSE"):
-        print(sorted((e["duration"], SCRIPTS.get(name(e).split()[1], "?")) for e in log
-                     if name(e).upper().startswith("EVALSHA"))[-8:])
-    return top["duration"], sum(e["duration"] for e in log), label
-
-
-def main() -> None:
+def main(n: int) -> None:
     server = RedisServer().start()
     try:
         os.environ["BENCH_REDIS_URL"] = server.celery_url()
         bench: Any = importlib.import_module("benchmarks.bench_app")
         import celery_flows
         from celery_flows import Flow
-        print(f"celery_flows from {celery_flows.__file__}")
+        from celery_flows.registry.scripts import script_texts
+
+        print(f"celery_flows from {celery_flows.__file__}, {n} nodes")
         client = server.client()
         client.config_set("slowlog-max-len", 1_000_000)
-        store = bench.flows.store
-        from celery_flows.registry.scripts import script_texts
-        SCRIPTS.update({store.sha(n): f"{n}.lua" for n in script_texts()})
+        flows = bench.flows
+        store = flows.store
+        names = {store.sha(s): f"{s}.lua" for s in script_texts()}
 
-        f = Flow("wide", id="wide")
-        root = f.add(bench.inc.si(0), id="root")
-        for i in range(19_999):
-            f.add(bench.inc.s(), id=f"c{i}", after=[root])
-        bench.flows.submit(f)
-        client.config_set("slowlog-log-slower-than", 0)
-        client.slowlog_reset()
-        report = bench.flows.cancel("wide")
-        top, _, cmd = slowest(client)
-        print(f"cancel of 20,000 nodes: {len(set(report['cancelled']))} cancelled, "
-              f"longest command {top} µs ({cmd})")
-        client.config_set("slowlog-log-slower-than", 10_000)
+        def phase(label: str, action: Any) -> None:
+            client.config_set("slowlog-log-slower-than", 0)
+            client.slowlog_reset()
+            started = time.perf_counter()
+            action()
+            took = time.perf_counter() - started
+            client.config_set("slowlog-log-slower-than", 10_000)
+            five, scripts = longest(client, names)
+            top = ", ".join(f"{name} {ms:.2f}" for ms, name in five)
+            print(f"{label:8} {took:6.2f} s   longest (ms): {top}\n           {scripts}")
 
-        f = Flow("fan-in", id="fan")
-        deps = [f.add(bench.inc.si(i), id=f"d{i}").id for i in range(2_000)]
-        f.add(bench.tsum.s(), id="sink", after=deps)
-        bench.flows.submit(f)
-        client.config_set("slowlog-log-slower-than", 0)
-        client.slowlog_reset()
-        for nid in deps:
-            store.complete("fan", nid, 1, "succeeded", b"1")
-        top, total, cmd = slowest(client)
-        sink = store.node("fan", "sink") or {}
-        print(f"2,000-wide fan-in: sink {sink.get('state')}, longest command {top} µs "
-              f"({cmd}), all commands {total / 1000:.0f} ms")
+        f = Flow("wide")
+        for i in range(n):
+            f.add(bench.noop.si(), id=f"n{i}")
+        held: list[Any] = []
+        phase("submit", lambda: held.append(flows.submit(f)))
+        phase("cancel", lambda: flows.cancel(held[0].id))
+        client.flushdb()
+
+        f = Flow("release")
+        root = f.add(bench.noop.si(), id="root")
+        for i in range(n):
+            f.add(bench.noop.si(), id=f"n{i}", after=[root])
+        h = flows.submit(f)
+
+        def release() -> None:
+            store.complete(h.id, "root", 1, "succeeded", flows.codec.dump_result(None))
+            flows.engine.dispatcher.drain(h.id)
+
+        phase("release", release)
+        queued = sum(1 for r in store.nodes(h.id).values() if r["state"] == "queued")
+        assert queued == n, queued
+        client.flushdb()
+
+        f = Flow("retry")
+        for i in range(n):
+            f.add(bench.noop.si(), id=f"n{i}")
+        h = flows.submit(f)
+        for i in range(n):
+            store.complete(h.id, f"n{i}", 1, "failed", b"", "RuntimeError: boom")
+        assert h.state().value == "failed", h.state()
+        phase("retry", lambda: flows.retry(h.id))
+        client.flushdb()
     finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000)

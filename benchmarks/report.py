@@ -111,8 +111,9 @@ def results_rst(figs: list[Figure], env: dict[str, str], params: dict[str, Any],
                     f"node; building the Flow took {_ms(f.medians()['build'])} (not "
                     "timed in the figure).", ""]
         if f.row == "SLOWLOG" and f.error is None:
+            longest = "; ".join(f.extra.get("longest", [])) or "none"
             out += [f"SLOWLOG {f.case}: {f.extra.get('slowlog_entries', 0)} commands "
-                    "logged in the phase.", ""]
+                    f"over 0.5 ms in the phase; the longest: {longest}.", ""]
         if f.error is not None:
             out += [f"{f.row} {f.case}: not run: {f.error}", ""]
     out += ["How each row was run", "====================", "", *notes, ""]

@@ -88,7 +88,8 @@ def notes(s: Sizes) -> list[str]:
         "- memory, 100k submit, SLOWLOG submit and cancel: the worker is STOPPED (the process "
         "exits; the queued root messages stay unread), ``FLUSHDB`` before each measurement. "
         "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes.",
-        "- SLOWLOG: ``slowlog-log-slower-than 0``, ``SLOWLOG RESET`` before each phase, the "
+        "- SLOWLOG: ``slowlog-log-slower-than 500`` (µs), ``SLOWLOG RESET`` before each "
+        "phase, the "
         "longest entry reported. submit: a flow of N independent nodes (all N released at "
         "submit); cancel: ``flows.cancel`` of that flow; release (worker running): a root "
         "napping 1 s then N dependents, SLOWLOG reset right after ``submit`` and read after "

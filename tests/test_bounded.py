@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState
+from celery_flows.define.records import LIST_FIELDS, SCALAR_DEFAULTS
 from celery_flows.faults import ENV as FAULTS
 from celery_flows.registry import scripts
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import BROKER_ENV, FLOWS, ROOT, run_counts
 
-CHUNK = "5"  # a script settles at most 50 edges, a step reopens or cancels 5 nodes
+CHUNK = "5"  # a script settles at most 10 edges, a step reopens or cancels 5 nodes
 SMALL = {"CELERY_FLOWS_CHUNK": CHUNK}
 _RETRY = ("import sys\nimport tests.proj as p\n"
           "p.flows.retry(sys.argv[1])\nprint('retry returned')\n")
@@ -61,8 +62,8 @@ def test_a_completion_releasing_hundreds_settles_them_in_steps_and_a_killed_work
                and "root" in run_counts(redis_db, handle.id), "the first step", timeout=30)
     released = [n for n, s in _raw_states(proj, handle.id).items()
                 if n != "root" and s != "pending"]
-    # one script settled at most 50 edges: the rest waits in the work list
-    assert 0 < len(released) <= 50
+    # one script settled at most 10 edges (twice the chunk): the rest waits in the work list
+    assert 0 < len(released) <= 10
     assert redis_db.client.llen(proj.flows.store.keys.work(handle.id)) > 0
     assert handle.state() == FlowState.RUNNING
     worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
@@ -215,3 +216,30 @@ def test_a_large_retry_by_its_caller_reports_and_runs_each_failed_node_once_more
     assert all(counts[f"p{i}"] == 2 and counts[f"k{i}"] == 1 for i in range(12))
     with pytest.raises(Exception, match="finished as succeeded|nothing to retry"):
         proj.flows.retry(handle.id)
+
+
+def test_records_written_back_by_transitions_stay_compact(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    """A record a transition writes back leaves out the fields at their default, as the
+    submit stores it (define/records.py compact): about a third of its size whole, and
+    what every later step of the node decodes."""
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    f = Flow("compact")
+    a = f.add(proj.ident.si(1), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    raw = redis_db.client.hgetall(proj.flows.store.keys.nodes(handle.id))
+    for nid, blob in raw.items():
+        rec = json.loads(blob)
+        assert rec["state"] == "succeeded"
+        # skip_reason, error, worker, lease, held... (null), removed, progress (empty),
+        # retries (0), policy and fpol ("fail")
+        at_default = {k for k, v in rec.items() if v is None or v == {}
+                      or (k in LIST_FIELDS and v == [])
+                      or SCALAR_DEFAULTS.get(k, object()) == v or k == "fpol"}
+        assert not at_default, (nid, sorted(at_default))
+    assert handle.results() == {"a": 1, "b": 1}
+    assert proj.flows.store.node(handle.id, "b")["retries"] == 0

@@ -49,8 +49,11 @@ FINISH_AFTER = 5.0  # a committed batch still listed this long: its producer die
 # and PIECE_BYTES of records and arguments, each one create call, so that other clients
 # are never blocked for long: measured on redis-server 6.2 (2 shared cores), a 500-node
 # piece took 2.6 ms (median) of a chain, 5.5 ms of independent roots (each released),
-# with outliers near 18 ms on the busy machine; 250 keeps those under 10 ms.
+# with outliers near 18 ms on the busy machine; 250 keeps those under 10 ms. A root is
+# released as its piece is stored, which costs about 65 us more (benchmarks/
+# chunk_slowlog.py): a piece holds at most PIECE_ROOTS of them.
 PIECE_NODES = 250
+PIECE_ROOTS = 50
 PIECE_BYTES = 256 * 1024
 PIECES_PER_TRIP = 8  # pieces pipelined in one round trip
 
@@ -61,7 +64,7 @@ def submit_flow(ext: Submitter, flow: Flow) -> str:
     with _gc_paused():
         row = ext.prepare(flow)[1]
         fid = row[0]
-        if ext.eager or len(row[3]) <= PIECE_NODES:
+        if ext.eager or (len(row[3]) <= PIECE_NODES and _roots(row[3]) <= PIECE_ROOTS):
             code = ext.submit_row(row)
             if code != 1 and not ext.eager and ext.store.meta(fid) is None:
                 # the id is held by a hidden flow of a producer that died before
@@ -87,19 +90,26 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _roots(nodes: list[NodeRow]) -> int:
+    return sum(1 for node in nodes if not node[1].get("after"))
+
+
 def _pieces(nodes: list[NodeRow]) -> list[list[NodeRow]]:
     # dependents before their dependencies (a dependency's path to a sink is longer
     # than any dependent's), so that a piece's roots find their dependents in place
     ordered = sorted(nodes, key=lambda node: node[1].get("lp", 1))
     pieces: list[list[NodeRow]] = [[]]
-    size = 0
+    size = roots = 0
     for node in ordered:
         cost = len(node[2]) + 64 * len(node[1].get("after", ())) + 128
-        if pieces[-1] and (len(pieces[-1]) >= PIECE_NODES or size + cost > PIECE_BYTES):
+        root = not node[1].get("after")
+        if pieces[-1] and (len(pieces[-1]) >= PIECE_NODES or size + cost > PIECE_BYTES
+                           or (root and roots >= PIECE_ROOTS)):
             pieces.append([])
-            size = 0
+            size = roots = 0
         pieces[-1].append(node)
         size += cost
+        roots += root
     return pieces
 
 

@@ -13,7 +13,7 @@ import redis
 from kombu.exceptions import OperationalError
 
 from .. import faults
-from ..define.records import NodeRecord, Ref, as_list, map_pairs
+from ..define.records import NodeRecord, Ref, as_list, map_pairs, with_defaults
 from ..registry import Store
 from ..registry.codec import Codec
 from ..registry.ids import member_for, order_key, task_id_for
@@ -27,10 +27,11 @@ __all__ = ["BATCH", "CLAIM", "CLAIM_LEASE", "Call", "Dispatcher", "resolve_input
 logger = logging.getLogger(__name__)
 
 CLAIM_LEASE = 15.0  # seconds before another process may publish an unacknowledged claim
-#: Entries per claim, and so per acknowledgement: bounded work per script. Measured on
-#: redis-server 6.2 (2 cores shared with a loaded test run), a claim of 200 entries took
-#: 7.3 ms (median) and its published.lua 8.9 ms, with outliers past 25 ms; 100 halves that.
-BATCH = 100
+#: Entries per claim, and so per acknowledgement: bounded work per script. Measured with
+#: benchmarks/chunk_slowlog.py (redis-server 6.2, no other load), a node costs a claim
+#: about 60 us and its published.lua about 110 us (its record read and written back, an
+#: event): 100 entries took 13 ms; 25 stay near 3 ms.
+BATCH = 25
 CLAIM = (CLAIM_LEASE, BATCH)  # a claim after a transition: (lease, most entries)
 
 
@@ -45,7 +46,7 @@ def _entry_id(entry: list[Any]) -> str:
 
 
 def _entry_attempt(entry: list[Any]) -> int:
-    return int(json.loads(entry[1])["attempt"])
+    return int(json.loads(entry[1]).get("attempt", 0))
 
 
 def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
@@ -189,7 +190,7 @@ class Dispatcher:
     def prepare(self, fid: str, nonce: str, entry: list[Any]) -> Call:
         """Decode a claimed outbox entry into the call to make."""
         nid = _entry_id(entry)
-        rec: NodeRecord = json.loads(entry[1])
+        rec = with_defaults(json.loads(entry[1]))  # stored compact (records.py)
         args, kwargs, options = self.codec.load_node_call(entry[2])
         kinds_list = json.loads(entry[3]) or []
         after = as_list(rec.get("after"))

@@ -166,7 +166,7 @@ class Reads(Connection):
         self._overlay(fid, recs, staged)
         return recs[nid]
 
-    def scan_nodes(self, fid: str, cursor: int = 0, count: int = 500
+    def scan_nodes(self, fid: str, cursor: int = 0, count: int = 100
                    ) -> tuple[int, dict[str, NodeRecord]]:
         """One HSCAN page of the node records, as stored (no reader's overlay): for the
         staging of a chunked retry (engine/chunks.py)."""

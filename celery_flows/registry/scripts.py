@@ -26,11 +26,11 @@ LUA_DIR = Path(__file__).with_name("lua")
 REPLY_TTL = 120
 
 #: The bounded step of large transitions: nodes per step of a chunked change (a cancel
-#: or retry of a flow with more nodes goes in steps), and a tenth of the edges one
+#: or retry of a flow with more nodes goes in steps), and half the edges one
 #: script settles before it leaves the rest to the next claim (lua/engine/cache.lua
 #: BUDGET), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
 #: (the tests use small chunks).
-CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 50)
+CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 25)
 #: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
 REPLAY_ENTRIES = frozenset({"claim"})
 REPLAY_CLAIMED = frozenset({"complete"})

@@ -25,9 +25,10 @@ local FLOW_SEEN
 -- What one script may still do of a large transition, in edges settled (a chunked
 -- step of STEP node records costs 20 * STEP): settle.lua leaves the rest in the work list
 -- for the next claim, so that no call blocks Redis for long whatever the flow's size.
--- Measured (redis-server 6.2, 2 cores shared with a loaded run): 1,000 edges that each
--- released a dependent took 8 ms quiet and past 30 ms loaded; 500 halves that.
-local BUDGET = {left = 10 * STEP}
+-- Measured with benchmarks/chunk_slowlog.py (redis-server 6.2, no other load): an edge
+-- that releases its dependent costs about 90 us of Lua (records read and written back,
+-- two stream entries), so 50 edges stay near 5 ms.
+local BUDGET = {left = 2 * STEP}
 
 -- The Redis clock, in seconds.
 local function now_ts()
@@ -86,6 +87,31 @@ local function with_defaults(rec)
   end
   if rec.fpol == nil then rec.fpol = rec.policy end
   return rec
+end
+
+local IS_LIST = {}
+for _, k in ipairs(RECORD_LISTS) do IS_LIST[k] = true end
+
+-- The record as stored: a copy without the fields with_defaults puts back (the rule of
+-- define/records.py compact) and without any other null field (every read of one goes
+-- through val, to which absent and null are the same). A record written whole is about
+-- 650 bytes, which cjson takes some 20 us to decode; compact, about a third of that.
+local function compact(rec)
+  local out = {}
+  for k, v in pairs(rec) do
+    local d = RECORD_DEFAULTS[k]
+    if d ~= nil then
+      if v ~= d then out[k] = v end
+    elseif v == cjson.null then
+      -- left out
+    elseif IS_LIST[k] then
+      if type(v) ~= 'table' or next(v) ~= nil then out[k] = v end
+    else
+      out[k] = v
+    end
+  end
+  if out.fpol ~= nil and out.fpol == rec.policy then out.fpol = nil end
+  return out
 end
 
 local function mget(field)
@@ -225,7 +251,7 @@ local function flush()
   local args = {}
   for _, id in ipairs(DIRTY_ORDER) do
     args[#args + 1] = id
-    args[#args + 1] = cjson.encode(CACHE[id])
+    args[#args + 1] = cjson.encode(compact(CACHE[id]))
   end
   hset_all(NODES, args)
   local sets, dels = {}, {}

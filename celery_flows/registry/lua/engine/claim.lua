@@ -4,7 +4,7 @@
   Before it claims, a claim without explicit ids does a bounded share of what large
   transitions left (chores): see its reply's "more".
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
-  list, contains, flush, BUDGET), flow (set_flow_state, stopping), evaluate (edge_kind),
+  list, contains, flush, compact, BUDGET), flow (set_flow_state, stopping), evaluate (edge_kind),
   cancel (cancel_chunk), settle (fail_node, settle_more), reopen (reopen_more).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
@@ -132,7 +132,7 @@ local function claim_entries(lease, limit, mode, ids_given)
       -- submit stores it (define/records.py longest_paths); the walk is for records
       -- stored by an earlier version, without it
       if want_path or val(rec.rate) then path = tonumber(val(rec.lp)) or longest(id) end
-      out[#out + 1] = {id, cjson.encode(rec), redis.call('HGET', ARGS, id),
+      out[#out + 1] = {id, cjson.encode(compact(rec)), redis.call('HGET', ARGS, id),
                        cjson.encode(kinds), results, path}
     end
   end
