@@ -147,6 +147,15 @@ def test_manager_killed_while_recovering_a_lost_worker(
 # -- Execution: a worker declared lost that was only frozen ------------------------
 
 
+def _leased(redis_db: RedisDB, proj: Any, fid: str) -> bool:
+    """Whether some worker's lease set holds a task id of flow ``fid``."""
+    client = redis_db.client
+    for key in client.scan_iter(proj.flows.store.keys.leases("*")):
+        if any(fid in m.decode() for m in client.zrange(key, 0, -1)):
+            return True
+    return False
+
+
 def test_frozen_worker_declared_lost_reports_late(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
     monkeypatch: pytest.MonkeyPatch,
@@ -168,6 +177,9 @@ def test_frozen_worker_declared_lost_reports_late(
     other.add(proj.add.si(1, 1), id="y")
     prefetched = proj.flows.submit(other)  # received by the frozen worker, not started
     frozen.wait_for_log(rf"{prefetched.id}~y~1~\S+\] received")
+    # leased within RECEIPT_DELAY of its receipt (worker/receipts.py): frozen before
+    # that, the message would be the rescue's, not the lease recovery's this tests
+    wait_until(lambda: _leased(redis_db, proj, prefetched.id), "y leased by its receipt")
     os.killpg(frozen.pid, signal.SIGSTOP)
     try:
         worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=1)

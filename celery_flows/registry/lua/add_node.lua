@@ -37,7 +37,7 @@ local now = now_ts()
 rec.lp = 1
 for _, did in ipairs(list(rec.after)) do
   local dep = load(did)
-  push(dep, 'deps_of', id)
+  deps_add(dep, id)
   if tonumber(val(dep.lp)) and dep.lp < 2 then dep.lp = 2 end
   save(did, dep)
 end

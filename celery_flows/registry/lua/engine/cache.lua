@@ -46,6 +46,28 @@ local function list(v)
   return v
 end
 
+-- A node's dependents as a list. They are stored as one string of ids joined by ','
+-- (define/records.py compact; a record of an earlier version holds a list).
+local function deps_list(rec)
+  local d = rec.deps_of
+  if type(d) ~= 'string' then return list(d) end
+  local out = {}
+  for id in string.gmatch(d, '[^,]+') do out[#out + 1] = id end
+  return out
+end
+
+-- Add a dependent, in the form the record holds them.
+local function deps_add(rec, id)
+  local d = rec.deps_of
+  if type(d) == 'string' and d ~= '' then rec.deps_of = d .. ',' .. id
+  elseif type(d) == 'string' then rec.deps_of = id
+  else
+    d = list(d)
+    d[#d + 1] = id
+    rec.deps_of = d
+  end
+end
+
 local function contains(t, x)
   for _, v in ipairs(list(t)) do if v == x then return true end end
   return false

@@ -4,8 +4,9 @@
   Before it claims, a claim without explicit ids does a bounded share of what large
   transitions left (chores): see its reply's "more".
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
-  list, contains, flush, compact, BUDGET), flow (set_flow_state, stopping), evaluate (edge_kind),
-  cancel (cancel_chunk), settle (fail_node, settle_more), reopen (reopen_more).
+  list, deps_list, contains, flush, compact, BUDGET), flow (set_flow_state, stopping),
+  evaluate (edge_kind), cancel (cancel_chunk), settle (fail_node, settle_more), reopen
+  (reopen_more).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
     lease      seconds an unacknowledged claim holds an entry
@@ -89,7 +90,7 @@ local function claim_entries(lease, limit, mode, ids_given)
     while #stack > 0 do
       local top = stack[#stack]
       local rec = load(top[1])
-      local kids = list(rec.deps_of)
+      local kids = deps_list(rec)
       -- a node with a stored path ends the walk there
       if top[2] == 1 and tonumber(val(rec.lp)) then kids = {} end
       if top[2] <= #kids then

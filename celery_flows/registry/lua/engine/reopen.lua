@@ -3,8 +3,8 @@
   the nodes such a change reaches: those skipped as upstream_failed downstream.
   A chunked retry (lua/retry.lua) stages its nodes in the reopen set and reopens them a
   step per claim (reopen_more).
-  Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, contains, mget,
-  mdel, mincr, wset, history, later, REPORT, BUDGET), flow (set_flow_state), settle
+  Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, deps_list,
+  contains, mget, mdel, mincr, wset, history, later, REPORT, BUDGET), flow (set_flow_state), settle
   (evaluate_all).
 ]]
 
@@ -60,7 +60,7 @@ local function upstream_failed_closure(roots)
   while qi <= #queue do
     local rec = load(queue[qi])
     qi = qi + 1
-    for _, cid in ipairs(list(rec.deps_of)) do
+    for _, cid in ipairs(deps_list(rec)) do
       local child = load(cid)
       if not seen[cid] and child.state == 'skipped' and child.skip_reason == 'upstream_failed' then
         seen[cid] = true

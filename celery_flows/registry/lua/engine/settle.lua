@@ -96,7 +96,10 @@ local function propagate(queue, now)
   local qi = 1
   while qi <= #queue do
     local id, k = queue[qi][1], queue[qi][2]
-    local kids = list(load(id).deps_of)
+    -- dependents joined in one string (compact records): k is a byte offset
+    local kids = load(id).deps_of
+    local joined = type(kids) == 'string'
+    if not joined then kids = list(kids) end
     while k <= #kids do
       if BUDGET.left <= 0 then
         for j = #queue, qi + 1, -1 do
@@ -107,8 +110,15 @@ local function propagate(queue, now)
         return
       end
       BUDGET.left = BUDGET.left - 1
-      local cid = kids[k]
-      k = k + 1
+      local cid
+      if joined then
+        local stop = string.find(kids, ',', k, true) or (#kids + 1)
+        cid = string.sub(kids, k, stop - 1)
+        k = stop + 1
+      else
+        cid = kids[k]
+        k = k + 1
+      end
       if edge_done(cid, id, now) then
         if account(cid, load(cid), now) then return end
         queue[#queue + 1] = {cid, 1}
