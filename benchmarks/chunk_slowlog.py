@@ -12,7 +12,9 @@ dispatcher's ``drain``), so each figure is what the script itself costs:
 - cancel: ``flows.cancel`` of that flow;
 - release: a root then N dependents; the root's completion and the drain that
   publishes the N;
-- retry: N nodes recorded failed, then ``flows.retry`` (which drains what it reopens).
+- retry: N nodes recorded failed, then ``flows.retry`` (which drains what it reopens);
+- fan-in: N dependencies of one sink recorded succeeded, the last with the drain that
+  publishes the sink (the first N - 1 completions are not in the figure).
 
 Prints the five longest commands of each phase, by script name.
 """
@@ -114,6 +116,22 @@ def main(n: int) -> None:
             store.complete(h.id, f"n{i}", 1, "failed", b"", "RuntimeError: boom")
         assert h.state().value == "failed", h.state()
         phase("retry", lambda: flows.retry(h.id))
+        client.flushdb()
+
+        f = Flow("fan-in")
+        deps = [f.add(bench.noop.si(), id=f"d{i}").id for i in range(n)]
+        f.add(bench.noop.si(), id="sink", after=deps)
+        h = flows.submit(f)
+        done = flows.codec.dump_result(None)
+        for nid in deps[:-1]:
+            store.complete(h.id, nid, 1, "succeeded", done)
+
+        def last() -> None:
+            store.complete(h.id, deps[-1], 1, "succeeded", done)
+            flows.engine.dispatcher.drain(h.id)
+
+        phase("fan-in", last)
+        assert store.node(h.id, "sink")["state"] == "queued"
         client.flushdb()
     finally:
         server.stop()

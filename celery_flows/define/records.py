@@ -242,11 +242,11 @@ def compact(rec: NodeRecord) -> dict[str, Any]:
     out = {k: v for k, v in rec.items() if k != "waiting" and omitted.get(k, _KEEP) != v}
     if out.get("fpol", _KEEP) == rec.get("policy", "fail"):
         del out["fpol"]
-    if out.get("deps_of"):
+    if rec.get("deps_of"):
         # one string (ids never hold a comma, validate.ID_RE): a script that reads a
         # node of 20,000 dependents decodes one string instead of 20,000 (cjson: about
         # 0.3 ms against 7 ms), and settles its edges by offset (lua/engine/settle.lua)
-        out["deps_of"] = ",".join(out["deps_of"])
+        out["deps_of"] = ",".join(rec["deps_of"])
     return out
 
 
