@@ -50,6 +50,12 @@ def noop() -> None:
 
 
 @app.task
+def collect(*results: object) -> int:
+    """A fan-in sink that takes its dependencies' results (``.s()``): how many came."""
+    return len(results[0]) if results and isinstance(results[0], list) else len(results)
+
+
+@app.task
 def nap(seconds: float) -> None:
     # A root that holds its dependents back long enough to reset SLOWLOG first.
     time.sleep(seconds)

@@ -14,7 +14,11 @@ dispatcher's ``drain``), so each figure is what the script itself costs:
   publishes the N;
 - retry: N nodes recorded failed, then ``flows.retry`` (which drains what it reopens);
 - fan-in: N dependencies of one sink recorded succeeded, the last with the drain that
-  publishes the sink (the first N - 1 completions are not in the figure).
+  publishes the sink (the first N - 1 completions are not in the figure);
+- fan-in-args: the same with a sink that takes the N results (``.s()``), whose message
+  carries the list of N results.
+
+``python benchmarks/chunk_slowlog.py N PHASE...`` measures only the phases named.
 
 Prints the five longest commands of each phase, by script name.
 """
@@ -58,7 +62,7 @@ def longest(client: Any, names: dict[str, str]) -> tuple[list[tuple[float, str]]
     return sorted(log, reverse=True)[:5], "\n           ".join(rows)
 
 
-def main(n: int) -> None:
+def main(n: int, only: list[str]) -> None:
     server = RedisServer().start()
     try:
         os.environ["BENCH_REDIS_URL"] = server.celery_url()
@@ -75,6 +79,9 @@ def main(n: int) -> None:
         names = {store.sha(s): f"{s}.lua" for s in script_texts()}
 
         def phase(label: str, action: Any) -> None:
+            if only and label not in only:
+                action()
+                return
             client.config_set("slowlog-log-slower-than", 0)
             client.slowlog_reset()
             started = time.perf_counter()
@@ -85,57 +92,66 @@ def main(n: int) -> None:
             top = ", ".join(f"{name} {ms:.2f}" for ms, name in five)
             print(f"{label:8} {took:6.2f} s   longest (ms): {top}\n           {scripts}")
 
-        f = Flow("wide")
-        for i in range(n):
-            f.add(bench.noop.si(), id=f"n{i}")
-        held: list[Any] = []
-        phase("submit", lambda: held.append(flows.submit(f)))
-        phase("cancel", lambda: flows.cancel(held[0].id))
-        client.flushdb()
+        def wanted(*labels: str) -> bool:
+            return not only or any(label in only for label in labels)
 
-        f = Flow("release")
-        root = f.add(bench.noop.si(), id="root")
-        for i in range(n):
-            f.add(bench.noop.si(), id=f"n{i}", after=[root])
-        h = flows.submit(f)
+        if wanted("submit", "cancel"):
+            f = Flow("wide")
+            for i in range(n):
+                f.add(bench.noop.si(), id=f"n{i}")
+            held: list[Any] = []
+            phase("submit", lambda: held.append(flows.submit(f)))
+            phase("cancel", lambda: flows.cancel(held[0].id))
+            client.flushdb()
 
-        def release() -> None:
-            store.complete(h.id, "root", 1, "succeeded", flows.codec.dump_result(None))
-            flows.engine.dispatcher.drain(h.id)
+        if wanted("release"):
+            f = Flow("release")
+            root = f.add(bench.noop.si(), id="root")
+            for i in range(n):
+                f.add(bench.noop.si(), id=f"n{i}", after=[root])
+            h = flows.submit(f)
 
-        phase("release", release)
-        queued = sum(1 for r in store.nodes(h.id).values() if r["state"] == "queued")
-        assert queued == n, queued
-        client.flushdb()
+            def release() -> None:
+                store.complete(h.id, "root", 1, "succeeded", flows.codec.dump_result(None))
+                flows.engine.dispatcher.drain(h.id)
 
-        f = Flow("retry")
-        for i in range(n):
-            f.add(bench.noop.si(), id=f"n{i}")
-        h = flows.submit(f)
-        for i in range(n):
-            store.complete(h.id, f"n{i}", 1, "failed", b"", "RuntimeError: boom")
-        assert h.state().value == "failed", h.state()
-        phase("retry", lambda: flows.retry(h.id))
-        client.flushdb()
+            phase("release", release)
+            queued = sum(1 for r in store.nodes(h.id).values() if r["state"] == "queued")
+            assert queued == n, queued
+            client.flushdb()
 
-        f = Flow("fan-in")
-        deps = [f.add(bench.noop.si(), id=f"d{i}").id for i in range(n)]
-        f.add(bench.noop.si(), id="sink", after=deps)
-        h = flows.submit(f)
-        done = flows.codec.dump_result(None)
-        for nid in deps[:-1]:
-            store.complete(h.id, nid, 1, "succeeded", done)
+        if wanted("retry"):
+            f = Flow("retry")
+            for i in range(n):
+                f.add(bench.noop.si(), id=f"n{i}")
+            h = flows.submit(f)
+            for i in range(n):
+                store.complete(h.id, f"n{i}", 1, "failed", b"", "RuntimeError: boom")
+            assert h.state().value == "failed", h.state()
+            phase("retry", lambda: flows.retry(h.id))
+            client.flushdb()
 
-        def last() -> None:
-            store.complete(h.id, deps[-1], 1, "succeeded", done)
-            flows.engine.dispatcher.drain(h.id)
+        for label, sink in (("fan-in", bench.noop.si()), ("fan-in-args", bench.collect.s())):
+            if not wanted(label):
+                continue
+            f = Flow(label)
+            deps = [f.add(bench.noop.si(), id=f"d{i}").id for i in range(n)]
+            f.add(sink, id="sink", after=deps)
+            h = flows.submit(f)
+            done = flows.codec.dump_result(None)
+            for nid in deps[:-1]:
+                store.complete(h.id, nid, 1, "succeeded", done)
 
-        phase("fan-in", last)
-        assert store.node(h.id, "sink")["state"] == "queued"
-        client.flushdb()
+            def last(fid: str = h.id, nid: str = deps[-1], done: bytes = done) -> None:
+                store.complete(fid, nid, 1, "succeeded", done)
+                flows.engine.dispatcher.drain(fid)
+
+            phase(label, last)
+            assert store.node(h.id, "sink")["state"] == "queued"
+            client.flushdb()
     finally:
         server.stop()
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 20_000, sys.argv[2:])

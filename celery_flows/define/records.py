@@ -225,6 +225,9 @@ SCALAR_DEFAULTS: dict[str, Any] = {
     "recoveries": 0, "queued_at": None, "started_at": None, "finished_at": None,
     "worker": None, "ignored": False,
 }
+#: The stored input of a node that takes the list of its dependencies' results in
+#: ``after`` order (compact): no node id is "*" (validate.ID_RE)
+INPUT_AFTER = "*"
 LIST_FIELDS = ("after", "deps_of", "removed", "task_ids", "starts", "progress", "history")
 
 
@@ -247,6 +250,15 @@ def compact(rec: NodeRecord) -> dict[str, Any]:
         # node of 20,000 dependents decodes one string instead of 20,000 (cjson: about
         # 0.3 ms against 7 ms), and settles its edges by offset (lua/engine/settle.lua)
         out["deps_of"] = ",".join(rec["deps_of"])
+    after = rec.get("after")
+    if after:
+        # the same for a node of many dependencies (a fan-in's sink), read by its scan
+        # by offset (lua/engine/scan.lua); the usual input of such a node, the list of
+        # its dependencies' results in ``after`` order, is one mark instead of the ids
+        # again
+        out["after"] = ",".join(after)
+        if rec.get("input") == after:
+            out["input"] = INPUT_AFTER
     return out
 
 
@@ -255,11 +267,15 @@ def with_defaults(rec: dict[str, Any]) -> NodeRecord:
     for k, v in SCALAR_DEFAULTS.items():
         if k not in rec:
             rec[k] = v
-    deps = rec.get("deps_of")
+    deps, after = rec.get("deps_of"), rec.get("after")
     for k in LIST_FIELDS:
         rec[k] = as_list(rec.get(k))
     if isinstance(deps, str):  # stored joined (compact)
         rec["deps_of"] = deps.split(",")
+    if isinstance(after, str):
+        rec["after"] = after.split(",")
+    if rec.get("input") == INPUT_AFTER:
+        rec["input"] = list(rec["after"])
     if "fpol" not in rec:
         rec["fpol"] = rec["policy"]
     return cast(NodeRecord, rec)

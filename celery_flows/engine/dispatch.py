@@ -49,6 +49,11 @@ def _entry_attempt(entry: list[Any]) -> int:
     return int(json.loads(entry[1]).get("attempt", 0))
 
 
+#: The edge kinds as the scan of a wide node stores them, a letter per edge in ``after``
+#: order (registry/lua/engine/scan.lua, evaluate.lua KIND_LETTER)
+KIND_LETTERS = {"o": "ok", "f": "failed", "s": "skipped", "c": "cancelled", "r": "removed"}
+
+
 def resolve_input(ref: Ref, values: dict[str, Any], kinds: dict[str, str]) -> Any:
     """Build the value a node receives from its dependencies: a failed or skipped
     dependency gives None, a removed one is dropped from lists."""
@@ -195,6 +200,13 @@ class Dispatcher:
         kinds_list = json.loads(entry[3]) or []
         after = as_list(rec.get("after"))
         raw_results = entry[4] if len(entry) > 4 else []
+        if isinstance(kinds_list, str):
+            # a wide node: the claim sent its scan's letters, not its inputs, which are
+            # read here a page at a time (Reads.results)
+            kinds_list = [KIND_LETTERS[c] for c in kinds_list]
+            oks = [d for d, k in zip(after, kinds_list, strict=False) if k == "ok"]
+            stored = self.store.results(fid, oks)
+            raw_results = [stored.get(d) for d in after]
         kinds = dict(zip(after, kinds_list, strict=False))
         values = {
             dep: self.codec.load_result(raw)

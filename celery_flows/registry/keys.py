@@ -29,7 +29,16 @@ transition touches a single Redis Cluster slot::
                                       dependencies' records (engine/settle.lua), so a
                                       flow of format 1.1 (counter in the record, none
                                       here) stays correct. "<node>#<dep>" marks an edge
-                                      removed while dep was not terminal.
+                                      removed while dep was not terminal. A node of
+                                      many dependencies is evaluated in steps
+                                      (lua/engine/scan.lua; ``|`` is never in a node id):
+                                      "<node>|scan" -> "<next offset> <kgen> <edges>
+                                      <ok> <failed>" while its scan goes on,
+                                      "<node>|k" -> one letter per edge read (o ok,
+                                      f failed, s skipped, c cancelled, r removed),
+                                      "|scans" -> the nodes being scanned, joined by
+                                      ``,`` (meta scanning=1 while there are any; meta
+                                      kgen moves when an edge changes kind)
     <prefix>:{<fid>}:work      list   terminal nodes whose dependents a transition had no
                                       budget left to settle ("<next edge> <node id>",
                                       meta settling=1 while it holds any): the next claim
@@ -133,7 +142,10 @@ FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting", "w
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.
 #: 1.2: fan-in counters in the waiting hash, no longer in the node record.
-FORMAT_VERSION = "1.2"
+#: 1.3: a record's ``after`` joined into one string and an input that is the list of
+#: its dependencies' results stored as ``"*"`` (define/records.py compact); the scans of
+#: wide nodes in the waiting hash.
+FORMAT_VERSION = "1.3"
 FORMAT_MAJOR = 1
 
 

@@ -18,6 +18,9 @@ from .replies import text
 __all__ = ["INDEX_GRACE", "DoneListener", "Reads"]
 
 INDEX_GRACE = 30.0  # an index entry this young may belong to a flow being created
+#: Results read by one command (HMGET, HSCAN): 500 small results take Redis well under
+#: a millisecond, where one HMGET of a 20,000-wide fan-in's results took several.
+RESULTS_PAGE = 500
 
 _TERMINAL = frozenset(state.value for state in TERMINAL_NODE_STATES)
 
@@ -175,12 +178,25 @@ class Reads(Connection):
         return int(cursor), {text(k): with_defaults(json.loads(v)) for k, v in pairs.items()}
 
     def results(self, fid: str, ids: list[str] | None = None) -> dict[str, bytes]:
+        """The stored results of these nodes (of every node that has one without
+        ``ids``), still serialised. Read a page of RESULTS_PAGE at a time, in one round
+        trip, so that no single command blocks Redis for as long as a flow is wide."""
         key = self.keys.results(fid)
         if ids is None:
-            return {text(k): _b(v) for k, v in self.client.hgetall(key).items()}
+            out: dict[str, bytes] = {}
+            for k, v in self.client.hscan_iter(key, count=RESULTS_PAGE):
+                out[text(k)] = _b(v)
+            return out
         if not ids:
             return {}
-        values = self.client.hmget(key, ids)
+        pages = [ids[i:i + RESULTS_PAGE] for i in range(0, len(ids), RESULTS_PAGE)]
+        if len(pages) == 1:
+            values: list[Any] = list(self.client.hmget(key, ids))
+        else:
+            with self.client.pipeline(transaction=False) as pipe:
+                for page in pages:
+                    pipe.hmget(key, page)
+                values = [v for page_values in pipe.execute() for v in page_values]
         return {i: _b(v) for i, v in zip(ids, values, strict=True) if v is not None}
 
     def node_call_blobs(self, fid: str, ids: list[str]) -> dict[str, bytes | None]:

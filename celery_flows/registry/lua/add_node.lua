@@ -25,7 +25,7 @@ if max_nodes and (tonumber(mget('total')) or 0) >= max_nodes then
 end
 local rec = with_defaults(cjson.decode(ARGV[2]))
 local waiting = 0
-for _, did in ipairs(list(rec.after)) do
+for _, did in ipairs(after_list(rec)) do
   local dep = load(did)
   if not dep then return {-5, 'unknown dependency ' .. did, mget('state')} end
   if not TERMINAL[dep.state] then waiting = waiting + 1 end
@@ -35,7 +35,7 @@ local now = now_ts()
 -- sink, and each dependency's path grows to reach past it. Nodes further upstream keep
 -- theirs: an approximation of the order among held nodes, never of what runs.
 rec.lp = 1
-for _, did in ipairs(list(rec.after)) do
+for _, did in ipairs(after_list(rec)) do
   local dep = load(did)
   deps_add(dep, id)
   if tonumber(val(dep.lp)) and dep.lp < 2 then dep.lp = 2 end

@@ -17,7 +17,7 @@ if refused then return refused end
 local rec = load(id)
 if not rec then return {-5, 'no node ' .. id, mget('state')} end
 if not load(dep_id) then return {-5, 'no node ' .. dep_id, mget('state')} end
-if not contains(rec.after, dep_id) or contains(rec.removed, dep_id) then
+if not contains(after_list(rec), dep_id) or contains(rec.removed, dep_id) then
   return {-5, 'node ' .. id .. ' does not depend on ' .. dep_id, mget('state')}
 end
 if rec.state ~= 'pending' then
@@ -26,6 +26,8 @@ if rec.state ~= 'pending' then
 end
 local now = now_ts()
 push(rec, 'removed', dep_id)
+-- a scan of this node under way starts again (engine/scan.lua)
+mincr('kgen', 1)
 local left = waiting_of(id, rec)
 if not TERMINAL[load(dep_id).state] then left = left - 1 end
 if wget(id) == nil then

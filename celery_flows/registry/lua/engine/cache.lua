@@ -46,14 +46,37 @@ local function list(v)
   return v
 end
 
--- A node's dependents as a list. They are stored as one string of ids joined by ','
--- (define/records.py compact; a record of an earlier version holds a list).
-local function deps_list(rec)
-  local d = rec.deps_of
+-- Ids stored as one string joined by ',' (define/records.py compact: a node's
+-- dependents and dependencies; a record of an earlier version holds a list) as a list.
+local function ids_list(d)
   if type(d) ~= 'string' then return list(d) end
   local out = {}
   for id in string.gmatch(d, '[^,]+') do out[#out + 1] = id end
   return out
+end
+
+local function deps_list(rec) return ids_list(rec.deps_of) end
+local function after_list(rec) return ids_list(rec.after) end
+
+-- How many ids, without making the list.
+local function ids_count(d)
+  if type(d) ~= 'string' then return #list(d) end
+  if d == '' then return 0 end
+  local _, commas = string.gsub(d, ',', ',')
+  return commas + 1
+end
+
+-- The id at position k of ids stored either way (k: a byte offset into a joined
+-- string, else an index) and the position after it; nil past the end. Walking by
+-- offset reads a long joined string without splitting it.
+local function id_at(d, k)
+  if type(d) == 'string' then
+    if k > #d then return nil, k end
+    local stop = string.find(d, ',', k, true) or (#d + 1)
+    return string.sub(d, k, stop - 1), stop + 1
+  end
+  local t = list(d)
+  return t[k], k + 1
 end
 
 -- Add a dependent, in the form the record holds them.
@@ -219,6 +242,23 @@ local function wset(field, n)
   WDIRTY[field] = true
 end
 
+-- A field of the waiting hash as a string (a wide node's scan, engine/scan.lua: fields
+-- '<id>|...', '|' being outside the id alphabet; written with wset); nil when absent.
+-- wdel: the field goes.
+local function wraw(field)
+  local v = WCACHE[field]
+  if v == nil then
+    v = redis.call('HGET', WAITING, field) or false
+    WCACHE[field] = v
+  end
+  return v or nil
+end
+
+local function wdel(field)
+  WCACHE[field] = false
+  WDIRTY[field] = true
+end
+
 local function ready_add(id, score) READY_OPS[#READY_OPS + 1] = {'ZADD', READY, id, score} end
 local function ready_rem(id) READY_OPS[#READY_OPS + 1] = {'ZREM', READY, id} end
 local function timed_add(id, due) READY_OPS[#READY_OPS + 1] = {'ZADD', TIMED, id, due} end
@@ -289,12 +329,19 @@ local function flush()
   for i = 1, #dels, WRITE_BATCH do
     redis.call('HDEL', META, unpack(dels, i, math.min(i + WRITE_BATCH - 1, #dels)))
   end
-  local wargs = {}
+  local wargs, wdels = {}, {}
   for field, _ in pairs(WDIRTY) do
-    wargs[#wargs + 1] = field
-    wargs[#wargs + 1] = WCACHE[field]
+    if WCACHE[field] == false then
+      wdels[#wdels + 1] = field
+    else
+      wargs[#wargs + 1] = field
+      wargs[#wargs + 1] = WCACHE[field]
+    end
   end
   hset_all(WAITING, wargs)
+  for i = 1, #wdels, WRITE_BATCH do
+    redis.call('HDEL', WAITING, unpack(wdels, i, math.min(i + WRITE_BATCH - 1, #wdels)))
+  end
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
       redis.call('ZADD', op[2], op[4], op[3])

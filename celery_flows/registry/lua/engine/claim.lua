@@ -3,10 +3,14 @@
   complete.lua, which claims what a completion released in the same step).
   Before it claims, a claim without explicit ids does a bounded share of what large
   transitions left (chores): see its reply's "more".
+  An entry's inputs (the kinds of its edges and its dependencies' results) are read
+  only for a node that takes them (its record's input), and from at most CLAIM_READS
+  dependency records a claim: a wide node (scan.lua) sends the letters its scan stored
+  and no results, which the dispatcher then reads in pages (engine/dispatch.py).
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
-  list, deps_list, contains, flush, compact, BUDGET), flow (set_flow_state, stopping),
-  evaluate (edge_kind), cancel (cancel_chunk), settle (fail_node, settle_more), reopen
-  (reopen_more).
+  list, deps_list, after_list, ids_count, contains, flush, compact, wraw, BUDGET, REPORT), flow
+  (set_flow_state, stopping), evaluate (edge_kind, WIDE), cancel (cancel_chunk), settle
+  (fail_node, settle_more), scan (scan_more), reopen (reopen_more).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
     lease      seconds an unacknowledged claim holds an entry
@@ -15,9 +19,14 @@
     ids_given  explicit node ids (a releaser's held nodes), or {} for due entries
 ]]
 
+-- Dependency records one claim reads for its entries' inputs (about 6 us each); past
+-- them the claim takes no further entry (the rest stay due: its reply says "more").
+local CLAIM_READS = 2 * WIDE
+
 -- The bounded steps a large transition left to the claims, within the script's BUDGET:
 -- fail_fast's chunked cancel (then nothing else), a chunked retry's reopening, the work
--- list's settling. Returns true while any is left: the caller claims again.
+-- list's settling, the scans of wide nodes. Returns true while any is left: the caller
+-- claims again.
 local function chores(now)
   if mget('cancel_cursor') then
     if mget('state') == 'cancelled' then return false end -- cancel_step.lua's
@@ -29,6 +38,7 @@ local function chores(now)
   end
   local more = reopen_more(now)
   if settle_more(now) then more = true end
+  if scan_more(now) then more = true end
   -- the last skips may have finished the flow
   set_flow_state(now)
   return more
@@ -44,7 +54,11 @@ local function claim_entries(lease, limit, mode, ids_given)
   end
   local now = now_ts()
   local more = ''
-  if #ids_given == 0 and chores(now) then more = '1' end
+  if #ids_given == 0 then
+    if chores(now) then more = '1' end
+    -- written now, so that what the steps released is claimed by this same call
+    if #REPORT.released > 0 then flush() end
+  end
   if mget('paused') == '1' or stopping() then
     flush()
     return {1, 0, '', '', '', mget('webhook_pending') or '', more}
@@ -110,10 +124,14 @@ local function claim_entries(lease, limit, mode, ids_given)
   end
   local want_path = mode == '1' or (mget('rate_limit') or '') ~= ''
   local out = {0, left, mget('nonce'), mget('rate_limit') or '', '', '', more}
+  local reads = 0
   for _, id in ipairs(ids) do
     local rec = load(id)
     if not rec or (rec.state ~= 'scheduled' and rec.state ~= 'retrying') then
       redis.call('ZREM', READY, id)
+    elseif reads >= CLAIM_READS then
+      -- this claim read enough records: the entry stays due for the next one
+      out[7] = '1'
     else
       redis.call('ZADD', READY, now + lease, id)
       if rec.putback then
@@ -122,12 +140,20 @@ local function claim_entries(lease, limit, mode, ids_given)
         save(id, rec)
       end
       local kinds, results = {}, {}
-      for i, did in ipairs(list(rec.after)) do
-        local kind = 'removed'
-        if not contains(rec.removed, did) then kind = edge_kind(load(did)) end
-        kinds[i] = kind
-        results[i] = false
-        if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
+      if val(rec.input) == nil then
+        -- an immutable signature (.si()) takes no input: nothing to read
+      elseif ids_count(rec.after) > WIDE and wraw(id .. '|k') then
+        kinds = wraw(id .. '|k')
+      else
+        local after = after_list(rec)
+        reads = reads + #after
+        for i, did in ipairs(after) do
+          local kind = 'removed'
+          if not contains(rec.removed, did) then kind = edge_kind(load(did)) end
+          kinds[i] = kind
+          results[i] = false
+          if kind == 'ok' then results[i] = redis.call('HGET', RESULTS, did) end
+        end
       end
       local path = 0
       -- submit stores it (define/records.py longest_paths); the walk is for records

@@ -1,7 +1,7 @@
 --[[
   engine/piece.lua: store_piece, writing nodes of a flow being created (create.lua, and
   create_part.lua for the further pieces of a large one) and releasing its roots.
-  Uses: cache (list, wset, hset_all), settle (evaluate_all).
+  Uses: cache (ids_count, wset, hset_all), settle (evaluate_all).
 
   store_piece(at, now): ARGV[at] is n, then n triples: node id, record JSON (compact:
   fields at their default left out, see cache.lua), args blob ('' = none); then m, then
@@ -21,7 +21,7 @@ local function store_piece(at, now)
     end
     -- nothing is removed yet: a node waits for each of its dependencies, counted in
     -- the waiting hash (keys.py), not in its record
-    local waiting = #list(cjson.decode(raw).after)
+    local waiting = ids_count(cjson.decode(raw).after)
     if waiting == 0 then roots[#roots + 1] = id else wset(id, waiting) end
   end
   local m = tonumber(ARGV[at + 1 + 3 * n]) or 0

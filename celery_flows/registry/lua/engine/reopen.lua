@@ -4,14 +4,17 @@
   A chunked retry (lua/retry.lua) stages its nodes in the reopen set and reopens them a
   step per claim (reopen_more).
   Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, deps_list,
-  contains, mget, mdel, mincr, wset, history, later, REPORT, BUDGET), flow (set_flow_state), settle
-  (evaluate_all).
+  after_list, ids_count, contains, mget, mdel, mincr, wset, history, later, REPORT,
+  BUDGET), flow (set_flow_state), evaluate (WIDE), settle (evaluate_all).
 ]]
 
 -- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
 -- recount what each waits for. Returns the reopened nodes with nothing left to wait for.
 local function reopen(ids, now)
   mincr('fgen', 1)
+  -- edges change kind (ignore_failure's too, which comes through here): a wide node's
+  -- scan under way starts again (engine/scan.lua)
+  mincr('kgen', 1)
   local staged = mget('reopen_set') == '1'
   local set = {}
   for _, id in ipairs(ids) do set[id] = true end
@@ -38,7 +41,10 @@ local function reopen(ids, now)
   for _, id in ipairs(ids) do
     local rec = load(id)
     local waiting = 0
-    for _, did in ipairs(list(rec.after)) do
+    -- a wide node is not recounted (that reads every dependency's record): its scan
+    -- waits at each dependency not terminal yet (engine/scan.lua)
+    local deps = ids_count(rec.after) > WIDE and {} or after_list(rec)
+    for _, did in ipairs(deps) do
       if not contains(rec.removed, did) and (set[did] or not TERMINAL[load(did).state]
           or (staged and redis.call('SISMEMBER', REOPEN, did) == 1)) then
         waiting = waiting + 1

@@ -98,9 +98,9 @@ local function propagate(queue, now)
     local id, k = queue[qi][1], queue[qi][2]
     -- dependents joined in one string (compact records): k is a byte offset
     local kids = load(id).deps_of
-    local joined = type(kids) == 'string'
-    if not joined then kids = list(kids) end
-    while k <= #kids do
+    while true do
+      local cid, nxt = id_at(kids, k)
+      if cid == nil then break end
       if BUDGET.left <= 0 then
         for j = #queue, qi + 1, -1 do
           redis.call('LPUSH', WORK, queue[j][2] .. ' ' .. queue[j][1])
@@ -110,15 +110,7 @@ local function propagate(queue, now)
         return
       end
       BUDGET.left = BUDGET.left - 1
-      local cid
-      if joined then
-        local stop = string.find(kids, ',', k, true) or (#kids + 1)
-        cid = string.sub(kids, k, stop - 1)
-        k = stop + 1
-      else
-        cid = kids[k]
-        k = k + 1
-      end
+      k = nxt
       if edge_done(cid, id, now) then
         if account(cid, load(cid), now) then return end
         queue[#queue + 1] = {cid, 1}
