@@ -175,3 +175,43 @@ def test_the_dashboard_api_and_its_event_stream_work_on_a_cluster(
         assert "cev-dash" in [f["id"] for f in done["flows"]]
     finally:
         served.stop()
+
+
+def test_a_note_forgotten_too_early_is_found_again_by_the_walk_of_the_index(
+    on_cluster: dict[str, str], import_app: ImportApp, cluster: str,
+) -> None:
+    """A transition held up past its note's settle (a failover) sets ev_due with its
+    events and finds no note: the slow walk of the index notes the flow again. No
+    worker runs here: the copier's steps are called in this process."""
+    from celery_flows.worker import eventcopy
+
+    proj = import_app("tests.proj")
+    store = proj.flows.store
+    handle = proj.flows.submit(_chain(proj, "cev-repair", "cev-repair-never", length=1))
+    client = redis.cluster.RedisCluster.from_url(cluster)
+    try:
+        own = client.xrange(store.keys.flow_events(handle.id))
+        assert own and client.hget(store.keys.meta(handle.id), "ev_due") == b"1"
+        client.zrem(store.keys.events_due, handle.id)  # as if settled too early
+
+        def copies() -> list[bytes]:
+            return [fields[b"src"] for _, fields in client.xrange(store.keys.events)
+                    if json.loads(fields[b"e"])["flow"] == handle.id]
+
+        eventcopy.copy_noted(store, limit=10_000)
+        assert copies() == []  # without a note, no copier looks at the flow
+        cursor = 0
+        while True:  # the whole index, a chunk at a time, as the service walks it
+            cursor = eventcopy.repair(store, cursor)
+            if cursor == 0:
+                break
+        assert handle.id in dict(store.noted_flows(10_000))
+        eventcopy.copy_noted(store, limit=10_000)
+        assert copies() == [entry_id for entry_id, _ in own]
+        assert client.hget(store.keys.meta(handle.id), "ev_due") is None
+        assert handle.id not in dict(store.noted_flows(10_000))
+        eventcopy.repair(store, 0)  # copied: nothing to note again
+        assert handle.id not in dict(store.noted_flows(10_000))
+    finally:
+        proj.flows.cancel(handle.id)
+        client.close()

@@ -119,6 +119,10 @@ class Services(Connection):
         webhook lock)."""
         self.client.lpop(self.keys.hooks(fid))
 
+    def webhook_due_again(self, fid: str) -> None:
+        self.client.hset(self.keys.meta(fid), "webhook_pending", "1")
+        self.queue_webhook(fid)
+
     def webhook_delivered(self, fid: str) -> None:
         """A delivery succeeded: the failures counted toward giving up start over (a
         flow that posts node events delivers many times over its life)."""

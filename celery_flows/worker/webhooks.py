@@ -226,6 +226,11 @@ def _deliver(store: Store, config: FlowsConfig, fid: str) -> int:
         # a running flow's node events are posted; its end makes the webhook due again
         store.webhook_delivered(fid)
         store.webhook_settled(fid, "0")
+        if "node" in kinds and store.node_events_to_post(fid, 1):
+            # a node ended after the list was drained, while the flag still said due
+            # (so its script left the flag alone): due again, or it would wait for the
+            # next node or the flow's end
+            store.webhook_due_again(fid)
         return 1
     attempts = store.webhook_failed(fid, MAX_ATTEMPTS, backoff)
     if attempts >= MAX_ATTEMPTS:
