@@ -9,6 +9,7 @@ import re
 import statistics
 import threading
 import time
+import urllib.request
 from collections import Counter
 from typing import Any
 
@@ -79,28 +80,66 @@ def _commandstats(bench: Bench) -> Counter[str]:
                     for k, v in stats.items()})
 
 
+class _SSEClient:
+    """The dashboard served in this process with one client following a flow's
+    Server-Sent Events, as a browser on the flow's page does: the commands it costs
+    are the reader's (XREAD, the flow's state), and the completion path's must not
+    change with it (issue #12)."""
+
+    def __init__(self, bench: Bench) -> None:
+        from celery_flows.dashboard import server
+
+        self.httpd = server(bench.app, "127.0.0.1", 0, read_only=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.events = 0
+
+    def follow(self, fid: str) -> threading.Thread:
+        def read() -> None:
+            with urllib.request.urlopen(f"{self.url}/api/flows/{fid}/events",
+                                        timeout=300) as resp:
+                for line in resp:
+                    self.events += line.startswith(b"id: ")
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 def commands_per_node(bench: Bench, nodes: int, rounds: int) -> Figure:
     """``nodes`` independent noop nodes in one flow (submit + wait) vs ``nodes`` bare
-    ``apply_async`` (then ``get`` each), commands counted over the whole run."""
+    ``apply_async`` (then ``get`` each), commands counted over the whole run; and the
+    flow again with a dashboard client following its events (``flow+sse``)."""
 
     def body(fig: Figure) -> None:
         noop, t = bench.tasks.noop, bench.timeout
+        sse = _SSEClient(bench)
+        runs = iter(range(1_000_000))
 
         def bare() -> None:
             pending = [noop.apply_async() for _ in range(nodes)]
             for r in pending:
                 r.get(timeout=t)
 
-        def flow() -> None:
-            h = bench.flows.submit(independent_flow(bench, nodes))
+        def flow(watched: bool = False) -> None:
+            f = independent_flow(bench, nodes, fid=f"bench-cmd-{next(runs)}")
+            h = bench.flows.submit(f)
+            reader = sse.follow(h.id) if watched else None
             assert h.wait(timeout=t) is FlowState.SUCCEEDED
+            if reader is not None:
+                reader.join(30)  # the stream ends after the flow's terminal event
 
         counts: dict[str, list[tuple[Counter[str], Counter[str], Counter[str]]]] = {
-            "bare": [], "flow": []}
+            "bare": [], "flow": [], "flow+sse": []}
         bare()  # warm-up
         flow()
+        sides = (("bare", bare), ("flow", flow), ("flow+sse", lambda: flow(True)))
         for _ in range(rounds):
-            for name, fn in (("bare", bare), ("flow", flow)):
+            for name, fn in sides:
                 time.sleep(0.5)  # let the previous run's trailing commands pass
                 bench.client.config_resetstat()
                 mon = Monitor(bench.server.client())
@@ -109,25 +148,34 @@ def commands_per_node(bench: Bench, nodes: int, rounds: int) -> Figure:
                     time.sleep(0.3)
                 counts[name].append((mon.names, mon.keys, _commandstats(bench)))
 
-        def added(which: int) -> dict[str, float]:
-            names = set().union(*(c[which] for side in counts.values() for c in side))
+        def added(which: int, side: str = "flow", base: str = "bare") -> dict[str, float]:
+            names = set().union(*(c[which] for v in counts.values() for c in v))
             out = {}
             for n in names:
-                f = statistics.median(c[which][n] for c in counts["flow"])
-                b = statistics.median(c[which][n] for c in counts["bare"])
+                f = statistics.median(c[which][n] for c in counts[side])
+                b = statistics.median(c[which][n] for c in counts[base])
                 if f != b:
                     out[n] = (f - b) / nodes
             return dict(sorted(out.items(), key=lambda kv: -abs(kv[1])))
 
+        sse.close()
         by_name, by_key, by_stats = added(0), added(1), added(2)
         totals = {side: statistics.median(sum(c[0].values()) for c in v)
                   for side, v in counts.items()}
         fig.value = (totals["flow"] - totals["bare"]) / nodes
+        # the events are appended inside the transitions' scripts: the completion path
+        # sends the same scripts (EVALSHA) with or without a reader; what a reader adds
+        # are its own reads (the by-key breakdown names them)
+        evalsha = {side: statistics.median(c[0]["EVALSHA"] for c in v) / nodes
+                   for side, v in counts.items() if side != "bare"}
         fig.extra = {"client_commands_total_median": totals,
                      "added_per_node_by_command": by_name,
                      "added_per_node_by_key": by_key,
                      "commandstats_added_per_node": by_stats,
-                     "commandstats_total_added_per_node": sum(by_stats.values())}
+                     "commandstats_total_added_per_node": sum(by_stats.values()),
+                     "evalsha_per_node": evalsha,
+                     "sse_added_per_node_by_key": added(1, "flow+sse", "flow"),
+                     "sse_events_received": sse.events}
 
     fig = Figure("commands/node", f"{nodes} noop nodes in one flow vs {nodes} apply_async",
                  "added client commands per node <= 2", 2.0, unit="cmd")
@@ -138,21 +186,54 @@ def _used_memory(bench: Bench) -> int:
     return int(bench.client.info("memory")["used_memory"])
 
 
+def _stream_bytes(bench: Bench, fid: str) -> tuple[int, int]:
+    """``MEMORY USAGE`` (every entry, SAMPLES 0) of the flow's event stream and of the
+    registry's; 0 for one that does not exist."""
+    keys = bench.flows.store.keys
+    flow, every = (int(bench.client.memory_usage(k, samples=0) or 0)
+                   for k in (keys.flow_events(fid), keys.events))
+    return flow, every
+
+
 def memory(bench: Bench, nodes: int, rounds: int) -> Figure:
     """Worker stopped: a chain of ``nodes`` is submitted, only its root is published
-    (to a queue nobody reads); used_memory after minus before, per node."""
+    (to a queue nobody reads); used_memory after minus before, per node, with and
+    without the event streams. Then ``cancel`` writes one event per node (and the
+    flow's) to both streams: their growth over the events written is the cost of one
+    event (issue #12)."""
 
     def body(fig: Figure) -> None:
-        per_node = []
+        per_node, without_events, per_event, per_event_each = [], [], [], []
         for _ in range(rounds):
             bench.client.flushdb()
             f, _last = chain_flow(bench, nodes, name="bench-memory")
             before = _used_memory(bench)
-            bench.timed(lambda f=f: bench.flows.submit(f), "memory submit")
-            per_node.append((_used_memory(bench) - before) / nodes)
+            handles: list[Any] = []
+            bench.timed(lambda f=f, handles=handles: handles.append(bench.flows.submit(f)),
+                        "memory submit")
+            fid = handles[0].id
+            grown = _used_memory(bench) - before
+            streams = _stream_bytes(bench, fid)
+            per_node.append(grown / nodes)
+            without_events.append((grown - sum(streams)) / nodes)
+            written = bench.client.xlen(bench.flows.store.keys.events)
+            bench.flows.cancel(fid)
+            written = bench.client.xlen(bench.flows.store.keys.events) - written
+            after = _stream_bytes(bench, fid)
+            per_event.append((sum(after) - sum(streams)) / written)
+            per_event_each.append([(a - b) / written for a, b in zip(after, streams,
+                                                                      strict=True)])
         bench.client.flushdb()
         fig.sides = {"bytes_per_node": per_node}
         fig.value = statistics.median(per_node)
+        fig.extra = {
+            "bytes_per_node_without_events": statistics.median(without_events),
+            "bytes_per_event_both_streams": statistics.median(per_event),
+            "bytes_per_event_flow_stream": statistics.median(p[0] for p in per_event_each),
+            "bytes_per_event_registry_stream": statistics.median(
+                p[1] for p in per_event_each),
+            "events_per_round": written,
+        }
 
     fig = Figure("memory", f"chain of {nodes}, no payload", "used_memory / node <= 512 B",
                  512, unit="B")

@@ -77,7 +77,10 @@ def notes(s: Sizes) -> list[str]:
         "marked ``[0 lua]``; the worker's idle polling in that window is counted on both "
         "sides. ``INFO commandstats`` is reset before each run and read after it. The bare "
         "side's ``.get()`` of each result sends a ``GET`` the flow side does not send (it "
-        "waits on the flow's notification), so about 1 per node is netted out.",
+        "waits on the flow's notification), so about 1 per node is netted out. "
+        "``flow+sse``: the same flow with a dashboard (served in the bench process) "
+        "streaming its events to one client; ``EVALSHA`` per node on both flow sides is "
+        "the completion path's scripts, the rest of its difference the reader's reads.",
         "- big vs small / cost per node: one flow of N independent ``noop`` nodes, N/10 flows "
         "of 10 (all submitted, then each awaited), and N ``noop.apply_async()`` awaited with "
         "``ResultSet.join_native``; the three alternate; warm-up at N/10.",
@@ -87,7 +90,9 @@ def notes(s: Sizes) -> list[str]:
         "round.",
         "- memory, 100k submit, SLOWLOG submit and cancel: the worker is STOPPED (the process "
         "exits; the queued root messages stay unread), ``FLUSHDB`` before each measurement. "
-        "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes.",
+        "Memory is ``INFO memory used_memory`` after ``submit`` minus before, over the nodes; "
+        "without events, less the two event streams' ``MEMORY USAGE`` (``SAMPLES 0``); per "
+        "event, the streams' growth over the events a ``cancel`` of the flow then writes.",
         "- SLOWLOG: ``slowlog-log-slower-than 500`` (µs), ``SLOWLOG RESET`` before each "
         "phase, the "
         "longest entry reported. submit: a flow of N independent nodes (all N released at "

@@ -30,9 +30,9 @@ def chain_flow(bench: Bench, n: int, name: str = "bench-linear") -> tuple[Flow, 
     return f, prev.id
 
 
-def independent_flow(bench: Bench, n: int, task: Any = None, name: str = "bench-wide"
-                     ) -> Flow:
-    f = Flow(name)
+def independent_flow(bench: Bench, n: int, task: Any = None, name: str = "bench-wide",
+                     fid: str | None = None) -> Flow:
+    f = Flow(name, id=fid)
     task = task or bench.tasks.noop
     for i in range(n):
         f.add(task.si(), id=f"n{i}")

@@ -136,10 +136,13 @@ def _one(proj: Any, fid: str) -> Flow:
 
 
 def _reading(redis_db: RedisDB) -> bool:
-    """Whether some client is blocked in XREAD (the follower, waiting for events)."""
+    """Whether some client of this test's database is blocked in XREAD (the follower,
+    waiting for events). CLIENT LIST names every database's clients: a dashboard's
+    Server-Sent Events thread left blocked by an earlier test (test_dashboard_browser)
+    on its own database must not pass for the follower."""
     clients = redis_db.client.client_list()
     return any(c.get("cmd") == "xread" and c.get("flags", "").find("b") >= 0
-               for c in clients)
+               and c.get("db") == str(redis_db.db) for c in clients)
 
 
 def test_a_trimmed_since_warns_and_starts_at_the_oldest_kept(

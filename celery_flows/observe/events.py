@@ -4,19 +4,22 @@
 With a flow id the flow's own stream is followed from its first kept event, and the
 follow ends after the flow's terminal event (the flow's state is read before the
 stream, so a terminal state means its last event was already read). Without one, the
-registry's stream is followed from now on.
+registry's stream is followed from now on; on Redis Cluster its entries are copies
+(worker/eventcopy.py), and one a copier copied again after a crash is dropped here by
+its id in the flow's stream (``src``), so each event prints once, in order per flow.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..define.states import FlowState
 from ..errors import FlowNotFoundError
-from ..registry.events import EVENT_FIELDS, valid_event_id
+from ..registry.events import EVENT_FIELDS, event_id_order, valid_event_id
 
 if TYPE_CHECKING:
     from ..registry import Store
@@ -24,6 +27,29 @@ if TYPE_CHECKING:
 __all__ = ["follow", "format_event", "format_json"]
 
 _TERMINAL = frozenset(state.value for state in FlowState if state.terminal)
+#: Flows whose last copied id a follower remembers (the least recently seen go first)
+_SEEN_FLOWS = 100_000
+
+
+class _Repeats:
+    """Drops a copied event (Redis Cluster) whose ``src`` is not past the last one
+    seen of its flow: a re-copy after a copier's crash."""
+
+    def __init__(self) -> None:
+        self.last: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def seen(self, event: dict[str, Any]) -> bool:
+        src = event.pop("src", None)
+        if src is None:
+            return False
+        flow, order = str(event.get("flow")), event_id_order(src)
+        if flow in self.last and order <= self.last[flow]:
+            return True
+        self.last[flow] = order
+        self.last.move_to_end(flow)
+        if len(self.last) > _SEEN_FLOWS:
+            self.last.popitem(last=False)
+        return False
 
 
 def _flow_state(store: Store, fid: str) -> str:
@@ -56,6 +82,7 @@ def follow(store: Store, fid: str | None = None, since: str | None = None,
         after = since
     else:
         after = "0" if fid is not None else store.last_event_id(None)
+    repeats = _Repeats()
     while not stop():
         state = _flow_state(store, fid) if fid is not None else ""
         events = store.read_events(fid, after)
@@ -67,7 +94,8 @@ def follow(store: Store, fid: str | None = None, since: str | None = None,
                 yield None
         for event in events:
             after = event["id"]
-            yield event
+            if not repeats.seen(event):
+                yield event
 
 
 def format_json(event: dict[str, Any]) -> str:

@@ -36,6 +36,10 @@ _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ClusterDownError,
 # the commands the registry writes with (reads never wait)
 _WRITES = frozenset({"EVALSHA", "EVAL", "ZADD", "ZREM", "HSET", "HDEL", "HINCRBY", "SET",
                      "DEL", "EXPIRE", "SREM", "SADD"})
+# writes that never wait: the note sent before every flow script (keys.py {events}:due)
+# would otherwise double each transition's round trips, and a note a failover loses is
+# found again from the flow's own ev_due, which its script wrote and waited for
+_UNWAITED = (":{events}:due",)
 
 
 class FailoverCluster(RedisCluster):
@@ -72,7 +76,7 @@ class FailoverCluster(RedisCluster):
 
     def _replicate(self, args: tuple[Any, ...]) -> None:
         key = _first_key(args)
-        if key is None:
+        if key is None or str(key).endswith(_UNWAITED):
             return
         node = self.get_node_from_key(key)  # type: ignore[no-untyped-call]  # redis-py
         acked = super().execute_command(  # type: ignore[no-untyped-call]  # redis-py

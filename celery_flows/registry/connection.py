@@ -101,11 +101,25 @@ class Connection:
         keys = self.keys.flow(fid)
         return [*keys, self.keys.request(keys[0], request_id)]
 
-    def _run(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool = False) -> Any:
-        """One flow transition; ``dry_run`` keeps no reply (the script writes nothing)."""
+    def _run(self, name: str, fid: str, args: Sequence[Any], *, dry_run: bool = False,
+             note: bool = True) -> Any:
+        """One flow transition; ``dry_run`` keeps no reply (the script writes nothing).
+        ``note`` False: a script that writes no event (see :meth:`_note_events`)."""
         rid = NO_REQUEST if dry_run else new_request_id()
+        if note and not dry_run:
+            self._note_events(fid)
         keys = [*self._flow_keys(fid, rid), *self._events_key()]
         return self._scripts[name](keys=keys, args=list(args))
+
+    def _note_events(self, fid: str) -> None:
+        """On Redis Cluster, note the flow in the copy queue of its events (keys.py
+        ``{events}:due``) *before* its script runs: a process that dies between the two
+        leaves a note with nothing new behind it, never events without a note. The
+        --flows workers copy the noted flows' events into the registry's stream
+        (worker/eventcopy.py). On a single Redis the scripts write that stream
+        themselves, and nothing is sent here."""
+        if not self.inline:
+            self.client.zadd(self.keys.events_due, {fid: self.now()})
 
     def _events_key(self) -> list[str]:
         """The registry's event stream, passed after every flow script's global keys on
@@ -127,6 +141,11 @@ class Connection:
             rid = NO_REQUEST
         else:
             rid = pipe.request_id() if isinstance(pipe, Batch) else new_request_id()
+        if not self.inline and not (isinstance(pipe, Batch) and fid in pipe.noted):
+            # sent now, ahead of the batch (which goes out after this): see _note_events
+            self._note_events(fid)
+            if isinstance(pipe, Batch):
+                pipe.noted.add(fid)
         keys = [*self._flow_keys(fid, rid), *gkeys,
                 *self._events_key()]
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)

@@ -3,8 +3,13 @@ lua/engine/cache.lua): a flow's stream, or the registry's stream of every flow.
 
 An entry's one field ``e`` is the event as JSON without its id; the stream id is the
 event's ``id``. On a single Redis an event has the same id in both streams. On Redis
-Cluster the registry's stream is not written (it is of another slot than any flow), so
-reading every flow's events is refused there with a clear error.
+Cluster the registry's stream is of another slot than any flow, so no flow script can
+write it: the flow's stream is the atomic source of truth, and the ``--flows`` workers
+copy each flow's new events into the registry's stream in order (worker/eventcopy.py,
+with the methods below). A copied entry has its own id there, and a second field
+``src``, its id in the flow's stream: a copier that died mid-copy leaves entries that
+the next copies again (at least once), and a reader that remembers the last ``src`` of
+each flow drops those (observe/events.py).
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import json
 import re
 from typing import Any
 
-from ..errors import FlowsError
+from .. import faults
 from .connection import Connection
 from .replies import text
 
 __all__ = ["EVENT_FIELDS", "Events", "event_id_order", "valid_event_id"]
+
+#: Flows of the index whose ``ev_due`` one repair round reads (Events.repair_event_notes)
+REPAIR_CHUNK = 200
 
 #: The fields of an event, in the order they are printed (SPEC section 11)
 EVENT_FIELDS = ("id", "time", "flow", "name", "node", "state", "attempt", "error", "progress")
@@ -39,6 +47,10 @@ def _event(entry_id: Any, fields: dict[Any, Any]) -> dict[str, Any]:
     body = json.loads(fields.get(b"e") or fields.get("e") or "{}")
     event = {name: body.get(name) for name in EVENT_FIELDS}
     event["id"] = text(entry_id)
+    src = fields.get(b"src") or fields.get("src")
+    if src:
+        # a copy (Redis Cluster): its id in the flow's stream, not printed
+        event["src"] = text(src)
     return event
 
 
@@ -46,13 +58,9 @@ class Events(Connection):
     """Reading the event streams; a part of :class:`~celery_flows.registry.Store`."""
 
     def events_key(self, fid: str | None) -> str:
-        """The stream of flow ``fid``, or of every flow (a single Redis only)."""
+        """The stream of flow ``fid``, or of every flow."""
         if fid is not None:
             return self.keys.flow_events(fid)
-        if not self.inline:
-            raise FlowsError("on Redis Cluster events are kept per flow only (the "
-                             "registry's stream would need a slot of its own in every "
-                             "transition); follow one flow: flows events FLOW_ID")
         return self.keys.events
 
     def read_events(self, fid: str | None, after: str, count: int = 500,
@@ -90,3 +98,60 @@ class Events(Connection):
         if deleted is not None:
             return oldest if event_id_order(since) < event_id_order(text(deleted)) else None
         return oldest if int(info.get("length", 0)) >= self.config.events_maxlen else None
+
+    # -- the copy into the registry's stream (Redis Cluster; worker/eventcopy.py) --------
+
+    def noted_flows(self, limit: int = 100) -> list[tuple[str, float]]:
+        """Flows noted for a copy of their events, oldest note first, with its score."""
+        raw: Any = self.client.zrange(self.keys.events_due, 0, limit - 1, withscores=True)
+        return [(text(m), float(score)) for m, score in raw]
+
+    def lock_event_copy(self, fid: str, seconds: int) -> bool:
+        """One copier per flow at a time, so that its events reach the registry's
+        stream in order."""
+        return bool(self.client.set(self.keys.events_lock(fid), "1", nx=True, ex=seconds))
+
+    def lock_event_copy_renew(self, fid: str, seconds: int) -> None:
+        self.client.set(self.keys.events_lock(fid), "1", xx=True, ex=seconds)
+
+    def unlock_event_copy(self, fid: str) -> None:
+        self.client.delete(self.keys.events_lock(fid))
+
+    def copy_events(self, fid: str, count: int = 100) -> bool:
+        """Copy up to ``count`` of the flow's events after its cursor (meta
+        ``ev_copied``) into the registry's stream, then move the cursor; True when
+        nothing is left. A crash before the cursor moves copies them again."""
+        after = text(self.client.hget(self.keys.meta(fid), "ev_copied") or b"0")
+        reply: Any = self.client.xread({self.keys.flow_events(fid): after}, count=count)
+        entries = [entry for _stream, found in reply or [] for entry in found]
+        for entry_id, fields in entries:
+            body = fields.get(b"e") or fields.get("e") or b"{}"
+            self.client.xadd(self.keys.events, {"e": body, "src": entry_id},
+                             maxlen=self.config.events_maxlen, approximate=True)
+            faults.point("events-copied-one")
+        last = text(entries[-1][0]) if entries else after
+        # no note: this writes no event, and a note would keep the flow queued forever
+        return bool(int(self._run("events_copied", fid, [last], note=False)))
+
+    def settle_event_note(self, fid: str, score: float) -> bool:
+        """Forget the flow's note if no client noted it again since ``score``."""
+        return bool(int(self._run_global("events_settle", [self.keys.events_due],
+                                         [fid, repr(score)])))
+
+    def repair_event_notes(self, cursor: int = 0, chunk: int = REPAIR_CHUNK) -> int:
+        """Note again the flows of the index, ``chunk`` at a time, whose events wait
+        uncopied without a note (meta ``ev_due``): a note is forgotten when the copy is
+        done, and a client slower than the copier (a transition held up by a failover)
+        may write its events after that. Returns the cursor of the next call (0: start
+        over)."""
+        ids = [text(m) for m in self.client.zrange(self.keys.index, cursor,
+                                                   cursor + chunk - 1)]
+        if not ids:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for fid in ids:
+            pipe.hget(self.keys.meta(fid), "ev_due")
+        due = [fid for fid, flag in zip(ids, pipe.execute(), strict=True) if flag]
+        if due:
+            self.client.zadd(self.keys.events_due, dict.fromkeys(due, self.now()), nx=True)
+        return 0 if len(ids) < chunk else cursor + chunk

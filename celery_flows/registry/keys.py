@@ -54,6 +54,13 @@ transition touches a single Redis Cluster slot::
                                       expires with the flow. On a single Redis each
                                       entry has the id of the same event in the
                                       registry's stream (below)
+    <prefix>:{<fid>}:hooks     list   node events still to post to the flow's webhook
+                                      (opted-in flows only, SPEC section 8): one JSON
+                                      ``{"id", "e"}`` per terminal node transition,
+                                      appended by flush() beside the stream entry, popped
+                                      by the deliverer once posted (worker/webhooks.py).
+                                      Never trimmed, so ``flows_events_maxlen`` cannot
+                                      drop an undelivered one; expires with the flow
 
 Reply caches, one per transition call, so that a call redis-py re-sends after a
 connection error gets the first answer (``lua/_request.lua``)::
@@ -86,8 +93,19 @@ Redis ``TIME`` (read by the scripts, or by ``Store.now()``), never a machine's c
                                       scripts on a single Redis only (passed last, after
                                       the request key and GKEYS, see lua/_request.lua);
                                       on Redis Cluster it is of another slot than any
-                                      flow, so there the events are kept in the flows'
-                                      own streams only and readers follow those
+                                      flow: there the --flows workers copy each flow's
+                                      stream into it (worker/eventcopy.py), each entry
+                                      with a second field ``src``, its id in the flow's
+                                      stream (readers drop a re-copied one)
+    <prefix>:{events}:due      zset   Redis Cluster only: flow id -> when a client last
+                                      began a transition of it (written before the
+                                      script, so a crash cannot lose the note); the
+                                      copier drains it. A flow's meta keeps its cursor
+                                      (``ev_copied``, the last id copied) and ``ev_due``
+                                      (1 while events are not copied: set by flush() in
+                                      the same script as the events, cleared by
+                                      events_copied.lua), which a slow walk of the index
+                                      reads to repair a note removed too early
     <prefix>:recoveries        string how many nodes recovery took from a lost worker (a
                                       new attempt or WorkerLostError), ever: the counter
                                       celery_flows_recoveries_total (metrics.py)
@@ -137,7 +155,7 @@ from ..define.records import context_field
 __all__ = ["FLOW_KEYS", "FORMAT_MAJOR", "FORMAT_VERSION", "Keys", "context_field"]
 
 FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting", "work",
-             "reopen", "events")
+             "reopen", "events", "hooks")
 
 #: The record format this code writes (meta ``v``); it reads every ``FORMAT_MAJOR.x``.
 #: 1.1: contexts and signature options are blobs in the args hash.
@@ -177,6 +195,16 @@ class Keys:
 
     def flow_events(self, flow_id: str) -> str:
         return f"{self.prefix}:{{{flow_id}}}:events"
+
+    def hooks(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{{flow_id}}}:hooks"
+
+    @property
+    def events_due(self) -> str:
+        return f"{self.prefix}:{{events}}:due"
+
+    def events_lock(self, flow_id: str) -> str:
+        return f"{self.prefix}:{{events}}:lock:{flow_id}"
 
     @property
     def recoveries(self) -> str:

@@ -88,6 +88,7 @@ class Batch:
         self.pipe = pipe
         self._ids = ids
         self._used = 0
+        self.noted: set[str] = set()  # flows whose events are noted (Connection._queue)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.pipe, name)

@@ -105,13 +105,28 @@ class Services(Connection):
         log = [*log, entry][-keep:]
         self.client.hset(meta, "webhook_log", json.dumps(log))
 
-    def webhook_cursor(self, fid: str) -> str:
-        """The id of the flow's last event posted as a node event (``"0"``: none)."""
-        raw = self.client.hget(self.keys.meta(fid), "webhook_cursor")
-        return text(raw) if raw else "0"
+    def node_events_to_post(self, fid: str, count: int = 100) -> list[tuple[str, str]]:
+        """The oldest ``count`` node events waiting in the flow's delivery list
+        (keys.py ``hooks``): (event id, the event as JSON without its id)."""
+        out = []
+        for raw in self.client.lrange(self.keys.hooks(fid), 0, count - 1):
+            entry = json.loads(raw)
+            out.append((text(entry["id"]), text(entry["e"])))
+        return out
 
-    def set_webhook_cursor(self, fid: str, event_id: str) -> None:
-        self.client.hset(self.keys.meta(fid), "webhook_cursor", event_id)
+    def node_event_posted(self, fid: str) -> None:
+        """The oldest waiting node event was posted (one deliverer per flow: the
+        webhook lock)."""
+        self.client.lpop(self.keys.hooks(fid))
+
+    def webhook_due_again(self, fid: str) -> None:
+        self.client.hset(self.keys.meta(fid), "webhook_pending", "1")
+        self.queue_webhook(fid)
+
+    def webhook_delivered(self, fid: str) -> None:
+        """A delivery succeeded: the failures counted toward giving up start over (a
+        flow that posts node events delivers many times over its life)."""
+        self.client.hdel(self.keys.meta(fid), "webhook_attempts")
 
     # -- workers and leases -------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from ..engine.outcomes import set_instance
 from ..engine.release import collect_slots, fire_timers, release_held
 from ..errors import FlowsConfigError
 from ..registry.ids import instance_host, parse_task_id, token_flow
-from . import guard, receipts, recovery, webhooks
+from . import eventcopy, guard, receipts, recovery, webhooks
 
 __all__ = ["FlowsStep", "check_redis", "install", "sweep"]
 
@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 1.0
 DIRTY_GRACE = 5.0  # seconds a release may take before the sweeper takes it over
+# Redis Cluster: seconds between copies of new events into the registry's stream, and
+# the copy rounds between two steps of the repair walk (worker/eventcopy.py)
+EVENT_COPY_INTERVAL = 0.2
+EVENT_REPAIR_EVERY = 25
 
 
 def install(app: Any) -> None:
@@ -107,6 +111,8 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
             self._spawn("celery-flows-manager", self._manager_loop)
             self._spawn("celery-flows-releaser", self._releaser_loop)
             self._spawn("celery-flows-webhooks", self._webhook_loop)
+            if not self.engine.store.inline:
+                self._spawn("celery-flows-events", self._event_copy_loop)
             logger.info("celery-flows: manager services started")
             webhooks.warn_if_unsigned(self.engine.config)
 
@@ -220,6 +226,18 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
                 webhooks.deliver_due(self.engine.store, self.engine.config)
             except Exception:
                 logger.exception("celery-flows: webhook delivery failed; retrying")
+
+    def _event_copy_loop(self) -> None:
+        """Redis Cluster: copy the flows' events into the registry's stream."""
+        rounds, cursor = 0, 0
+        while not self._stop.wait(EVENT_COPY_INTERVAL):
+            rounds += 1
+            try:
+                eventcopy.copy_noted(self.engine.store)
+                if rounds % EVENT_REPAIR_EVERY == 0:
+                    cursor = eventcopy.repair(self.engine.store, cursor)
+            except Exception:
+                logger.exception("celery-flows: copying events failed; retrying")
 
     def _releaser_loop(self) -> None:
         """Admit held nodes as soon as their limiters allow (see engine/limits.py)."""

@@ -10,10 +10,15 @@ deduplicate; ``sent_at`` is the attempt's time (each attempt is signed afresh), 
 can refuse replays. A 3xx answer is a failed delivery: redirects are never followed.
 
 Node events are opt-in (``Flow(webhook_events=("flow", "node"))``): a node that ends
-makes the webhook due (lua/engine/cache.lua), and the deliverer posts the flow's
-terminal node events from its event stream, after the last one posted
-(``webhook_cursor``), before the flow's own event. Every attempt goes to the flow's
-delivery log (meta ``webhook_log``), shown by ``inspect`` and the dashboard.
+makes the webhook due, and its event goes to the flow's delivery list (keys.py
+``hooks``) in the same script (lua/engine/cache.lua). The deliverer posts them from
+there, oldest first, each popped once posted, before the flow's own event. Not from the
+event stream: that is trimmed at ``flows_events_maxlen``, and a receiver that is down
+for a while must still get every node event (at least once: a deliverer that dies
+between a post and its pop posts that event again, with the same event id). The list
+is never trimmed; it is as long as the node events not yet delivered, and expires with
+the flow. Every attempt goes to the flow's delivery log (meta ``webhook_log``), shown
+by ``inspect`` and the dashboard.
 """
 
 from __future__ import annotations
@@ -93,9 +98,9 @@ def post(url: str, body: bytes, signature: str | None) -> int:
         return int(exc.code)
 
 
-_TERMINAL_NODE = frozenset({"succeeded", "failed", "skipped", "cancelled"})
 _FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 _unsigned_warned = False
+_unsigned_sent = False
 
 
 def warn_if_unsigned(config: FlowsConfig) -> None:
@@ -107,6 +112,22 @@ def warn_if_unsigned(config: FlowsConfig) -> None:
         logger.warning("celery-flows: flows_webhook_url is set without "
                        "flows_webhook_secret: webhook deliveries to %s are unsigned",
                        redact_webhook(config.webhook_url))
+
+
+def _warn_unsigned_delivery(config: FlowsConfig, where: str) -> None:
+    """Warn once per process at the first unsigned delivery. A flow's own ``webhook=``
+    is known only at submit, so no start-up check can see it; without this, a
+    per-flow webhook would go unsigned with no word to anyone. Silent when the start-up
+    warning already said it (the configured URL is the only one then, or the first)."""
+    global _unsigned_sent
+    if config.webhook_secret or _unsigned_sent:
+        return
+    _unsigned_sent = True
+    if _unsigned_warned and where == redact_webhook(config.webhook_url):
+        return
+    logger.warning("celery-flows: flows_webhook_secret is not set: webhook deliveries "
+                   "are unsigned (the first went to %s); set flows_webhook_secret so "
+                   "that receivers can check X-Flows-Signature", where)
 
 
 def node_payload(store: Store, fid: str, meta: dict[str, str], event: dict[str, Any]
@@ -137,6 +158,7 @@ class _Delivery:
         body = json.dumps(event, sort_keys=True).encode()
         entry: dict[str, Any] = {"at": event["sent_at"], "event_id": event["event_id"],
                                  "to": self.where, "status": None, "error": None}
+        _warn_unsigned_delivery(self.config, self.where)
         try:
             status = post(self.url, body, sign(self.config.webhook_secret, body))
             entry["status"] = status
@@ -156,19 +178,17 @@ class _Delivery:
         return ok
 
     def node_events(self) -> bool:
-        """Post the flow's node events since the last posted; False at a failure."""
-        after = self.store.webhook_cursor(self.fid)
+        """Post the flow's waiting node events, oldest first; False at a failure."""
         meta = self.store.meta(self.fid) or {}
         while True:
-            events = self.store.read_events(self.fid, after, count=100)
-            if not events:
+            waiting = self.store.node_events_to_post(self.fid)
+            if not waiting:
                 return True
-            for event in events:
-                if event["node"] is not None and event["state"] in _TERMINAL_NODE:
-                    if not self.send(node_payload(self.store, self.fid, meta, event)):
-                        return False
-                after = event["id"]
-                self.store.set_webhook_cursor(self.fid, after)
+            for event_id, body in waiting:
+                event = {**json.loads(body), "id": event_id}
+                if not self.send(node_payload(self.store, self.fid, meta, event)):
+                    return False
+                self.store.node_event_posted(self.fid)
 
 
 def deliver_due(store: Store, config: FlowsConfig) -> int:
@@ -204,7 +224,13 @@ def _deliver(store: Store, config: FlowsConfig, fid: str) -> int:
         ok = delivery.send(payload(store, fid, meta))
     if ok:
         # a running flow's node events are posted; its end makes the webhook due again
+        store.webhook_delivered(fid)
         store.webhook_settled(fid, "0")
+        if "node" in kinds and store.node_events_to_post(fid, 1):
+            # a node ended after the list was drained, while the flag still said due
+            # (so its script left the flag alone): due again, or it would wait for the
+            # next node or the flow's end
+            store.webhook_due_again(fid)
         return 1
     attempts = store.webhook_failed(fid, MAX_ATTEMPTS, backoff)
     if attempts >= MAX_ATTEMPTS:

@@ -7,9 +7,13 @@
   Events (SPEC section 11): save() notes every change of a node's state, attempt or
   last milestone, mset('state') every change of the flow's state; flush() appends them
   to the flow's stream (EVENTS) and, on a single Redis, to the registry's stream
-  (EVENTS_ALL, lua/_request.lua), node events first, under the same stream id in both.
+  (EVENTS_ALL, lua/_request.lua), node events first, under the same stream id in both;
+  on Redis Cluster it notes the flow's meta ev_due instead (the registry's stream is
+  of another slot: the --flows workers copy into it). A terminal node event of a flow
+  whose webhook takes node events is also pushed to its delivery list (HOOKS).
   So every transition script emits its events without naming them.
-  Uses: constants (META, NODES, READY, TIMED, WAITING, EVENTS, HISTORY_MAX).
+  Uses: constants (META, NODES, READY, TIMED, WAITING, EVENTS, HOOKS, TERMINAL,
+  HISTORY_MAX).
 ]]
 local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
 local MCACHE, MDIRTY = {}, {}
@@ -209,16 +213,18 @@ local function save(id, rec)
   if SEEN[id] ~= mark then
     SEEN[id] = mark
     local progress = list(rec.progress)
-    PENDING[#PENDING + 1] = {node = id, name = rec.task, state = rec.state,
+    local event = {node = id, name = rec.task, state = rec.state,
       attempt = rec.attempt, error = rec.error,
       progress = progress[#progress] or cjson.null}
+    PENDING[#PENDING + 1] = event
     -- node events opted in for the flow's webhook (SPEC section 8): a node that ends
-    -- makes the webhook due at once (the claim of this same step reads the flag); the
-    -- deliverer reads what to post from the flow's stream (worker/webhooks.py)
-    if TERMINAL[rec.state] and mget('webhook_pending') ~= '1'
-        and string.find(mget('webhook_events') or '', 'node', 1, true)
+    -- makes the webhook due at once (the claim of this same step reads the flag), and
+    -- its event also goes to the flow's delivery list (HOOKS), which is never trimmed:
+    -- the stream is, and a slow receiver must still get every one (worker/webhooks.py)
+    if TERMINAL[rec.state] and string.find(mget('webhook_events') or '', 'node', 1, true)
         and (mget('webhook') or '') ~= '' then
-      mset('webhook_pending', '1')
+      event.hook = true
+      if mget('webhook_pending') ~= '1' then mset('webhook_pending', '1') end
     end
   end
   if not DIRTY[id] then
@@ -289,8 +295,11 @@ local function write_events()
   local t = redis.call('TIME')
   local time = tonumber(t[1]) + tonumber(t[2]) / 1000000
   local flow = mget('id')
-  local global = EVENTS_ALL and not mget('hidden')
+  local hidden = mget('hidden')
+  local global = EVENTS_ALL and not hidden
   for _, e in ipairs(PENDING) do
+    local hook = e.hook
+    e.hook = nil
     e.time = time
     e.flow = flow
     local body = cjson.encode(e)
@@ -302,9 +311,14 @@ local function write_events()
     -- registry's stream deleted by hand) gets its own rather than failing the transition
     local ok = redis.pcall('XADD', EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, id, 'e', body)
     if type(ok) == 'table' and ok.err then
-      redis.call('XADD', EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'e', body)
+      ok = redis.call('XADD', EVENTS, 'MAXLEN', '~', EVENTS_MAXLEN, '*', 'e', body)
     end
+    if hook then redis.call('RPUSH', HOOKS, cjson.encode({id = ok, e = body})) end
   end
+  -- on Redis Cluster (no EVENTS_ALL) the --flows workers copy the flow's stream into
+  -- the registry's (worker/eventcopy.py): ev_due says there is something to copy, in the
+  -- same script as the events, so no crash can lose it (keys.py)
+  if not EVENTS_ALL and not hidden and mget('ev_due') ~= '1' then mset('ev_due', '1') end
   PENDING = {}
 end
 

@@ -6,14 +6,16 @@
   from its definition on), and each header says what it uses.
   Uses: nothing. Nothing in the engine builds a key: fields only.
 
-  Every flow script receives the same ten keys (see keys.py):
+  Every flow script receives the same eleven keys (see keys.py):
     KEYS[1] meta   KEYS[2] nodes   KEYS[3] args   KEYS[4] results   KEYS[5] ready
     KEYS[6] timed  KEYS[7] waiting KEYS[8] work   KEYS[9] reopen    KEYS[10] events
-  (an eleventh, the request key, is taken off by the wrapper of _request.lua, which
+    KEYS[11] hooks
+  (a twelfth, the request key, is taken off by the wrapper of _request.lua, which
   scripts.py puts around the engine and the transition; STEP comes from there too)
 ]]
-local META, NODES, ARGS, RESULTS, READY, TIMED, WAITING, WORK, REOPEN, EVENTS = KEYS[1],
-  KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local META, NODES, ARGS, RESULTS, READY, TIMED, WAITING, WORK, REOPEN, EVENTS, HOOKS =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10],
+  KEYS[11]
 
 -- Node states after which nothing more happens to a node (short of a retry).
 local TERMINAL = {succeeded = true, failed = true, skipped = true, cancelled = true}
