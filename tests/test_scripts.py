@@ -7,7 +7,11 @@ from __future__ import annotations
 import re
 
 from celery_flows.registry.scripts import (
-    ENGINE_PARTS, LUA_DIR, REPLAY_CLAIMED, engine_text, script_texts,
+    ENGINE_PARTS,
+    LUA_DIR,
+    REPLAY_CLAIMED,
+    engine_text,
+    script_texts,
 )
 
 _DEFINED = re.compile(r"^local\s+(?:function\s+([A-Za-z_]\w*)|([A-Za-z_][\w\s,]*?)\s*=)", re.M)
