@@ -163,14 +163,18 @@ local function compact(rec)
   return out
 end
 
-local function mget(field)
-  local v = MCACHE[field]
+-- A hash field read once per script: cache[field] holds what was read (false: absent)
+-- or written since.
+local function cached_hget(cache, key, field)
+  local v = cache[field]
   if v == nil then
-    v = redis.call('HGET', META, field) or false
-    MCACHE[field] = v
+    v = redis.call('HGET', key, field) or false
+    cache[field] = v
   end
   return v or nil
 end
+
+local function mget(field) return cached_hget(MCACHE, META, field) end
 
 local function mset(field, value)
   if field == 'state' and FLOW_SEEN == nil then FLOW_SEEN = mget('state') or false end
@@ -235,12 +239,7 @@ end
 
 -- A field of the waiting hash as a number; nil when absent.
 local function wget(field)
-  local v = WCACHE[field]
-  if v == nil then
-    v = tonumber(redis.call('HGET', WAITING, field)) or false
-    WCACHE[field] = v
-  end
-  return v or nil
+  return tonumber(cached_hget(WCACHE, WAITING, field))
 end
 
 local function wset(field, n)
@@ -251,14 +250,7 @@ end
 -- A field of the waiting hash as a string (a wide node's scan, engine/scan.lua: fields
 -- '<id>|...', '|' being outside the id alphabet; written with wset); nil when absent.
 -- wdel: the field goes.
-local function wraw(field)
-  local v = WCACHE[field]
-  if v == nil then
-    v = redis.call('HGET', WAITING, field) or false
-    WCACHE[field] = v
-  end
-  return v or nil
-end
+local function wraw(field) return cached_hget(WCACHE, WAITING, field) end
 
 local function wdel(field)
   WCACHE[field] = false
