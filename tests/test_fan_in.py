@@ -137,3 +137,25 @@ def test_a_retry_reopens_a_wide_sink_that_waits_for_each_dependency_not_reopened
     counts = run_counts(redis_db, handle.id)
     assert counts["sink"] == counts["total"] == 1
     assert all(counts[f"d{i}"] == (2 if i % 3 else 1) for i in range(150))
+
+
+def test_inspect_says_a_wide_sink_is_being_evaluated_and_counts_what_it_waits_for(
+    import_app: ImportApp,
+) -> None:
+    # no worker: the sink's scan has not begun while its dependencies are queued, and
+    # stops after the one claim this process makes
+    proj = import_app("tests.proj")
+    store, codec = proj.flows.store, proj.flows.codec
+    f = Flow("wide-inspect")
+    deps = [f.add(proj.ident.si(i), id=f"d{i}") for i in range(300)]
+    f.add(proj.ident.s(), id="sink", after=deps)
+    handle = proj.flows.submit(f)
+    waits = handle.inspect()["nodes"]["sink"]["waiting_for"]
+    assert waits.startswith("dependencies: d0, d1,") and waits.endswith(" and 280 more")
+    for i in range(300):
+        store.complete(handle.id, f"d{i}", 1, "succeeded", codec.dump_result(i))
+    store.claim(handle.id, 15.0, 25)
+    assert handle.node_states()["sink"] == "pending"
+    assert handle.inspect()["nodes"]["sink"]["waiting_for"] == (
+        "evaluation of its 300 dependencies, a step per claim "
+        "(by this process or a --flows worker)")

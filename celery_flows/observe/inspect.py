@@ -9,6 +9,10 @@ from typing import Any
 from ..define.records import NodeRecord
 from ..define.states import TERMINAL_NODE_STATES, NodeState
 from ..registry import Store
+from ..registry.scripts import WIDE
+
+# dependencies named in a pending node's waiting_for; the rest are counted
+_SHOWN_DEPS = 20
 
 __all__ = ["describe"]
 
@@ -20,7 +24,15 @@ def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
         open_deps = [d for d in rec["after"]
                      if d not in rec["removed"]
                      and NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
-        return "dependencies: " + ", ".join(open_deps) if open_deps else "evaluation"
+        if open_deps:
+            more = len(open_deps) - _SHOWN_DEPS
+            return "dependencies: " + ", ".join(open_deps[:_SHOWN_DEPS]) + (
+                f" and {more} more" if more > 0 else "")
+        # every edge is terminal: its trigger rule is evaluated in the step that ended
+        # the last one, or, past WIDE dependencies, a step per claim (lua/engine/scan.lua)
+        return (f"evaluation of its {len(rec['after'])} dependencies, a step per claim "
+                "(by this process or a --flows worker)") if len(rec["after"]) > WIDE \
+            else "evaluation"
     if state in (NodeState.SCHEDULED.value, NodeState.RETRYING.value) and rec.get("held"):
         held = rec["held"]
         until = held.get("until")

@@ -18,8 +18,8 @@ from typing import Any
 
 from .ids import new_request_id
 
-__all__ = ["CHUNK", "ENGINE_PARTS", "LUA_DIR", "NO_REQUEST", "REPLY_TTL", "Batch", "Sequential",
-           "engine_for", "engine_text", "script_texts"]
+__all__ = ["CHUNK", "ENGINE_PARTS", "LUA_DIR", "NO_REQUEST", "REPLY_TTL", "WIDE", "Batch",
+           "Sequential", "engine_for", "engine_text", "script_texts"]
 
 LUA_DIR = Path(__file__).with_name("lua")
 
@@ -33,6 +33,11 @@ REPLY_TTL = 120
 #: BUDGET), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
 #: (the tests use small chunks).
 CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 25)
+#: A node with more dependencies than this is evaluated in steps, one per claim
+#: (lua/engine/scan.lua): reading a dependency's record costs some 6 us, so a
+#: 20,000-wide fan-in read at once blocked Redis for about 0.35 s
+#: (benchmarks/chunk_slowlog.py fan-in)
+WIDE = 4 * CHUNK
 #: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
 REPLAY_ENTRIES = frozenset({"claim"})
 REPLAY_CLAIMED = frozenset({"complete"})
@@ -101,8 +106,8 @@ def script_texts(events_maxlen: int = 100000) -> dict[str, str]:
     head, tail = (LUA_DIR / "_request.lua").read_text().split(_TRANSITION)
 
     def wrap(name: str, body: str, prelude: str = "") -> str:
-        flags = f"local REPLY_TTL, STEP, REPLAY_ENTRIES, REPLAY_CLAIMED = {REPLY_TTL}, " \
-                f"{CHUNK}, " \
+        flags = f"local REPLY_TTL, STEP, WIDE, REPLAY_ENTRIES, REPLAY_CLAIMED = " \
+                f"{REPLY_TTL}, {CHUNK}, {WIDE}, " \
                 f"{'true' if name in REPLAY_ENTRIES else 'false'}, " \
                 f"{'true' if name in REPLAY_CLAIMED else 'false'}\n" \
                 f"local EVENTS_MAXLEN = {int(events_maxlen)}\n"

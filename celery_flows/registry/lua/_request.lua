@@ -1,10 +1,10 @@
 --[[
   The request wrapper. scripts.py builds every script, flow and global alike, as
 
-    local REPLY_TTL, STEP, REPLAY_ENTRIES, REPLAY_CLAIMED = <scripts.REPLY_TTL>,
-      <scripts.CHUNK>, <true for claim only>, <true for complete only>
+    local REPLY_TTL, STEP, WIDE, REPLAY_ENTRIES, REPLAY_CLAIMED = <scripts.REPLY_TTL>,
+      <scripts.CHUNK>, <scripts.WIDE>, <true for claim only>, <true for complete only>
     <the part of this file above the @transition line>
-    <the engine, lua/engine/*.lua in the order of store.ENGINE_PARTS, for flow scripts>
+    <for flow scripts, the parts of lua/engine/ they use, in the order of ENGINE_PARTS>
     local function transition() <the script> end
     <the part of this file below the @transition line>
 

@@ -9,7 +9,7 @@
   and no results, which the dispatcher then reads in pages (engine/dispatch.py).
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
   list, deps_list, after_list, ids_count, contains, flush, compact, wraw, BUDGET, REPORT), flow
-  (set_flow_state, stopping), evaluate (edge_kind, WIDE), cancel (cancel_chunk), settle
+  (set_flow_state, stopping), evaluate (edge_kind), WIDE (scripts.py), cancel (cancel_chunk), settle
   (fail_node, settle_more), scan (scan_more), reopen (reopen_more).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)

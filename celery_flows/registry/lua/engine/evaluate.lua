@@ -8,13 +8,9 @@
   engine/scan.lua, which reads its dependencies in bounded steps, one per claim, and
   then decides as evaluate does.
   Uses: constants (TERMINAL, POLICY_EDGE, EXTERNAL_TIMEOUT), cache (load, save, val,
-  list, after_list, ids_count, contains, mget, mset, wraw, wset, ready_add, timed_add, timed_rem, REPORT).
+  list, after_list, ids_count, contains, mget, mset, wraw, wset, ready_add, timed_add,
+  timed_rem, REPORT); WIDE (scripts.py, beside STEP).
 ]]
-
--- A node with more remaining dependencies than this is evaluated in steps (scan.lua):
--- reading a dependency's record costs some 6 us, so a 20,000-wide fan-in read at once
--- blocked Redis for about 0.35 s (benchmarks/chunk_slowlog.py fan-in).
-local WIDE = 4 * STEP
 
 -- The kind of the edge dep -> child once dep is terminal: ok | failed | skipped | removed.
 -- epol is set only on a sub-flow's final nodes: the sub-flow node's own policy.

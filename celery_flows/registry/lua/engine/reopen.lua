@@ -5,7 +5,7 @@
   step per claim (reopen_more).
   Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, deps_list,
   after_list, ids_count, contains, mget, mdel, mincr, wset, history, later, REPORT,
-  BUDGET), flow (set_flow_state), evaluate (WIDE), settle (evaluate_all).
+  BUDGET), flow (set_flow_state), settle (evaluate_all); WIDE (scripts.py).
 ]]
 
 -- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
