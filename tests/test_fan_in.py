@@ -159,3 +159,26 @@ def test_inspect_says_a_wide_sink_is_being_evaluated_and_counts_what_it_waits_fo
     assert handle.inspect()["nodes"]["sink"]["waiting_for"] == (
         "evaluation of its 300 dependencies, a step per claim "
         "(by this process or a --flows worker)")
+
+
+def test_a_dependency_removed_from_a_wide_sink_is_dropped_from_its_inputs(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    # d5 never finishes: once removed, the sink's scan must pass it by, not wait for it
+    proj = import_app("tests.proj")
+    store, codec = proj.flows.store, proj.flows.codec
+    f = Flow("wide-removed")
+    deps = [f.add(proj.sleepy.si(3600) if i == 5 else proj.ident.si(i), id=f"d{i}")
+            for i in range(300)]
+    f.add(proj.ident.s(), id="sink", after=deps)
+    handle = proj.flows.submit(f)
+    proj.flows.remove_dependency(handle.id, "sink", "d5")
+    for i in range(300):
+        if i != 5:
+            store.complete(handle.id, f"d{i}", 1, "succeeded", codec.dump_result(i))
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    wait_until(lambda: handle.node_states()["sink"] == "succeeded", "the sink to run",
+               timeout=60)
+    assert handle.results()["sink"] == [i for i in range(300) if i != 5]
+    assert run_counts(redis_db, handle.id)["sink"] == 1
+    proj.flows.cancel(handle.id, terminate=True)

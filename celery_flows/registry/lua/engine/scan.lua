@@ -13,7 +13,7 @@
   node no longer pending (cancelled) ends; one whose generation is not the meta's kgen
   (an edge changed kind: retry, ignore_failure, remove_dependency) starts again from
   the first dependency.
-  Uses: constants (TERMINAL, REOPEN), cache (load, id_at, contains, mget, mset, mdel, wraw, wset,
+  Uses: constants (TERMINAL, REOPEN), cache (load, list, id_at, mget, mset, mdel, wraw, wset,
   wdel, BUDGET), evaluate (edge_kind, decide, KIND_LETTER), settle (settle_all).
 ]]
 
@@ -42,6 +42,8 @@ local function scan_step(id, now)
   end
   -- pos: a byte offset into the joined ids (an index into a list, cache.lua id_at)
   local room, got, waits = BUDGET.left * SCAN_PER_UNIT, {}, false
+  local removed = {}
+  for _, did in ipairs(list(rec.removed)) do removed[did] = true end
   -- a chunked retry's nodes not reopened yet still read terminal (reopen.lua); the
   -- claims reopen them all before any scan step (chores), so this is a guard
   local staged = mget('reopen_set') == '1'
@@ -49,7 +51,7 @@ local function scan_step(id, now)
     local did, nxt = id_at(rec.after, pos)
     if did == nil then break end
     local kind = 'removed'
-    if not contains(rec.removed, did) then
+    if not removed[did] then
       local dep = load(did)
       if not TERMINAL[dep.state]
           or (staged and redis.call('SISMEMBER', REOPEN, did) == 1) then
