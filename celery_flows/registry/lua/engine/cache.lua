@@ -273,6 +273,24 @@ local function hset_all(key, args)
   end
 end
 
+-- Write a cached hash's changed fields: set, or deleted where the cache holds false
+-- (cached_hget's mark of an absent field).
+local function write_fields(key, cache, dirty)
+  local sets, dels = {}, {}
+  for field, _ in pairs(dirty) do
+    if cache[field] == false then
+      dels[#dels + 1] = field
+    else
+      sets[#sets + 1] = field
+      sets[#sets + 1] = cache[field]
+    end
+  end
+  hset_all(key, sets)
+  for i = 1, #dels, WRITE_BATCH do
+    redis.call('HDEL', key, unpack(dels, i, math.min(i + WRITE_BATCH - 1, #dels)))
+  end
+end
+
 -- Append the noted events (node events first, then the flow's, if its state changed)
 -- to the flow's stream and, unless the flow is hidden (add_bulk, lua/create.lua), to
 -- the registry's; both trimmed to about EVENTS_MAXLEN entries (scripts.py).
@@ -322,32 +340,8 @@ local function flush()
     args[#args + 1] = cjson.encode(compact(CACHE[id]))
   end
   hset_all(NODES, args)
-  local sets, dels = {}, {}
-  for field, _ in pairs(MDIRTY) do
-    if MCACHE[field] == false then
-      dels[#dels + 1] = field
-    else
-      sets[#sets + 1] = field
-      sets[#sets + 1] = MCACHE[field]
-    end
-  end
-  hset_all(META, sets)
-  for i = 1, #dels, WRITE_BATCH do
-    redis.call('HDEL', META, unpack(dels, i, math.min(i + WRITE_BATCH - 1, #dels)))
-  end
-  local wargs, wdels = {}, {}
-  for field, _ in pairs(WDIRTY) do
-    if WCACHE[field] == false then
-      wdels[#wdels + 1] = field
-    else
-      wargs[#wargs + 1] = field
-      wargs[#wargs + 1] = WCACHE[field]
-    end
-  end
-  hset_all(WAITING, wargs)
-  for i = 1, #wdels, WRITE_BATCH do
-    redis.call('HDEL', WAITING, unpack(wdels, i, math.min(i + WRITE_BATCH - 1, #wdels)))
-  end
+  write_fields(META, MCACHE, MDIRTY)
+  write_fields(WAITING, WCACHE, WDIRTY)
   for _, op in ipairs(READY_OPS) do
     if op[1] == 'ZADD' then
       redis.call('ZADD', op[2], op[4], op[3])
