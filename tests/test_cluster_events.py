@@ -97,7 +97,10 @@ def test_every_flows_events_on_a_cluster_print_each_transition_once_in_order(
     assert handle.wait(timeout=30) == FlowState.SUCCEEDED
     copied = _until_flow_ends(follower, handle.id)
     own = _flow_stream(handle.id, redis_db.celery_url)
-    assert [(e["node"], e["state"]) for e in own if e["node"] in (None, "n3")] == [
+    # n3's "queued" event comes only when its publish is acknowledged before its worker
+    # starts it (acknowledgements wait up to 50 ms, engine/acks.py): left out here
+    assert [(e["node"], e["state"]) for e in own
+            if e["node"] in (None, "n3") and e["state"] != "queued"] == [
         (None, "running"), ("n3", "scheduled"), ("n3", "running"), ("n3", "succeeded"),
         (None, "succeeded")]
     _same(copied, own)
