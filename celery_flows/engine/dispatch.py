@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis
@@ -116,6 +117,9 @@ class Dispatcher:
         self.codec = codec
         self.limits = limits
         self.acks = Acks(store)
+        #: a flow found waiting for its concurrency group (claim code 3) asks for its
+        #: place here (engine/groups.py); True: it was started, claim again
+        self.on_waiting: Callable[[str], bool] | None = None
 
     def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
               defer: bool = False) -> None:
@@ -134,6 +138,9 @@ class Dispatcher:
                 store.queue_webhook(fid)
             if claim.more:
                 faults.point("chore-step")
+            if claim.code == 3 and self.on_waiting is not None and self.on_waiting(fid):
+                claim = None
+                continue
             if claim.code != 0:
                 if claim.more:
                     # stopped by fail_fast: its cancel goes on a bounded step per claim

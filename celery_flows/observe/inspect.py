@@ -20,6 +20,9 @@ __all__ = ["describe"]
 def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
                  meta: dict[str, str], now: float) -> str | None:
     state = rec["state"]
+    if state == NodeState.PENDING.value and meta.get("state") == "waiting" and not rec["after"]:
+        return (f"its flow's place in concurrency group {meta.get('cgroup')!r}, key "
+                f"{meta.get('ckey')!r}")
     if state == NodeState.PENDING.value:
         open_deps = [d for d in rec["after"]
                      if d not in rec["removed"]
@@ -62,6 +65,15 @@ def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
     return None
 
 
+def _flow_waiting_for(store: Store, fid: str, meta: dict[str, str]) -> dict[str, Any] | None:
+    """``{"group", "key", "position"}`` of a waiting flow (position: 1-based place in its
+    key's line; None while it is being admitted or not yet in line), else None."""
+    if meta.get("state") != "waiting" or not meta.get("cgroup"):
+        return None
+    group, key = meta["cgroup"], meta.get("ckey", "")
+    return {"group": group, "key": key, "position": store.conc_position(group, key, fid)}
+
+
 def describe(store: Store, fid: str) -> dict[str, Any]:
     """The ``inspect --json`` document of a flow (FlowNotFoundError if unknown)."""
     meta = store.require_meta(fid)
@@ -99,6 +111,8 @@ def describe(store: Store, fid: str) -> dict[str, Any]:
         "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
         "now": now,
         "nodes": out_nodes,
+        # a flow waiting for its concurrency group: which, and its place in line
+        "waiting_for": _flow_waiting_for(store, fid, meta),
         # the webhook's delivery log (worker/webhooks.py), newest last
         "webhooks": json.loads(meta["webhook_log"]) if meta.get("webhook_log") else [],
     }
