@@ -235,3 +235,37 @@ def test_manager_dying_between_admission_and_start(
     assert second.state() == FlowState.WAITING
     worker_factory("tests.proj", extra_args=FLOWS, env=GROUPS, concurrency=2)
     assert second.wait(timeout=20) == FlowState.SUCCEEDED
+
+
+def test_producer_dying_before_its_flow_asks_for_a_place(
+    proj: Any, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_flows import faults
+
+    monkeypatch.setenv(faults.ENV, "after-create=raise")
+    faults.reload()
+    try:
+        with pytest.raises(faults.FaultInjected):
+            proj.flows.submit(keyed(proj, "k", 0.1, group="solo", id="orphan"))
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.reload()
+    orphan = proj.flows.get("orphan")
+    assert orphan.state() == FlowState.WAITING
+    assert proj.flows.store.conc_group_keys() == []  # stored, not yet in any line
+    worker_factory("tests.proj", extra_args=FLOWS, env=GROUPS, concurrency=2)
+    # the sweeper takes over the dirty flow, which then asks for its place
+    assert orphan.wait(timeout=30) == FlowState.SUCCEEDED
+
+
+def test_expired_admitted_flow_frees_its_place(
+    proj: Any, worker_factory: WorkerFactory, redis_db: RedisDB
+) -> None:
+    stuck = proj.flows.submit(keyed(proj, "k", 0.1, group="solo"))
+    waiting = proj.flows.submit(keyed(proj, "k", 0.1, group="solo"))
+    assert waiting.state() == FlowState.WAITING
+    # its keys gone as its retention would take them, unfinished
+    redis_db.client.delete(*proj.flows.store.keys.flow(stuck.id))
+    worker_factory("tests.proj", extra_args=FLOWS, env=GROUPS, concurrency=2)
+    assert waiting.wait(timeout=20) == FlowState.SUCCEEDED
