@@ -71,8 +71,9 @@ def _usable_here() -> bool:
     return True
 
 
-def bootstrap() -> None:
-    """Re-execute in ``example_project/.venv`` unless this interpreter already works."""
+def bootstrap(script: Path | None = None) -> None:
+    """Re-execute ``script`` (this file by default) in ``example_project/.venv`` unless
+    this interpreter already works."""
     if _usable_here():
         return
     if os.environ.get(REEXEC_ENV):
@@ -96,7 +97,8 @@ def bootstrap() -> None:
             die(f"pip install into {VENV} failed (see above)")
     env = dict(os.environ, **{REEXEC_ENV: "1"})
     sys.stdout.flush()
-    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    script = script or Path(__file__).resolve()
+    os.execve(str(python), [str(python), str(script), *sys.argv[1:]], env)
 
 
 # -- processes (celery_flows.testing, importable once bootstrapped) ------------------
