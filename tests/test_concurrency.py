@@ -269,3 +269,28 @@ def test_expired_admitted_flow_frees_its_place(
     redis_db.client.delete(*proj.flows.store.keys.flow(stuck.id))
     worker_factory("tests.proj", extra_args=FLOWS, env=GROUPS, concurrency=2)
     assert waiting.wait(timeout=20) == FlowState.SUCCEEDED
+
+
+def test_groups_on_redis_cluster(
+    cluster: str, import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {**GROUPS, "FLOWS_TEST_REGISTRY": cluster, "FLOWS_TEST_REGISTRY_CLUSTER": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    proj = import_app("tests.proj")
+    handles = [proj.flows.submit(keyed(proj, "k", 0.3, group="solo")) for _ in range(3)]
+    assert [h.state() for h in handles] == ["running", "waiting", "waiting"]
+    assert handles[2].inspect()["waiting_for"]["position"] == 2
+    evicting = proj.flows.submit(keyed(proj, "k", 0.1, group="solo",
+                                       on_limit="cancel_oldest"))
+    assert handles[0].state() == FlowState.CANCELLED
+    worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=2)
+    for h in [evicting, *handles[1:]]:
+        assert h.wait(timeout=30) == FlowState.SUCCEEDED
+    ran = spans(redis_db)
+    order = sorted(ran, key=lambda fid: ran[fid][0])
+    assert order == [evicting.id, handles[1].id, handles[2].id]
+    for a, b in zip(order, order[1:], strict=False):
+        assert ran[a][1] <= ran[b][0]
+    wait_until(lambda: proj.flows.store.conc_group_keys() == [], "every place freed")
