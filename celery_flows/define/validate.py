@@ -58,6 +58,7 @@ def check_concurrency(concurrency: Any, on_limit: Any) -> tuple[str, str] | None
         raise FlowDefinitionError(
             f"flow concurrency {concurrency!r}: give (group, key), e.g. ('tenant', 'acme'), "
             "the group named in flows_concurrency_limits")
+    check_id(concurrency[0], "flow concurrency group")
     key = concurrency[1]
     if not isinstance(key, str):
         raise FlowDefinitionError(

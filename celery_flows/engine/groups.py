@@ -63,7 +63,9 @@ class Groups:
         True when the caller should claim again (the flow runs now)."""
         meta = self.store.conc_metas([fid])[0]
         if meta is None or meta.get("cwait") != "1" or "cgroup" not in meta:
-            return meta is not None
+            # gone, or started meanwhile (claim again); a waiting flow without a group
+            # cannot ask for a place: left for the reconciler to report, not looped on
+            return meta is not None and meta.get("cwait") != "1"
         group, key, gen = meta["cgroup"], meta.get("ckey", ""), meta.get("cgen", "1")
         place = self.store.conc_enqueue(group, key, fid, gen, self.limit(group),
                                         meta.get("on_limit", "queue"))
@@ -78,8 +80,8 @@ class Groups:
         code, _state = self.store.conc_start(fid, gen)
         if code == 2:
             self._admit(group, key, [(fid, gen)])
-            return False
-        return code >= 0
+        # 0: another process started it (and drains it) or it is another life now
+        return code == 1
 
     def reconcile(self) -> int:
         """One round of the ``--flows`` service; returns how many flows it started."""
@@ -102,8 +104,9 @@ class Groups:
                 elif fid in admitted and meta.get("cwait") == "1":
                     starts.append((fid, life))
             for fid, gen in starts:
-                started += self._start(group, key, fid, gen)
-            started += self._admit(group, key, frees)
+                started += max(self._start(group, key, fid, gen), 0)
+            if frees or (entries.line and len(admitted) < self.limit(group)):
+                started += self._admit(group, key, frees)
         return started
 
     def _admit(self, group: str, key: str, frees: list[tuple[str, str]]) -> int:
