@@ -122,6 +122,11 @@ def test_cancel_waiting_and_retry_waits_last(
     second = proj.flows.submit(keyed(proj, "k", 0.1, group="solo"))
     third = proj.flows.submit(keyed(proj, "k", 0.1, group="solo"))
     assert second.state() == third.state() == FlowState.WAITING
+    # paused comes before waiting in a flow's state (SPEC section 4)
+    proj.flows.pause(third.id)
+    assert third.state() == FlowState.PAUSED
+    proj.flows.resume(third.id)
+    assert third.state() == FlowState.WAITING
     proj.flows.cancel(second.id)
     assert second.state() == FlowState.CANCELLED
     wait_until(lambda: third.inspect()["waiting_for"]["position"] == 1,
