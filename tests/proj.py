@@ -334,3 +334,21 @@ def check_key(key: str) -> Any:
     _mark()
     value = _log.get(key)
     return value.decode() if value is not None else None
+
+
+# -- maps (tests/test_map.py) -----------------------------------------------------------
+
+
+@flows.task(shared=False)
+def numbers(n: int) -> list[int]:
+    _mark()
+    return list(range(n))
+
+
+@flows.task(shared=False)
+def double(x: int, flag: str = "") -> int:
+    """Doubles x; with ``flag``, fails on x == 3 until the Redis key ``flag`` exists."""
+    _mark()
+    if flag and x == 3 and not _log.exists(flag):
+        raise RuntimeError(f"item {x}: {flag} not set")
+    return 2 * x
