@@ -338,12 +338,12 @@ def item_ids(nid: str, rec: NodeRecord) -> list[str]:
 
 
 def shown_state(rec: NodeRecord) -> str:
-    """The state readers see: an expanded map waits for its items as a pending node
-    for its dependencies, and reads as running (lua/engine/cache.lua shown_state)."""
+    """The state readers see of a map: pending until it expands, then running until
+    it ends (lua/engine/cache.lua shown_state)."""
     state = str(rec.get("state", NodeState.PENDING.value))
-    if state == NodeState.PENDING.value and rec.get("kind") == "map" \
-            and rec.get("k") is not None:
-        return NodeState.RUNNING.value
+    if rec.get("kind") == "map" and state in (NodeState.PENDING.value,
+                                              NodeState.SCHEDULED.value):
+        return str((NodeState.RUNNING if rec.get("k") is not None else NodeState.PENDING).value)
     return state
 
 

@@ -193,10 +193,14 @@ local function mincr(field, n)
 end
 
 -- What an event says of a node: a new event is due when this changes.
--- The state readers see: an expanded map waits for its items as a pending node waits
--- for its dependencies, and reads as running (SPEC section 12).
+-- The state readers see of a map (SPEC section 12): it is in the outbox to be expanded
+-- or collected by the dispatcher (engine/dispatch.py), and it waits for its items as a
+-- pending node waits for its dependencies; it reads as pending until it expands, then
+-- as running until it ends.
 local function shown_state(rec)
-  if rec.state == 'pending' and rec.kind == 'map' and val(rec.k) then return 'running' end
+  if rec.kind == 'map' and (rec.state == 'pending' or rec.state == 'scheduled') then
+    return val(rec.k) and 'running' or 'pending'
+  end
   return rec.state
 end
 

@@ -148,6 +148,16 @@ local function items_more(now)
   return true
 end
 
+-- An expanded map's items are all terminal: it goes to the outbox, where the
+-- dispatcher collects their results. No new attempt: it still reads as running.
+local function to_collect(id, rec, now)
+  rec.state = 'scheduled'
+  rec.ready_at = now
+  save(id, rec)
+  ready_add(id, 0)
+  REPORT.released[#REPORT.released + 1] = id
+end
+
 -- The map fails (its expansion was refused, or an item failed under "fail").
 local function fail_map(id, rec, now, err)
   rec.state = 'failed'
@@ -189,7 +199,7 @@ local function expand_map(id, rec, now, x)
   mincr('total', k)
   wset(id, k)
   if k == 0 then
-    make_ready(id, rec, now) -- collected as []
+    to_collect(id, rec, now) -- as []
     return false
   end
   wset(id .. '|rel', 0)
@@ -247,7 +257,7 @@ local function decide(id, rec, now, n, ok, failed)
         ' items failed under failure_policy "fail"')
       return true
     end
-    make_ready(id, rec, now)
+    to_collect(id, rec, now)
     return false
   end
   if rec.kind == 'map' and EXPANSIONS[id] and rule_passes(rec.rule, n, ok, failed) then
