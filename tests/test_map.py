@@ -9,7 +9,7 @@ import pytest
 
 from celery_flows import Flow, FlowDefinitionError, FlowState
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.helpers import FLOWS, run_counts
+from tests.helpers import FLOWS, cli, run_counts
 
 # a step settles at most 10 edges (CELERY_FLOWS_CHUNK=5)
 SMALL = {"CELERY_FLOWS_CHUNK": "5"}
@@ -186,3 +186,27 @@ def test_a_map_is_checked_at_definition(import_app: ImportApp) -> None:
         f.map(proj.double.s(), over=src, max_active=0)
     with pytest.raises(FlowDefinitionError, match="reserved for map items"):
         f.map(proj.double.s(), over=src, id="each[1]")
+
+
+def test_inspect_and_graph_show_the_items_under_their_map(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    flag = f"items-{redis_db.db}"
+    f, _each = _map_flow(proj, 40, args=(flag,))
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.FAILED
+    doc = handle.inspect()
+    assert doc["nodes"]["each"]["after"] == ["src"] and doc["nodes"]["each"]["items"] == 40
+    assert doc["nodes"]["each[3]"]["after"] == ["each"]
+    assert doc["nodes"]["each[3]"]["map"] == "each" and doc["nodes"]["each[3]"]["item"] == 3
+    tree = cli("inspect", handle.id, broker=redis_db.celery_url).stdout
+    lines = tree.splitlines()
+    # past a few dozen items, the ones that did not succeed are drawn and the rest counted
+    assert any("each[3]" in line and "failed" in line for line in lines)
+    assert not any("each[4] " in line for line in lines)
+    assert any("... 39 more items: 39 succeeded" in line for line in lines)
+    mermaid = cli("graph", handle.id, "--format", "mermaid", broker=redis_db.celery_url).stdout
+    assert "each[...]" in mermaid and "39 more items" in mermaid
+    assert mermaid.count("each[") == 2
