@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowDefinitionError, FlowState
+from celery_flows.faults import ENV as FAULTS
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import FLOWS, cli, run_counts
 
@@ -210,3 +211,48 @@ def test_inspect_and_graph_show_the_items_under_their_map(
     mermaid = cli("graph", handle.id, "--format", "mermaid", broker=redis_db.celery_url).stdout
     assert "each[...]" in mermaid and "39 more items" in mermaid
     assert mermaid.count("each[") == 2
+
+
+def test_a_worker_killed_after_staging_the_items_loses_nothing_and_runs_no_item_twice(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the worker dies between staging the elements and the completion that expands the
+    # map: src's outcome is not recorded; the --flows worker recovers it from the result
+    # backend once the dead worker's lease expires, and the map expands then
+    monkeypatch.setenv("FLOWS_TEST_LEASE", "2")
+    proj = import_app("tests.proj")
+    doomed = worker_factory("tests.proj", pool="solo",
+                            env={FAULTS: "map-staged@1=kill", "FLOWS_TEST_LEASE": "2"})
+    f, _each = _map_flow(proj, 30)
+    handle = proj.flows.submit(f)
+    assert doomed.process is not None
+    doomed.process.wait(timeout=30)
+    assert handle.node_states()["each"] == "pending"
+    assert not [n for n in handle.node_states() if n.startswith("each[")]
+    worker_factory("tests.proj", extra_args=FLOWS, env={"FLOWS_TEST_LEASE": "2"})
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["after"] == [2 * i for i in range(30)]
+    counts = run_counts(redis_db, handle.id)
+    assert counts["src"] == 1 and all(counts[f"each[{i}]"] == 1 for i in range(30))
+
+
+def test_a_worker_killed_between_steps_of_the_items_release_loses_none(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    # 60 items, 10 a step: the worker dies at its first step after the expansion
+    doomed = worker_factory("tests.proj", pool="solo",
+                            env={**SMALL, FAULTS: "chore-step@1=kill"})
+    f, _each = _map_flow(proj, 60)
+    handle = proj.flows.submit(f)
+    assert doomed.process is not None
+    doomed.process.wait(timeout=30)
+    states = handle.node_states()
+    assert states["each"] == "running"
+    assert sum(states[f"each[{i}]"] == "pending" for i in range(60)) >= 40
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
+    assert handle.wait(timeout=90) == FlowState.SUCCEEDED
+    assert handle.results()["after"] == [2 * i for i in range(60)]
+    counts = run_counts(redis_db, handle.id)
+    assert all(counts[f"each[{i}]"] == 1 for i in range(60))
