@@ -13,7 +13,7 @@
   whose webhook takes node events is also pushed to its delivery list (HOOKS).
   So every transition script emits its events without naming them.
   Uses: constants (META, NODES, READY, TIMED, WAITING, EVENTS, HOOKS, TERMINAL,
-  HISTORY_MAX).
+  HISTORY_MAX), ids (val, list, push).
 ]]
 local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
 local MCACHE, MDIRTY = {}, {}
@@ -40,76 +40,6 @@ local function now_ts()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function val(x)
-  if x == cjson.null then return nil end
-  return x
-end
-
-local function list(v)
-  if v == nil or v == cjson.null then return {} end
-  return v
-end
-
--- Ids stored as one string joined by ',' (define/records.py compact: a node's
--- dependents and dependencies; a record of an earlier version holds a list) as a list.
-local function ids_list(d)
-  if type(d) ~= 'string' then return list(d) end
-  local out = {}
-  for id in string.gmatch(d, '[^,]+') do out[#out + 1] = id end
-  return out
-end
-
-local function deps_list(rec) return ids_list(rec.deps_of) end
-local function after_list(rec) return ids_list(rec.after) end
-
--- How many ids, without making the list.
-local function ids_count(d)
-  if type(d) ~= 'string' then return #list(d) end
-  if d == '' then return 0 end
-  local _, commas = string.gsub(d, ',', ',')
-  return commas + 1
-end
-
--- The id at position k of ids stored either way (k: a byte offset into a joined
--- string, else an index) and the position after it; nil past the end. Walking by
--- offset reads a long joined string without splitting it.
-local function id_at(d, k)
-  if type(d) == 'string' then
-    if k > #d then return nil, k end
-    local stop = string.find(d, ',', k, true) or (#d + 1)
-    return string.sub(d, k, stop - 1), stop + 1
-  end
-  local t = list(d)
-  return t[k], k + 1
-end
-
--- Add a dependent, in the form the record holds them.
-local function deps_add(rec, id)
-  local d = rec.deps_of
-  if type(d) == 'string' and d ~= '' then rec.deps_of = d .. ',' .. id
-  elseif type(d) == 'string' then rec.deps_of = id
-  else
-    d = list(d)
-    d[#d + 1] = id
-    rec.deps_of = d
-  end
-end
-
-local function contains(t, x)
-  for _, v in ipairs(list(t)) do if v == x then return true end end
-  return false
-end
-
--- Append x to the list in rec[field] (made when absent); keep its last `max` entries
--- when max is given.
-local function push(rec, field, x, max)
-  local t = list(rec[field])
-  t[#t + 1] = x
-  if max then
-    while #t > max do table.remove(t, 1) end
-  end
-  rec[field] = t
-end
 
 -- A record is stored without the fields at their default (define/records.py compact,
 -- SCALAR_DEFAULTS): put them back, so that every transition sees the whole record
@@ -193,11 +123,36 @@ local function mincr(field, n)
 end
 
 -- What an event says of a node: a new event is due when this changes.
+-- The state readers see of a map (SPEC section 12), which is pending while it waits for
+-- its items and scheduled while the dispatcher expands or collects it: pending until it
+-- expands, then running until it ends.
+local function shown_state(rec)
+  if rec.kind == 'map' and (rec.state == 'pending' or rec.state == 'scheduled') then
+    return val(rec.k) and 'running' or 'pending'
+  end
+  return rec.state
+end
+
 local function node_mark(rec)
   local last = list(rec.progress)
   last = last[#last]
-  return tostring(rec.state) .. '|' .. tostring(rec.attempt) .. '|' ..
+  return tostring(shown_state(rec)) .. '|' .. tostring(rec.attempt) .. '|' ..
     tostring(last and last.at or '')
+end
+
+-- Item i of a map is not written when its map expands (evaluate.lua expand_map): until
+-- its first write it reads as this, made from its map's record (cancelled with it). Its
+-- input is its element, staged in the args hash as '@<token>:<i>' (engine/maps.py).
+local function item_record(m, id, i)
+  local base = string.match(id, '^(.+)%[%d+%]$')
+  local rec = with_defaults({task = m.task, deps_of = base, of = base, item = i, xin = '@' .. m.xtok .. ':' .. i, queue = m.queue, priority = m.priority,
+    rate = m.rate, policy = m.policy, fpol = m.fpol, max_rec = m.max_rec, ctx = m.ctx,
+    lp = (tonumber(m.lp) or 1) + 1})
+  if m.state == 'cancelled' then
+    rec.state = 'cancelled'
+    rec.cancel_reason = m.cancel_reason
+  end
+  return rec
 end
 
 local function load(id)
@@ -205,6 +160,12 @@ local function load(id)
   if rec == nil then
     local raw = redis.call('HGET', NODES, id)
     rec = raw and with_defaults(cjson.decode(raw)) or false
+    if not raw and string.byte(id, -1) == 93 then -- ']'
+      local base, i = string.match(id, '^(.+)%[(%d+)%]$')
+      local m = base and load(base)
+      i = tonumber(i)
+      if m and m.kind == 'map' and m.k and i < m.k then rec = item_record(m, id, i) end
+    end
     CACHE[id] = rec
     if SEEN[id] == nil then SEEN[id] = rec and node_mark(rec) or false end
   end
@@ -217,7 +178,7 @@ local function save(id, rec)
   if SEEN[id] ~= mark then
     SEEN[id] = mark
     local progress = list(rec.progress)
-    local event = {node = id, name = rec.task, state = rec.state,
+    local event = {node = id, name = rec.task, state = shown_state(rec),
       attempt = rec.attempt, error = rec.error,
       progress = progress[#progress] or cjson.null}
     PENDING[#PENDING + 1] = event
