@@ -33,16 +33,17 @@ from celery_flows import Flow, Flows, Node, current_flow
 
 REDIS_URL = os.environ.get("EXAMPLE_REDIS_URL", "redis://localhost:6379/0")
 
-# the other examples' tasks (run.py crawl: a map over the pages a crawl finds)
+# the other examples' tasks (run.py crawl: a map over the pages a crawl finds; run.py
+# imports: nightly imports, one per tenant at a time)
 app = Celery("example_project", broker=REDIS_URL, backend=REDIS_URL,
-             include=["example_project.crawl"])
+             include=["example_project.crawl", "example_project.imports"])
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     # How long a finished flow stays inspectable with `celery flows inspect`.
     flows_retention=24 * 3600,
-    # At most one nightly import per tenant at a time (nightly_imports.py): a tenant's
-    # further imports wait, in the order they were submitted.
+    # At most one nightly import per tenant at a time (imports.py): a tenant's further
+    # imports wait, in the order they were submitted.
     flows_concurrency_limits={"tenant": 1},
 )
 flows = Flows(app)
@@ -129,33 +130,4 @@ def build_flow(tenant: str, report_date: str, sources: tuple[str, ...] = SOURCES
         transformed.append(f.add(transform.s(source), id=f"transform-{source}", after=[fetched]))
     summary = f.add(aggregate.s(), id="aggregate", after=transformed)
     f.add(report.s(), id="report", after=[summary])
-    return f
-
-
-# -- nightly imports, one per tenant at a time (concurrency groups) ---------------------
-
-
-@flows.task
-def extract(tenant: str, night: str) -> dict[str, Any]:
-    """Pretend to pull one night's export of a tenant; notes when it ran."""
-    started = time.time()
-    time.sleep(0.5)
-    return {"tenant": tenant, "night": night, "started": started}
-
-
-@flows.task
-def load(batch: dict[str, Any]) -> dict[str, Any]:
-    """Pretend to load the export into the tenant's warehouse."""
-    time.sleep(0.3)
-    return {**batch, "finished": time.time()}
-
-
-def build_import(tenant: str, night: str) -> Flow:
-    """One tenant's import of one night. ``concurrency=("tenant", tenant)``: while an
-    import of this tenant runs, the next one waits (state ``waiting``, nothing of it
-    released); imports of other tenants are not held back."""
-    f = Flow("nightly-import", concurrency=("tenant", tenant),
-             context={"tenant": tenant, "night": night})
-    extracted = f.add(extract.s(tenant, night), id="extract")
-    f.add(load.s(), id="load", after=[extracted])
     return f
