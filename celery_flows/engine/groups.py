@@ -37,9 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: the limit of a group no longer in flows_concurrency_limits: its flows all go
 UNLIMITED = 10**9
-#: line entries whose flow the reconciler checks each round (a cancelled waiting flow
-#: leaves the line; past these, it leaves when it reaches the head)
+#: line entries whose flow the reconciler checks, every LINE_EVERY rounds (a cancelled
+#: waiting flow leaves the line then; past these, when it reaches the head)
 LINE_CHECK = 200
+LINE_EVERY = 5
 
 _TERMINAL = {FlowState.SUCCEEDED.value, FlowState.FAILED.value, FlowState.CANCELLED.value}
 
@@ -54,6 +55,7 @@ class Groups:
         self.config = config
         self._release = release  # drain a flow's outbox, then clear the dirty marker
         self._cancel = cancel
+        self._rounds = 0
 
     def limit(self, group: str) -> int:
         return self.config.concurrency_limits.get(group, UNLIMITED)
@@ -88,10 +90,12 @@ class Groups:
         for fid in self.store.conc_evicted():
             self._evict(fid)
         started = 0
+        self._rounds += 1
+        line_check = LINE_CHECK if self._rounds % LINE_EVERY == 1 else 0
         for group, key in self.store.conc_group_keys():
-            entries = self.store.conc_entries(group, key)
+            entries = self.store.conc_entries(group, key, line_check)
             admitted = {fid for fid, _at in entries.running}
-            fids = [fid for fid, _at in entries.running] + entries.line[:LINE_CHECK]
+            fids = [fid for fid, _at in entries.running] + entries.line
             frees: list[tuple[str, str]] = []
             starts: list[tuple[str, str]] = []
             for fid, meta in zip(fids, self.store.conc_metas(fids), strict=True):
@@ -105,7 +109,7 @@ class Groups:
                     starts.append((fid, life))
             for fid, gen in starts:
                 started += max(self._start(group, key, fid, gen), 0)
-            if frees or (entries.line and len(admitted) < self.limit(group)):
+            if frees or (entries.queued and len(admitted) < self.limit(group)):
                 started += self._admit(group, key, frees)
         return started
 

@@ -28,10 +28,12 @@ class Place(NamedTuple):
 
 class KeyEntries(NamedTuple):
     """One key of a group: the flows holding a place (with when they were admitted), the
-    line in order, and the life each entry belongs to."""
+    head of the line in order, how many wait in all, and the life each entry belongs
+    to."""
 
     running: list[tuple[str, float]]
     line: list[str]
+    queued: int
     lives: dict[str, str]
 
 
@@ -73,16 +75,21 @@ class ConcurrencyStore(Connection):
             out.append((group, key))
         return out
 
-    def conc_entries(self, group: str, key: str) -> KeyEntries:
+    def conc_entries(self, group: str, key: str, head: int) -> KeyEntries:
+        """One key's entries, the line's first ``head`` only."""
         run, line, life = self.keys.conc(group, key)
         pipe = self.client.pipeline(transaction=False)
         pipe.zrange(run, 0, -1, withscores=True)
-        pipe.zrange(line, 0, -1)
-        pipe.hgetall(life)
-        running, waiting, lives = pipe.execute()
-        return KeyEntries([(text(f), float(s)) for f, s in running],
-                          [text(f) for f in waiting],
-                          {text(f): text(g) for f, g in lives.items()})
+        pipe.zcard(line)
+        if head > 0:
+            pipe.zrange(line, 0, head - 1)
+        running, queued, *rest = pipe.execute()
+        waiting = [text(f) for f in (rest[0] if rest else [])]
+        names = [text(f) for f, _s in running] + waiting
+        lives = self.client.hmget(life, names) if names else []
+        return KeyEntries([(text(f), float(s)) for f, s in running], waiting, int(queued),
+                          {f: text(g) for f, g in zip(names, lives, strict=True)
+                           if g is not None})
 
     def conc_counts(self, group: str, key: str) -> tuple[int, int]:
         """(running, waiting) of one key."""
