@@ -46,6 +46,7 @@ def test_definition_errors_write_nothing(proj: Any, redis_db: RedisDB) -> None:
         {"concurrency": ("tenant", "")},
         {"concurrency": ("tenant", "a b")},
         {"concurrency": "tenant"},
+        {"concurrency": ("ten|ant", "acme")},
         {"concurrency": ("tenant", "acme"), "on_limit": "drop"},
     ]
     for opts in bad:
