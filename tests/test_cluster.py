@@ -46,6 +46,11 @@ def test_flows_run_on_redis_cluster(
         fb.add(proj.add.si(i, i), id="only")
         bulk.append(fb)
     handles += proj.flows.add_bulk(bulk)
+    # a map on the cluster: its elements staged in the flow's slot, then expanded
+    m = Flow("mapped")
+    each = m.map(proj.double.s(), over=m.add(proj.numbers.s(30), id="src"), id="each")
+    m.add(proj.tsum.s(), id="total", after=[each])
+    mapped = proj.flows.submit(m)
     g = Flow("changed")
     hold = g.add(proj.wait_for_key.si("cl-go"), id="hold")
     g.add(proj.ident.si("x"), id="next", after=[hold])
@@ -61,6 +66,8 @@ def test_flows_run_on_redis_cluster(
     assert hg.wait(timeout=30) == FlowState.SUCCEEDED
     # the retry is the second run of "flaky"; every other body ran once
     assert run_counts(redis_db, handles[0].id) == {"a": 1, "b": 1, "c": 1, "d": 1, "flaky": 2}
+    assert mapped.wait(timeout=30) == FlowState.SUCCEEDED
+    assert mapped.results()["total"] == sum(2 * i for i in range(30))
     for i, h in enumerate(handles[1:]):
         assert h.wait(timeout=30) == FlowState.SUCCEEDED and h.results() == {"only": 2 * i}
     # each flow's own stream is on the flow's slot (every flow's: test_cluster_events)

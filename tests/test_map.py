@@ -342,3 +342,25 @@ def test_a_map_over_a_node_of_a_flow_built_from_a_canvas(
     assert handle.wait(timeout=60) == FlowState.SUCCEEDED
     assert handle.results()["each"] == [0, 2, 4]
     assert handle.results()["total"] == 6
+
+
+def test_a_map_released_in_a_later_step_is_expanded_by_the_dispatcher(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    # src has 30 other dependents before the map: its completion settles 10 edges and
+    # leaves the map's to a later claim, where no expansion is at hand; the dispatcher
+    # that claims the map splits src's result itself (lua/expand.lua)
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
+    f = Flow("late-map")
+    src = f.add(proj.numbers.s(4), id="src")
+    for i in range(30):
+        f.add(proj.ident.si(i), id=f"other{i}", after=[src])
+    each = f.map(proj.double.s(), over=src, id="each")
+    f.add(proj.tsum.s(), id="total", after=[each])
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["each"] == [0, 2, 4, 6] and handle.results()["total"] == 12
+    events = [e["state"] for e in proj.flows.store.read_events(handle.id, "0")
+              if e["node"] == "each"]
+    assert events[-2:] == ["running", "succeeded"] and "scheduled" not in events
