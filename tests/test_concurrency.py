@@ -302,3 +302,26 @@ def test_groups_on_redis_cluster(
     for a, b in zip(order, order[1:], strict=False):
         assert ran[a][1] <= ran[b][0]
     wait_until(lambda: proj.flows.store.conc_group_keys() == [], "every place freed")
+
+
+def test_eviction_noted_before_a_crash_is_carried_out(
+    proj: Any, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_flows import faults
+
+    first = proj.flows.submit(keyed(proj, "k", 0.5, group="solo"))
+    monkeypatch.setenv(faults.ENV, "conc-evict-before-cancel=raise")
+    faults.reload()
+    try:
+        # the producer fails between noting the eviction and cancelling (it logs it)
+        newest = proj.flows.submit(keyed(proj, "k", 0.1, group="solo",
+                                         on_limit="cancel_newest"))
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.reload()
+    assert newest.state() == FlowState.WAITING  # not cancelled yet, not in line either
+    worker_factory("tests.proj", extra_args=FLOWS, env=GROUPS, concurrency=2)
+    assert newest.wait(timeout=20) == FlowState.CANCELLED
+    assert first.wait(timeout=20) == FlowState.SUCCEEDED
+    assert newest.id not in spans(redis_db)

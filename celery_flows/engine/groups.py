@@ -144,6 +144,7 @@ class Groups:
 
     def _evict(self, fid: str) -> None:
         """Cancel a flow on_limit chose (once it is cancelled, the note goes)."""
+        faults.point("conc-evict-before-cancel")
         try:
             self._cancel(fid)
         except (FlowStateError, FlowNotFoundError):
