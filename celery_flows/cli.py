@@ -276,13 +276,18 @@ def graph(ctx: click.Context, flow_id: str, fmt: str) -> None:
 
 
 @flows.command()
+@click.option("--json", "as_json", is_flag=True, help="print the numbers as JSON")
 @click.pass_context
-def stats(ctx: click.Context) -> None:
-    """Flows by state, queue slots, limiter levels, live workers and their heartbeats."""
+def stats(ctx: click.Context, as_json: bool) -> None:
+    """Flows by state, queue slots, limiter levels, concurrency groups, live workers and
+    their heartbeats."""
     from .observe.stats import collect
 
     ext = _flows(ctx)
     doc = collect(ext.store, ext.config)
+    if as_json:
+        click.echo(json.dumps(doc, default=str))
+        return
     click.echo("flows: " + (", ".join(f"{k}: {v}" for k, v in sorted(doc["flows"].items()))
                             or "none"))
     click.echo("queue slots (flow tasks queued or running / cap):")
@@ -291,6 +296,13 @@ def stats(ctx: click.Context) -> None:
     click.echo("rate limiters (seconds until the next release; waiting nodes):")
     for limiter, (ahead, waiting) in sorted(doc["limiters"].items()):
         click.echo(f"  {limiter}: {ahead:.2f}s, {waiting} waiting")
+    click.echo("concurrency groups (flows running / limit, queued, per key):")
+    for group, entry in sorted(doc["concurrency"].items()):
+        limit = entry["limit"] if entry["limit"] is not None else "-"
+        click.echo(f"  {group} (limit {limit} per key):" + ("" if entry["keys"] else " idle"))
+        for key, counts in sorted(entry["keys"].items()):
+            click.echo(f"    {key}: {counts['running']}/{limit} running, "
+                       f"{counts['queued']} queued")
     click.echo("workers (last heartbeat):")
     for instance, (age, info) in sorted(doc["workers"].items()):
         role = " --flows" if info.get("manager") else ""

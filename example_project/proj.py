@@ -33,14 +33,18 @@ from celery_flows import Flow, Flows, Node, current_flow
 
 REDIS_URL = os.environ.get("EXAMPLE_REDIS_URL", "redis://localhost:6379/0")
 
-# the other examples' tasks (run.py crawl: a map over the pages a crawl finds)
+# the other examples' tasks (run.py crawl: a map over the pages a crawl finds; run.py
+# imports: nightly imports, one per tenant at a time)
 app = Celery("example_project", broker=REDIS_URL, backend=REDIS_URL,
-             include=["example_project.crawl"])
+             include=["example_project.crawl", "example_project.imports"])
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     # How long a finished flow stays inspectable with `celery flows inspect`.
     flows_retention=24 * 3600,
+    # At most one nightly import per tenant at a time (imports.py): a tenant's further
+    # imports wait, in the order they were submitted.
+    flows_concurrency_limits={"tenant": 1},
 )
 flows = Flows(app)
 

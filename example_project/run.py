@@ -196,6 +196,15 @@ def run_flow(redis_url: str, tenant: str, report_date: str, timeout: float,
     return 0 if inspect.returncode == 0 else 1
 
 
+def run_imports(redis_url: str, timeout: float) -> int:
+    os.environ["EXAMPLE_REDIS_URL"] = redis_url
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from example_project.imports import run_imports as run
+
+    return run(log, timeout)
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -204,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - say so rather than fail obscurely
         die("Python 3.10 or newer is needed")
     parser = argparse.ArgumentParser(description="Run the example flow end to end.")
-    parser.add_argument("example", nargs="?", choices=("report", "crawl"), default="report",
+    parser.add_argument("example", nargs="?", choices=("report", "crawl", "imports"),
+                        default="report",
                         help="report: the daily report (default); crawl: a map over the "
-                             "pages a crawl finds (example_project/crawl.py)")
+                             "pages a crawl finds (example_project/crawl.py); imports: "
+                             "nightly imports, one per tenant at a time "
+                             "(example_project/imports.py)")
     parser.add_argument("--tenant", default="acme", help="the flow context's tenant")
     parser.add_argument("--date", default=str(datetime.date.today() - datetime.timedelta(1)),
                         help="report date, YYYY-MM-DD (default: yesterday)")
@@ -219,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with processes() as url:
+            if args.example == "imports":
+                return run_imports(url, args.timeout)
             return run_flow(url, args.tenant, args.date, args.timeout, args.example)
     except KeyboardInterrupt:
         log("interrupted")

@@ -54,6 +54,7 @@ app.conf.update(
     flows_dashboard_token=os.environ.get("FLOWS_TEST_DASHBOARD_TOKEN") or None,
     flows_rate_limits=json.loads(os.environ.get("FLOWS_TEST_RATE_LIMITS", "{}")),
     flows_queue_limits=json.loads(os.environ.get("FLOWS_TEST_QUEUE_LIMITS", "{}")),
+    flows_concurrency_limits=json.loads(os.environ.get("FLOWS_TEST_CONCURRENCY", "{}")),
     flows_webhook_secret=os.environ.get("FLOWS_TEST_WEBHOOK_SECRET") or None,
     flows_webhook_url=os.environ.get("FLOWS_TEST_WEBHOOK_URL") or None,
     # a separate registry (a Redis Cluster node) when set; else the test's Redis, named
@@ -372,3 +373,15 @@ def gauge(x: int) -> int:
     time.sleep(0.15)
     _log.decr("gauge")
     return x
+
+
+# -- concurrency groups (tests/test_concurrency.py) -------------------------------------
+
+
+@flows.task(shared=False)
+def span(seconds: float) -> None:
+    """Logs when its body ran, "<flow>|<start>|<end>" (time.time) in ``spans``."""
+    _mark()
+    start = time.time()
+    time.sleep(seconds)
+    _log.rpush("spans", f"{current_flow.id}|{start}|{time.time()}")

@@ -91,6 +91,17 @@ def compile_flow(flow: Definition, app: Celery, config: FlowsConfig, flow_id: st
         "webhook": flow.webhook,
         "fail_fast": flow.fail_fast,
     }
+    concurrency = getattr(flow, "concurrency", None)
+    if concurrency is not None:
+        # left out without a group: earlier digests stay the same
+        if concurrency[0] not in config.concurrency_limits:
+            known = ", ".join(map(repr, config.concurrency_limits)) or "none"
+            raise FlowDefinitionError(
+                f"flow {flow.name!r}: concurrency group {concurrency[0]!r} is not in "
+                f"flows_concurrency_limits (configured: {known}); add it, e.g. "
+                f"app.conf.flows_concurrency_limits = {{{concurrency[0]!r}: 1}}")
+        options["concurrency"] = list(concurrency)
+        options["on_limit"] = getattr(flow, "on_limit", "queue")
     events = tuple(getattr(flow, "webhook_events", ("flow",)))
     if events != ("flow",):  # left out at its default: earlier digests stay the same
         options["webhook_events"] = list(events)

@@ -20,6 +20,7 @@ from .compile import CompiledFlow, compile_flow
 from .entries import Entry
 from .records import Ref
 from .validate import (
+    check_concurrency,
     check_id,
     check_new_id,
     check_node_opts,
@@ -52,7 +53,9 @@ class Flow:
     """A DAG (or tree) of Celery tasks, built with :meth:`add` and friends.
 
     ``Flow("nightly", context={...}, rate_limit="20/s", fail_fast=False, webhook=None,
-    id=None)``: the id is generated at submit when omitted.
+    id=None, concurrency=("tenant", "acme"), on_limit="queue")``: the id is generated at
+    submit when omitted; ``concurrency`` names a group of ``flows_concurrency_limits``
+    and a key, of which at most that many flows run at once (SPEC section 12).
     """
 
     def __init__(
@@ -65,6 +68,8 @@ class Flow:
         webhook: str | None = None,
         webhook_events: tuple[str, ...] | list[str] = ("flow",),
         fail_fast: bool = False,
+        concurrency: tuple[str, str] | None = None,
+        on_limit: str = "queue",
     ) -> None:
         if name is not None and not isinstance(name, str):
             raise FlowDefinitionError(f"flow name must be a string, got {name!r}")
@@ -96,6 +101,9 @@ class Flow:
         self.webhook = webhook
         self.webhook_events = tuple(e for e in ("flow", "node") if e in webhook_events)
         self.fail_fast = fail_fast
+        # a concurrency group's key (SPEC section 12): only a top-level flow takes one
+        self.concurrency = check_concurrency(concurrency, on_limit)
+        self.on_limit = on_limit
         self._entries: dict[str, Entry] = {}
         self._counts: dict[str, int] = {}
 
@@ -131,6 +139,10 @@ class Flow:
                 raise FlowDefinitionError("a sub-flow node cannot take children=")
             if sig is self:
                 raise FlowDefinitionError("a flow cannot contain itself")
+            if getattr(sig, "concurrency", None) is not None:
+                raise FlowDefinitionError(
+                    f"sub-flow {sig.name!r} has concurrency=: only the flow you submit "
+                    "takes a concurrency group (set it on the parent flow)")
             if id is None:
                 id = self._gen_id(sig.name)
             kind = "subflow"

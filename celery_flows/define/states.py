@@ -52,6 +52,8 @@ class FlowState(str, Enum):
 
     RUNNING = "running"
     PAUSED = "paused"
+    #: stored, waiting for a place in its concurrency group (SPEC section 12)
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"

@@ -41,6 +41,32 @@ def check_id(value: Any, what: str) -> str:
     return value
 
 
+#: what a flow of a concurrency group does when its key has no free place (SPEC section 12)
+ON_LIMIT = ("queue", "cancel_newest", "cancel_oldest")
+
+
+def check_concurrency(concurrency: Any, on_limit: Any) -> tuple[str, str] | None:
+    """A flow's ``concurrency=(group, key)`` and ``on_limit``; the group's presence in
+    ``flows_concurrency_limits`` is checked at compile, where the configuration is."""
+    if on_limit not in ON_LIMIT:
+        raise FlowDefinitionError(
+            f"flow on_limit {on_limit!r}: use one of {', '.join(map(repr, ON_LIMIT))}")
+    if concurrency is None:
+        return None
+    if not isinstance(concurrency, (tuple, list)) or len(concurrency) != 2 \
+            or not isinstance(concurrency[0], str) or not concurrency[0]:
+        raise FlowDefinitionError(
+            f"flow concurrency {concurrency!r}: give (group, key), e.g. ('tenant', 'acme'), "
+            "the group named in flows_concurrency_limits")
+    check_id(concurrency[0], "flow concurrency group")
+    key = concurrency[1]
+    if not isinstance(key, str):
+        raise FlowDefinitionError(
+            f"flow concurrency key {key!r} must be a string (letters, digits and _ - . :)")
+    check_id(key, "flow concurrency key")
+    return (concurrency[0], key)
+
+
 def check_new_id(node_id: Any, taken: Collection[str], flow_name: str) -> str:
     """A well-formed node id not yet used in the flow."""
     check_id(node_id, "node id")

@@ -121,6 +121,9 @@ class Dispatcher:
         #: records a map's collected result (Outcomes.collect, set by Outcomes)
         self.collect: Callable[..., None] | None = None
         self.config = limits.config
+        #: a flow found waiting for its concurrency group (claim code 3) asks for its
+        #: place here (engine/groups.py); True: it was started, claim again
+        self.on_waiting: Callable[[str], bool] | None = None
 
     def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
               defer: bool = False) -> None:
@@ -139,6 +142,9 @@ class Dispatcher:
                 store.queue_webhook(fid)
             if claim.more:
                 faults.point("chore-step")
+            if claim.code == 3 and self.on_waiting is not None and self.on_waiting(fid):
+                claim = None
+                continue
             if claim.code != 0:
                 if claim.more:
                     # stopped by fail_fast: its cancel goes on a bounded step per claim

@@ -13,6 +13,7 @@ from ..registry import Store
 from ..registry.codec import Codec
 from .changes import Changes
 from .dispatch import Dispatcher
+from .groups import Groups
 from .limits import Limits
 from .outcomes import Outcomes
 from .submit import Submitter
@@ -21,8 +22,8 @@ __all__ = ["Engine", "attach", "engine_of"]
 
 
 class Engine:
-    """Configuration, codec, store, limits, dispatcher, outcomes, submitter and changes
-    of one app, wired together."""
+    """Configuration, codec, store, limits, dispatcher, outcomes, submitter, changes and
+    concurrency groups of one app, wired together."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -45,7 +46,14 @@ class Engine:
 
     @cached_property
     def dispatcher(self) -> Dispatcher:
-        return Dispatcher(self.app, self.store, self.codec, self.limits)
+        dispatcher = Dispatcher(self.app, self.store, self.codec, self.limits)
+        dispatcher.on_waiting = lambda fid: self.groups.on_waiting(fid)
+        return dispatcher
+
+    @cached_property
+    def groups(self) -> Groups:
+        return Groups(self.store, self.config, self.dispatcher.release,
+                      lambda fid: self.changes.cancel(fid))
 
     @cached_property
     def outcomes(self) -> Outcomes:

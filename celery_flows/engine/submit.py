@@ -108,6 +108,11 @@ class Submitter(OnOutcomes):
             "eager": "1" if self.eager else "",
             "channel": self.store.keys.channel(compiled.id),
         }
+        concurrency = compiled.options.get("concurrency")
+        if concurrency and not self.eager:  # eager mode ignores groups
+            # stored waiting: its first claim asks for its place (engine/groups.py)
+            meta.update(cgroup=concurrency[0], ckey=concurrency[1], cgen="1", cwait="1",
+                        on_limit=compiled.options.get("on_limit") or "queue")
         return compiled, (compiled.id, meta, digest.hexdigest(), nodes, blobs)
 
     def submit(self, flow: Flow) -> str:

@@ -47,6 +47,9 @@ def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
         said = _map_waiting_for(rec, nodes)
         if said is not None:
             return said
+    if state == NodeState.PENDING.value and meta.get("state") == "waiting" and not rec["after"]:
+        return (f"its flow's place in concurrency group {meta.get('cgroup')!r}, key "
+                f"{meta.get('ckey')!r}")
     if state == NodeState.PENDING.value:
         open_deps = [d for d in rec["after"]
                      if d not in rec["removed"]
@@ -87,6 +90,15 @@ def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
     if state == NodeState.AWAITING.value:
         return "an external signal (flows.signal or celery flows signal)"
     return None
+
+
+def _flow_waiting_for(store: Store, fid: str, meta: dict[str, str]) -> dict[str, Any] | None:
+    """``{"group", "key", "position"}`` of a waiting flow (position: 1-based place in its
+    key's line; None while it is being admitted or not yet in line), else None."""
+    if meta.get("state") != "waiting" or not meta.get("cgroup"):
+        return None
+    group, key = meta["cgroup"], meta.get("ckey", "")
+    return {"group": group, "key": key, "position": store.conc_position(group, key, fid)}
 
 
 def describe(store: Store, fid: str) -> dict[str, Any]:
@@ -136,6 +148,8 @@ def describe(store: Store, fid: str) -> dict[str, Any]:
         "finished_at": float(meta["finished_at"]) if meta.get("finished_at") else None,
         "now": now,
         "nodes": out_nodes,
+        # a flow waiting for its concurrency group: which, and its place in line
+        "waiting_for": _flow_waiting_for(store, fid, meta),
         # the webhook's delivery log (worker/webhooks.py), newest last
         "webhooks": json.loads(meta["webhook_log"]) if meta.get("webhook_log") else [],
     }

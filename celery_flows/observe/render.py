@@ -57,6 +57,12 @@ def render_tree(doc: dict[str, Any]) -> str:
         counts[n["state"]] = counts.get(n["state"], 0) + 1
     summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     lines = [f"flow {doc['name']} [{doc['id']}]  {doc['state'].upper()}  ({summary})"]
+    wait = doc.get("waiting_for")
+    if wait:
+        where = (f"number {wait['position']} in line" if wait.get("position")
+                 else "being admitted")
+        lines.append(f"waiting for a place in concurrency group {wait['group']!r}, key "
+                     f"{wait['key']!r} ({where}); nothing runs until then")
     depth: dict[str, int] = {}
     for nid in nodes:  # definition order puts a node's first dependency before it
         parent = nodes[nid]["after"][0] if nodes[nid]["after"] else None

@@ -155,6 +155,27 @@ a node in one atomic step (one slot on Redis Cluster)::
                                       "<order>|<flow>|<node>|<attempt>"
     <prefix>:{sched}:waits            set of limiter ids that have waiting nodes
 
+Concurrency groups (SPEC section 12, engine/groups.py) share the hash tag ``{conc}`` so
+that the global scripts conc_enqueue.lua and conc_admit.lua decide a key's places in one
+atomic step; ``<gk>`` is ``<group>|<key>`` (``|`` is in neither a group name nor a key)::
+
+    <prefix>:{conc}:run:<gk>   zset   flow id -> when it was admitted: the flows holding
+                                      a place (at most the group's limit)
+    <prefix>:{conc}:line:<gk>  zset   flow id -> arrival number (``{conc}:seq``): the
+                                      flows waiting for a place, first come first served
+    <prefix>:{conc}:life:<gk>  hash   flow id -> the life (meta ``cgen``) its entry in run
+                                      or line belongs to: a flow reopened by retry is a
+                                      new life, and a stale free of the old one is a no-op
+    <prefix>:{conc}:keys       zset   "<gk>" -> last arrival, while the key has entries
+                                      (``flows stats``, the reconciler's round)
+    <prefix>:{conc}:evict      zset   flow id -> time: flows to cancel (cancel_newest's
+                                      arrival, cancel_oldest's victim), until cancelled
+    <prefix>:{conc}:seq        string the arrival counter
+
+A flow of a group keeps in its meta ``cgroup``, ``ckey`` (read by other parts: keep the
+names), ``on_limit``, ``cgen`` (its life, from 1) and, while it waits for a place,
+``cwait=1`` and ``croots`` (its roots, released by conc_start.lua).
+
 Task ids, worker instances, wait-queue members and the other identity formats are
 built and parsed in ``ids.py``.
 """
@@ -275,6 +296,24 @@ class Keys:
     @property
     def waits(self) -> str:
         return f"{self.prefix}:{{sched}}:waits"
+
+    def conc(self, group: str, key: str) -> list[str]:
+        """The keys conc_enqueue.lua and conc_admit.lua take for one key of a group:
+        running set, line, life hash."""
+        gk = f"{group}|{key}"
+        return [f"{self.prefix}:{{conc}}:{name}:{gk}" for name in ("run", "line", "life")]
+
+    @property
+    def conc_keys(self) -> str:
+        return f"{self.prefix}:{{conc}}:keys"
+
+    @property
+    def conc_evict(self) -> str:
+        return f"{self.prefix}:{{conc}}:evict"
+
+    @property
+    def conc_seq(self) -> str:
+        return f"{self.prefix}:{{conc}}:seq"
 
     def request(self, key: str, request_id: str) -> str:
         """The reply cache of one call of a script whose first key is ``key``: in that

@@ -9,6 +9,7 @@ return codes map to exceptions in codes.py, and every reply is typed in replies.
 
 from __future__ import annotations
 
+from .concurrency import ConcurrencyStore
 from .creation import Creation
 from .events import Events
 from .reads import Reads
@@ -18,6 +19,6 @@ from .transitions import Transitions
 __all__ = ["Store"]
 
 
-class Store(Transitions, Creation, Services, Reads, Events):
+class Store(Transitions, Creation, Services, Reads, Events, ConcurrencyStore):
     """The registry of one app (``flows.store``): built from its configuration and
     codec, connected lazily, safe to share between threads (redis-py pools)."""

@@ -49,6 +49,9 @@ DIRTY_GRACE = 5.0  # seconds a release may take before the sweeper takes it over
 # Redis Cluster: seconds between copies of new events into the registry's stream, and
 # the copy rounds between two steps of the repair walk (worker/eventcopy.py)
 EVENT_COPY_INTERVAL = 0.2
+# seconds between rounds of the concurrency groups' service: how long a finished flow
+# may keep its place before the next flow of its key is admitted
+GROUPS_INTERVAL = 0.2
 EVENT_REPAIR_EVERY = 25
 
 
@@ -111,6 +114,8 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
             self._spawn("celery-flows-manager", self._manager_loop)
             self._spawn("celery-flows-releaser", self._releaser_loop)
             self._spawn("celery-flows-webhooks", self._webhook_loop)
+            if self.engine.config.concurrency_limits:
+                self._spawn("celery-flows-groups", self._groups_loop)
             if not self.engine.store.inline:
                 self._spawn("celery-flows-events", self._event_copy_loop)
             logger.info("celery-flows: manager services started")
@@ -215,6 +220,9 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
                     recovery.rescue_stranded(engine)
                 if rounds % 2 == 0 and engine.config.queue_limits:
                     collect_slots(engine.store, engine.config)
+                if rounds % 5 == 0 and not engine.config.concurrency_limits:
+                    # groups no longer configured: their places still free and admit
+                    engine.groups.reconcile()
                 if rounds % 5 == 0:
                     self._index_cursor = engine.store.prune_index(self._index_cursor)[1]
             except Exception:
@@ -226,6 +234,16 @@ class FlowsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # celery is unt
                 webhooks.deliver_due(self.engine.store, self.engine.config)
             except Exception:
                 logger.exception("celery-flows: webhook delivery failed; retrying")
+
+    def _groups_loop(self) -> None:
+        """Concurrency groups: free the places of finished flows, admit the next, start
+        admitted flows a dead process left waiting, cancel evicted ones
+        (engine/groups.py)."""
+        while not self._stop.wait(GROUPS_INTERVAL):
+            try:
+                self.engine.groups.reconcile()
+            except Exception:
+                logger.exception("celery-flows: concurrency groups round failed; retrying")
 
     def _event_copy_loop(self) -> None:
         """Redis Cluster: copy the flows' events into the registry's stream."""

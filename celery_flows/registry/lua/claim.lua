@@ -11,7 +11,8 @@
             outbox score, if still in the outbox; otherwise only due entries are claimed
   Returns: {code, left, nonce, flow rate limit, next due, webhook pending, more, entry...}
     code   0 ok | 1 flow paused, cancelled, stopped by fail_fast, hidden (add_bulk), or
-           an eager flow and not its driver: nothing claimed | -1 no such flow | -2 version
+           an eager flow and not its driver: nothing claimed | 3 waiting for its
+           concurrency group: nothing claimed | -1 no such flow | -2 version
     left   outbox entries claimed by another process and not yet published (counted
            before this claim; held entries are not counted)
     nonce  the flow's nonce (part of every task id)

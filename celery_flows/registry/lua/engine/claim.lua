@@ -54,6 +54,8 @@ local function claim_entries(lease, limit, mode, ids_given)
   if st == 'cancelled' or mget('hidden') or (mget('eager') == '1' and mode ~= 'eager') then
     return {1, 0, '', '', '', webhook, ''}
   end
+  -- waiting for its concurrency group (engine/groups.py): nothing released, no timer
+  if mget('cwait') == '1' then return {3, 0, '', '', '', webhook, ''} end
   local now = now_ts()
   local more = ''
   if #ids_given == 0 then

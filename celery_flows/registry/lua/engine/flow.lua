@@ -4,7 +4,8 @@
   A flow that finishes gets finished_at, a due webhook, and at flush its keys expire
   after their retention and its channel hears the new state; a finished flow that runs
   again loses finished_at and its keys persist.
-  Uses: constants (META, KEYS), cache (mget, mset, MCACHE, MDIRTY, later).
+  Uses: constants (META, KEYS), cache (mget, mset, mincr, MCACHE, MDIRTY, later).
+  A flow of a concurrency group is waiting while meta cwait=1 (engine/groups.py).
 ]]
 
 -- 0, or the code of a script that must not touch this flow: -1 no flow, -2 a record
@@ -70,7 +71,15 @@ local function set_flow_state(now)
   local new
   -- a chunked retry (reopening) counts each node back only as it rewrites it
   if done < total or mget('reopening') == '1' then
-    if mget('paused') == '1' then new = 'paused' else new = 'running' end
+    -- a finished flow of a concurrency group that reopens (retry, ignore_failure) waits
+    -- for a place again, last in line, as a new life (cgen): lua/conc_start.lua
+    if (st == 'succeeded' or st == 'failed') and mget('cgroup') then
+      mset('cwait', '1')
+      mincr('cgen', 1)
+    end
+    if mget('paused') == '1' then new = 'paused'
+    elseif mget('cwait') == '1' then new = 'waiting'
+    else new = 'running' end
   elseif tonumber(mget('nfail')) > 0 then
     new = 'failed'
   else

@@ -1,7 +1,7 @@
 --[[
   engine/piece.lua: store_piece, writing nodes of a flow being created (create.lua, and
   create_part.lua for the further pieces of a large one) and releasing its roots.
-  Uses: cache (ids_count, wset, hset_all), settle (evaluate_all).
+  Uses: cache (ids_count, wset, hset_all, mget, mset), settle (evaluate_all).
 
   store_piece(at, now): ARGV[at] is n, then n triples: node id, record JSON (compact:
   fields at their default left out, see cache.lua), args blob ('' = none); then m, then
@@ -31,5 +31,13 @@ local function store_piece(at, now)
   end
   hset_all(NODES, recs)
   hset_all(ARGS, blobs)
-  evaluate_all(roots, now)
+  if mget('cwait') == '1' then
+    -- waiting for its concurrency group: the roots stay pending until conc_start.lua
+    local kept = mget('croots')
+    if kept and kept ~= '' and #roots > 0 then kept = kept .. ',' .. table.concat(roots, ',')
+    elseif #roots > 0 then kept = table.concat(roots, ',') end
+    if kept then mset('croots', kept) end
+  else
+    evaluate_all(roots, now)
+  end
 end
