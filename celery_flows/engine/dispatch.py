@@ -91,20 +91,25 @@ class Call(NamedTuple):
 
 
 class Release(NamedTuple):
-    """What the limiters said: ``held`` (the node waits in its flow), else the Redis
-    time they admitted it at (None when no limiter applies)."""
+    """What the limiters said: ``held`` (the node waits in its flow; ``by`` refused it
+    for ``wait`` seconds, admit.lua), else the Redis time they admitted it at (None
+    when no limiter applies)."""
 
     held: bool
     at: float | None = None
+    by: str = ""
+    wait: float = 0.0
 
 
 class Single(NamedTuple):
     """What the releaser's try to send one held node came to: ``published``,
-    ``held`` (still refused; ``wait`` seconds until its limiter may admit it, 0 when
-    unknown) or ``stale`` (the node moved on: its wait-queue member is obsolete)."""
+    ``held`` (still refused by limiter ``by``; ``wait`` seconds until it may admit
+    it, 0 when it is not the node's turn there, -1 until a slot frees) or ``stale``
+    (the node moved on: its wait-queue member is obsolete)."""
 
     outcome: str
     wait: float = 0.0
+    by: str = ""
 
 
 class Dispatcher:
@@ -116,6 +121,16 @@ class Dispatcher:
         self.codec = codec
         self.limits = limits
         self.acks = Acks(store)
+        self._units: dict[str, str] = {}  # flow id -> fair-share unit (never changes)
+
+    def share_unit(self, fid: str) -> str:
+        """The flow's fair-share unit, read once (its concurrency key is set at create)."""
+        unit = self._units.get(fid)
+        if unit is None:
+            if len(self._units) >= 4096:
+                self._units.clear()
+            unit = self._units[fid] = self.store.share_unit(fid)
+        return unit
 
     def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
               defer: bool = False) -> None:
@@ -252,14 +267,15 @@ class Dispatcher:
             member = member_for(order_key(call.path, priority, float(ready_at)), fid,
                                 call.node_id, call.attempt)
         while True:
-            answer = self.limits.admit(limiters, member, call.task_id)
+            answer = self.limits.admit(limiters, member, call.task_id,
+                                       self.share_unit(fid), fid)
             if answer.admitted or not 0 < answer.wait <= patience:
                 break
             time.sleep(answer.wait)
         if not answer.admitted:
             self.store.hold(fid, call.node_id, call.attempt, member, answer.refused_by,
                             answer.wait)
-            return Release(True)
+            return Release(True, by=answer.refused_by, wait=answer.wait)
         return Release(False, answer.at or None)
 
     def release_one(self, fid: str, nid: str, attempt: int, member: str) -> Single:
@@ -276,9 +292,7 @@ class Dispatcher:
         release = self._admit(fid, claim.flow_rate, call, member, patience=0.05)
         if release.held:
             store.published(fid, [], clear_token=token)
-            held = (store.node(fid, nid) or {}).get("held") or {}
-            until = held.get("until")
-            return Single("held", max(float(until) - store.now(), 0.0) if until else 0.0)
+            return Single("held", release.wait, release.by)
         faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, release.at)
