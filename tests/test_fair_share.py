@@ -50,7 +50,8 @@ def small_behind_big(fair: Any, big: Flow, small: Flow) -> tuple[float, int, int
     assert hs.wait(timeout=40) == FlowState.SUCCEEDED
     start, last = float(hs.inspect()["created_at"]), max(released(hs).values())
     big_times = released(hb)
-    fair.flows.cancel(hb.id)
+    if hb.state() == FlowState.RUNNING:
+        fair.flows.cancel(hb.id)
     return last - start, between(big_times, start, last), before(big_times, last)
 
 
@@ -123,35 +124,36 @@ def test_round_robin_is_by_concurrency_key_then_by_flow(
     assert a1 + a2 <= 12, (a1, a2)
     assert a1 >= 2 and a2 >= 2, (a1, a2)
     for name in ("a1", "a2"):
-        fair.flows.cancel(handles[name].id)
+        if handles[name].state() == FlowState.RUNNING:
+            fair.flows.cancel(handles[name].id)
 
 
 def test_a_flow_blocked_by_another_limit_keeps_its_turn(
     fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
-    """x's nodes pass the 20/s limit but wait for a cap of 1 (each runs 0.3 s); y shares
+    """x's nodes pass the 20/s limit but wait for a cap of 1 (each runs 0.5 s); y shares
     only the rate. y is not held to x's pace (x is parked at the rate limit while the
     cap holds its node), and each x node goes out as soon as the cap frees."""
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=3,
                    queues=("celery", "single"))
     x = Flow("x")
-    for i in range(5):
-        x.add(fair.occupy.si(0.3, i), id=f"x{i}", rate_limit="api", queue="single")
+    for i in range(6):
+        x.add(fair.occupy.si(0.5, i), id=f"x{i}", rate_limit="api", queue="single")
     y = Flow("y")
     for i in range(30):
         y.add(fair.ident.si(i), id=f"y{i}", rate_limit="api")
     hx, hy = fair.flows.submit(x), fair.flows.submit(y)
     assert hy.wait(timeout=30) == FlowState.SUCCEEDED
     assert hx.wait(timeout=30) == FlowState.SUCCEEDED
-    ys = sorted(released(hy).values())
-    span = ys[-1] - ys[0]
-    print(f"\n30 releases of y took {span:.2f} s at 20/s beside x")
-    # 30 releases of y and the few of x meanwhile, at 0.05 s each, with slack; if x's
-    # turn held the limit while the cap was full, y would go at x's pace (0.3 s each)
-    assert span <= (30 + 6 + 8) * 0.05, span
+    span = max(released(hy).values()) - float(hy.inspect()["created_at"])
+    print(f"\ny's 30 releases took {span:.2f} s from its submit at 20/s beside x")
+    # 30 releases of y and the few of x meanwhile, at 0.05 s each, and 1 s of slack; if
+    # x's turn held the limit while the cap was full, y would wait for x's nodes (0.5 s
+    # each: 3 s)
+    assert span <= (30 + 6) * 0.05 + 1.0, span
     nodes = hx.inspect()["nodes"]
     gaps = [float(nodes[f"x{i + 1}"]["queued_at"]) - float(nodes[f"x{i}"]["finished_at"])
-            for i in range(4)]
+            for i in range(5)]
     print(f"x: from a node's end to the next one's release: {[round(g, 3) for g in gaps]}")
     # the cap freed, x's next node goes within a few intervals of the rate
     assert max(gaps) <= 0.25, gaps
