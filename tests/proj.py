@@ -334,3 +334,41 @@ def check_key(key: str) -> Any:
     _mark()
     value = _log.get(key)
     return value.decode() if value is not None else None
+
+
+# -- maps (tests/test_map.py) -----------------------------------------------------------
+
+
+@flows.task(shared=False)
+def numbers(n: int) -> list[int]:
+    _mark()
+    return list(range(n))
+
+
+@flows.task(shared=False)
+def double(x: int, flag: str = "") -> int:
+    """Doubles x; with ``flag``, fails on x == 3 until the Redis key ``flag`` exists."""
+    _mark()
+    if flag and x == 3 and not _log.exists(flag):
+        raise RuntimeError(f"item {x}: {flag} not set")
+    return 2 * x
+
+
+@flows.task(shared=False)
+def listing(flag: str) -> Any:
+    """Not a list until the Redis key ``flag`` exists, then [1, 2, 3]."""
+    _mark()
+    return [1, 2, 3] if _log.exists(flag) else {"not": "a list"}
+
+
+@flows.task(shared=False)
+def gauge(x: int) -> int:
+    """Counts the items running at once (Redis key ``gauge``; its peak in
+    ``gauge-max``)."""
+    _mark()
+    now = _log.incr("gauge")
+    _log.eval("if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[1]) then "
+              "redis.call('SET', KEYS[2], ARGV[1]) end", 2, "gauge", "gauge-max", now)
+    time.sleep(0.15)
+    _log.decr("gauge")
+    return x

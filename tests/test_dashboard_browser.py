@@ -200,3 +200,35 @@ def test_big_graphs_collapse_sub_flows_and_cap_the_drawing_with_a_banner(
         assert errors == [] and elsewhere == []
     finally:
         served.stop()
+
+
+def test_a_map_draws_its_items_under_it_collapsed_past_a_few_dozen(
+    import_app: ImportApp, worker_factory: WorkerFactory, browser: Any,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    handles = {}
+    for n in (3, 50):
+        f = Flow("mapped", id=f"map-{n}")
+        src = f.add(proj.numbers.s(n), id="src")
+        each = f.map(proj.double.s(), over=src, id="each")
+        f.add(proj.tsum.s(), id="total", after=[each])
+        handles[n] = proj.flows.submit(f)
+    for handle in handles.values():
+        assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    served = Served(proj.app)
+    try:
+        page, errors, elsewhere = _offline_page(browser, served)
+        page.goto(served.url + "/flows/map-3")
+        # a few items: each one drawn, under its map
+        _until(page, "document.querySelectorAll('g.node').length === 6")
+        assert _state_of(page, "each[2]") == "succeeded"
+        page.goto(served.url + "/flows/map-50")
+        # 50 items: one dashed box, which a click expands
+        _until(page, "document.querySelectorAll('g.node').length === 4")
+        assert "collapsed" in page.inner_text("#banner")
+        page.click('g.node[data-node="each[*]"]')
+        _until(page, "document.querySelectorAll('g.node').length === 53")
+        assert errors == [] and elsewhere == []
+    finally:
+        served.stop()

@@ -22,6 +22,7 @@ from .records import (
     context_field,
     link,
     longest_paths,
+    mark_maps,
     new_record,
     ref_ids,
     rename_ref,
@@ -80,6 +81,7 @@ def compile_flow(flow: Definition, app: Celery, config: FlowsConfig, flow_id: st
              origins={}, contexts=contexts)
     order = check_acyclic(records)
     link(records)
+    mark_maps(records)
     paths = longest_paths(records, order)
     for seq, (nid, rec) in enumerate(records.items()):
         rec["seq"] = seq
@@ -257,6 +259,10 @@ def _flatten(
             if sig.immutable:
                 input_ref = None
             sig_opts = dict(sig.options)
+            if entry.kind == "map":
+                if len(entry.after) != 1:
+                    raise FlowDefinitionError(f"map {nid!r}: over= takes one node")
+                input_ref = input_parts[0]
             rec = new_record(
                 task=task_name,
                 kind=entry.kind,
@@ -272,6 +278,10 @@ def _flatten(
                 timeout=opts.get("timeout"),
                 poke=opts.get("poke"),
             )
+            if entry.kind == "map":
+                rec["mlen"] = opts["mlen"]
+                if opts.get("mact") is not None:
+                    rec["mact"] = opts["mact"]
             passthrough = {k: v for k, v in sig_opts.items() if k in PASSTHROUGH_OPTIONS}
             calls[nid] = (tuple(sig.args), dict(sig.kwargs), passthrough)
         rec["ctx"] = ctx_field

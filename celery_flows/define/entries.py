@@ -17,7 +17,7 @@ class Entry:
     """One node of a definition, as :class:`~celery_flows.Flow` collected it."""
 
     id: str
-    kind: str  # task | subflow | external | sensor
+    kind: str  # task | subflow | external | sensor | map
     body: Any  # Signature | Flow (a Definition) | None
     after: list[str]
     children: list[str] | None = None

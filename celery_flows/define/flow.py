@@ -201,6 +201,47 @@ class Flow:
         self._entries[id] = Entry(id, "sensor", sig, deps, None, opts)
         return Node(self, id)
 
+    def map(
+        self, sig: Signature, *, over: AfterSpec, id: str | None = None,
+        max_length: int = 1024, max_active: int | None = None, queue: str | None = None,
+        priority: int | None = None, rate_limit: str | None = None,
+        failure_policy: str | None = None, trigger_rule: str | None = None,
+        max_recoveries: int | None = None,
+    ) -> Node:
+        """One node per item of ``over``'s list result (SPEC section 12): ``each[0]``,
+        ``each[1]``, ... each get their item as input; to its dependents the map is one
+        node whose result is the list of the items' results, in order."""
+        check_signature(sig, id)
+        if sig.immutable:
+            raise FlowDefinitionError(
+                f"map {id or sig.task!r}: an immutable signature (.si()) cannot take the "
+                "items; use .s()")
+        if id is None:
+            id = self._gen_id(sig.task)
+        check_new_id(id, self._entries, self.name)
+        if failure_policy == "remove":
+            raise FlowDefinitionError(
+                f"map {id!r}: failure_policy 'remove' is refused for maps (an item cannot "
+                "leave the list); use 'fail' or 'ignore'")
+        for what, value, low in (("max_length", max_length, 0), ("max_active", max_active, 1)):
+            if value is None and what == "max_active":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise FlowDefinitionError(f"map {id!r}: {what} must be an int >= {low}")
+        opts = check_node_opts(
+            id, queue=queue, priority=priority, rate_limit=rate_limit,
+            failure_policy=failure_policy, trigger_rule=trigger_rule,
+            max_recoveries=max_recoveries,
+        )
+        opts["mlen"] = max_length
+        if max_active is not None:
+            opts["mact"] = max_active
+        if isinstance(over, (list, tuple)) or over is None:
+            raise FlowDefinitionError(f"map {id!r}: over= takes one node (id or Node)")
+        deps = self._resolve_after(id, over)
+        self._entries[id] = Entry(id, "map", sig, deps, None, opts)
+        return Node(self, id)
+
     def _add_shaped(self, sig: Signature, *, after: Sequence[str], input: Ref,
                     id: str | None = None) -> Node:
         """Add a task whose input shape is given explicitly (used by from_canvas):

@@ -19,6 +19,14 @@ epol     set on a sub-flow's final nodes only: the sub-flow node's policy, appli
 fpol     policy deciding whether a failure fails the whole flow
 ctx      field of the args hash holding the node's context overlay (sub-flows)
 lp       longest path in nodes to a sink, from submit (:func:`longest_paths`)
+mlen, mact   a map's max_length and max_active (SPEC section 12)
+maps     on a node some map takes as its whole input: those maps (the completion
+         that records it splits its result into their items: engine/maps.py)
+k, xtok, over   an expanded map: its item count, the token of its staged elements,
+         the node it expanded over (its ``after`` is then its items)
+item, of, xin   a map's item: its index, its map, the args-hash field of its element
+         (an item is written at its first change; until then it reads as made from its
+         map: lua/engine/cache.lua item_record, :func:`item_record`)
 
 User data (arguments, signature options, contexts, results) never goes into a record:
 it is stored as serialised blobs that Lua only copies (see :mod:`celery_flows.codec`).
@@ -28,14 +36,16 @@ state, attempt, waiting, removed, skip_reason, error, ... runtime fields
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeAlias, TypedDict, cast
 
 from ..errors import FlowDefinitionError
 from .states import NodeState
 
-__all__ = ["LIST_FIELDS", "NodeRecord", "Ref", "as_list", "check_acyclic", "compact",
-           "context_field", "link", "longest_paths", "map_pairs", "new_record", "ref_ids",
-           "rename_ref", "with_defaults"]
+__all__ = ["ITEM_RE", "LIST_FIELDS", "NodeRecord", "Ref", "as_list", "check_acyclic",
+           "compact", "context_field", "item_ids", "item_record", "link", "longest_paths",
+           "map_pairs", "mark_maps", "new_record", "ref_ids", "rename_ref", "shown_state",
+           "with_defaults"]
 
 Ref: TypeAlias = "str | list[Ref] | dict[str, Any] | None"
 
@@ -101,6 +111,16 @@ class NodeRecord(TypedDict, total=False):
     putback: bool
     sensor_since: float | None
     opts: dict[str, Any]  # format 1.0 kept signature options here
+    # maps
+    mlen: int
+    mact: int | None
+    maps: list[str]
+    k: int
+    xtok: str
+    over: str
+    item: int
+    of: str
+    xin: str
 
 
 def map_pairs(ref: dict[str, Any]) -> list[tuple[str, Ref]]:
@@ -271,14 +291,60 @@ def with_defaults(rec: dict[str, Any]) -> NodeRecord:
     for k in LIST_FIELDS:
         rec[k] = as_list(rec.get(k))
     if isinstance(deps, str):  # stored joined (compact)
-        rec["deps_of"] = deps.split(",")
+        rec["deps_of"] = deps.split(",") if deps else []
     if isinstance(after, str):
-        rec["after"] = after.split(",")
+        rec["after"] = after.split(",") if after else []
     if rec.get("input") == INPUT_AFTER:
         rec["input"] = list(rec["after"])
     if "fpol" not in rec:
         rec["fpol"] = rec["policy"]
     return cast(NodeRecord, rec)
+
+
+def mark_maps(records: dict[str, NodeRecord]) -> None:
+    """Note on each node a map takes as its whole input the maps that expand over it
+    (``maps``): the completion that records it then splits its result."""
+    for nid, rec in records.items():
+        if rec.get("kind") == "map" and rec["after"] == [rec["input"]]:
+            over = records[str(rec["input"])]
+            over["maps"] = [*over.get("maps", []), nid]
+
+
+ITEM_RE = re.compile(r"^(.+)\[(\d+)\]$")
+
+
+def item_record(m: NodeRecord, nid: str, i: int) -> NodeRecord:
+    """Item ``i`` of the expanded map ``m`` as it reads before its first write (the
+    Lua engine's item_record, lua/engine/cache.lua)."""
+    rec: dict[str, Any] = {
+        "task": m.get("task"), "deps_of": [nid], "of": nid, "item": i,
+        "xin": f"@{m.get('xtok')}:{i}", "queue": m.get("queue"),
+        "priority": m.get("priority"), "rate": m.get("rate"), "policy": m.get("policy"),
+        "fpol": m.get("fpol"), "max_rec": m.get("max_rec"), "ctx": m.get("ctx"),
+        "lp": int(m.get("lp") or 1) + 1,
+    }
+    rec = {k: v for k, v in rec.items() if v is not None}
+    if m.get("state") == NodeState.CANCELLED.value:
+        rec["state"] = NodeState.CANCELLED.value
+        rec["cancel_reason"] = m.get("cancel_reason")
+    return with_defaults(rec)
+
+
+def item_ids(nid: str, rec: NodeRecord) -> list[str]:
+    """The ids of an expanded map's items (none before it expands)."""
+    if rec.get("kind") != "map" or rec.get("k") is None:
+        return []
+    return [f"{nid}[{i}]" for i in range(int(rec["k"]))]
+
+
+def shown_state(rec: NodeRecord) -> str:
+    """The state readers see of a map: pending until it expands, then running until
+    it ends (lua/engine/cache.lua shown_state)."""
+    state = str(rec.get("state", NodeState.PENDING.value))
+    if rec.get("kind") == "map" and state in (NodeState.PENDING.value,
+                                              NodeState.SCHEDULED.value):
+        return str((NodeState.RUNNING if rec.get("k") is not None else NodeState.PENDING).value)
+    return state
 
 
 def longest_paths(records: dict[str, NodeRecord], order: list[str]) -> dict[str, int]:

@@ -94,6 +94,11 @@ def retry_nodes(store: Store, flow_id: str) -> tuple[str, list[str], dict[str, N
            if (rec["state"] == NodeState.FAILED and rec.get("counted_fail"))
            or (rec["state"] == NodeState.CANCELLED
                and rec.get("cancel_reason") == "fail_fast")]
+    # a map that failed at its expansion runs again from its input (SPEC section 12)
+    ids += [str(recs[nid]["after"][0]) for nid in list(ids)
+            if recs[nid].get("kind") == "map" and recs[nid].get("k") is None
+            and recs[nid]["state"] == NodeState.FAILED and recs[nid]["after"]
+            and recs[nid]["after"][0] not in ids]
     seen = set(ids)
     i = 0
     while i < len(ids):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis
@@ -20,6 +21,7 @@ from ..registry.ids import member_for, order_key, task_id_for
 from ..registry.replies import Claim, Published
 from .acks import Acks
 from .limits import Limits
+from .maps import expansion
 from .routing import route_queue
 
 __all__ = ["BATCH", "CLAIM", "CLAIM_LEASE", "Call", "Dispatcher", "resolve_input"]
@@ -121,6 +123,9 @@ class Dispatcher:
         self.codec = codec
         self.limits = limits
         self.acks = Acks(store)
+        #: records a map's collected result (Outcomes.collect, set by Outcomes)
+        self.collect: Callable[..., None] | None = None
+        self.config = limits.config
         self._units: dict[str, str] = {}  # flow id -> fair-share unit (never changes)
 
     def share_unit(self, fid: str) -> str:
@@ -167,6 +172,9 @@ class Dispatcher:
                         for entry in claim.entries:
                             try:
                                 call = self.prepare(fid, claim.nonce, entry)
+                                if call.rec.get("kind") == "map":
+                                    self.settle_map(fid, call)
+                                    continue
                                 release = self._admit(fid, claim.flow_rate, call)
                                 if release.held:
                                     continue
@@ -228,7 +236,11 @@ class Dispatcher:
             for dep, raw in zip(after, raw_results, strict=False)
             if raw is not None
         }
-        if rec.get("input") is not None:
+        if rec.get("xin"):
+            # a map's item: its element (claim.lua sends it as its one input)
+            raw = raw_results[0] if raw_results else None
+            args = [self.codec.load_result(raw) if raw is not None else None, *args]
+        elif rec.get("input") is not None:
             args = [resolve_input(rec["input"], values, kinds), *args]
         task_name = str(rec["task"])
         attempt = int(rec["attempt"])
@@ -249,6 +261,20 @@ class Dispatcher:
             # refuses a message below the node's retry count
             retries=int(rec.get("retries") or 0),
         )
+
+    def settle_map(self, fid: str, call: Call, release: bool = True) -> None:
+        """A map in the outbox is no task: it expands over its input (claimed before
+        expanding: lua/expand.lua), or its items are all terminal and their results, in
+        order, become its own (``release`` False: the eager driver drains itself)."""
+        value = call.args[0] if call.args else None
+        if call.rec.get("k") is None:
+            x = expansion(self.store, self.codec, self.config, fid, call.node_id, value,
+                          int(call.rec.get("mlen") or 1024))
+            self.store.expand(fid, call.node_id, call.attempt,
+                              x if isinstance(x, str) else json.dumps(x))
+            return
+        assert self.collect is not None, "Outcomes sets the dispatcher's collect"
+        self.collect(fid, call.node_id, call.attempt, list(value or []), release=release)
 
     def _admit(self, fid: str, flow_rate: str, call: Call, member: str | None = None,
                patience: float = 0.0) -> Release:

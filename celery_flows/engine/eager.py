@@ -55,6 +55,9 @@ def run_eager(outcomes: Outcomes, fid: str) -> None:
             return
         for entry in entries:
             call = dispatcher.prepare(fid, nonce, entry)
+            if call.rec.get("kind") == "map":
+                dispatcher.settle_map(fid, call, release=False)
+                continue
             store.published(fid, [Published(call.node_id, call.attempt, call.queue, call.task_id,
                                             None)],
                             track=False)

@@ -23,6 +23,7 @@ from ..registry.ids import TaskRef, new_instance_id, parse_task_id, task_nonce
 from ..registry.replies import Completion
 from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .limits import Limits
+from .maps import expansions
 
 __all__ = ["OnOutcomes", "Outcomes", "current_instance", "set_instance"]
 
@@ -54,6 +55,7 @@ class Outcomes:
         self.codec = codec
         self.dispatcher = dispatcher
         self.limits = limits
+        dispatcher.collect = self.collect
 
     def _encode(self, outcome: str, result: Any, error: str) -> tuple[str, bytes, str]:
         if outcome != "succeeded":
@@ -95,10 +97,20 @@ class Outcomes:
         if not release or self.app.conf.task_always_eager:
             done = store.complete(fid, nid, attempt, outcome, blob, error, external=external,
                                   falsy=falsy)
+            if done.code == 7:
+                done = store.complete(fid, nid, attempt, outcome, blob, error,
+                                      external=external, falsy=falsy,
+                                      expansions=self._expansions(fid, blob, done.maps))
             raise_for(done.code, fid)
             return done
         marked = store.complete_and_claim(fid, nid, attempt, outcome, blob, error,
                                           CLAIM_LEASE, BATCH, external, drop, falsy)
+        if marked.reply.code == 7:
+            if marked.token or marked.claim:  # Redis Cluster: the claim ran beside it
+                self.dispatcher.release(fid, marked.token, marked.claim)
+            marked = store.complete_and_claim(
+                fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop,
+                falsy, self._expansions(fid, blob, marked.reply.maps))
         done = marked.reply
         if done.code < 0:
             if marked.token:
@@ -111,6 +123,17 @@ class Outcomes:
         # producer's signal() returns with the dependents queued)
         self.dispatcher.release(fid, marked.token, marked.claim, defer=instance is not None)
         return done
+
+    def _expansions(self, fid: str, blob: bytes, lengths: dict[str, int] | None) -> str:
+        """The maps over a node expand over its result (engine/maps.py), as its
+        dependents would read it (a tuple through JSON is a list)."""
+        value = self.codec.load_result(blob)
+        return expansions(self.store, self.codec, self.config, fid, value, lengths or {})
+
+    def collect(self, fid: str, nid: str, attempt: int, value: list[Any],
+                release: bool = True) -> None:
+        """A map's items are all terminal: their results, in order, are its result."""
+        self.record(fid, nid, attempt, "succeeded", result=value, release=release)
 
     def record_lost(self, ref: TaskRef, error: str, lost_instance: str = "") -> int:
         """The worker running ``ref``'s attempt died: recover the node (a new attempt,

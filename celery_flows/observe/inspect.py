@@ -17,9 +17,36 @@ _SHOWN_DEPS = 20
 __all__ = ["describe"]
 
 
+def _map_waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord]) -> str | None:
+    """What a map or a map's item waits for (SPEC section 12), or None for the rules
+    of any node."""
+    state = rec["state"]
+    if rec.get("of") is not None and state == NodeState.PENDING.value:
+        owner = nodes.get(str(rec["of"])) or {}
+        if owner.get("mact"):
+            return (f"its turn: map {rec['of']!r} runs at most {owner['mact']} items at "
+                    "once (max_active)")
+        return "its release, a step per claim (by this process or a --flows worker)"
+    if rec.get("kind") == "map" and rec.get("k") is not None \
+            and state == NodeState.RUNNING.value:
+        open_items = [d for d in rec["after"]
+                      if NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
+        if open_items:
+            return (f"its items: {len(open_items)} of {rec['k']} not finished (" +
+                    ", ".join(open_items[:_SHOWN_DEPS]) +
+                    (" ..." if len(open_items) > _SHOWN_DEPS else "") + ")")
+        return ("the collection of its items' results, in the outbox (by this process or a "
+                "--flows worker)")
+    return None
+
+
 def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
                  meta: dict[str, str], now: float) -> str | None:
     state = rec["state"]
+    if rec.get("kind") == "map" or rec.get("of") is not None:
+        said = _map_waiting_for(rec, nodes)
+        if said is not None:
+            return said
     if state == NodeState.PENDING.value:
         open_deps = [d for d in rec["after"]
                      if d not in rec["removed"]
@@ -73,9 +100,14 @@ def describe(store: Store, fid: str) -> dict[str, Any]:
             {"percent": p.get("pct"), "message": p.get("msg"), "at": p.get("at")}
             for p in rec["progress"]
         ]
+        after = rec["after"]
+        if rec.get("of") is not None:
+            after = [str(rec["of"])]  # an item is drawn under its map
+        elif rec.get("kind") == "map" and rec.get("over"):
+            after = [str(rec["over"])]  # an expanded map's edges are its items'
         out_nodes[nid] = {
             "state": rec["state"],
-            "after": rec["after"],
+            "after": after,
             "queue": rec.get("queue"),
             "attempts": rec.get("attempt", 0),
             "recoveries": rec.get("recoveries", 0),
@@ -91,6 +123,11 @@ def describe(store: Store, fid: str) -> dict[str, Any]:
             "skip_reason": rec.get("skip_reason"),
             "task": rec.get("task"),
         }
+        if rec.get("kind") == "map":
+            out_nodes[nid]["items"] = rec.get("k")  # None until it expands
+        elif rec.get("of") is not None:
+            out_nodes[nid]["map"] = rec["of"]
+            out_nodes[nid]["item"] = rec.get("item")
     return {
         "id": fid,
         "name": meta.get("name"),

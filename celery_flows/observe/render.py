@@ -17,13 +17,41 @@ def _fmt_secs(a: Any, b: Any) -> str:
     return ""
 
 
+#: A map's items drawn one by one; past this many, the first ones that did not succeed
+#: are drawn, and the rest counted on one line
+SHOWN_ITEMS = 24
+
+
+def _shown_items(items: list[str], nodes: dict[str, Any]) -> tuple[list[str], str]:
+    """The items of a map to draw, and the line that counts the others ('' if none)."""
+    if len(items) <= SHOWN_ITEMS:
+        return items, ""
+    first = [i for i in items if nodes[i]["state"] != "succeeded"][:SHOWN_ITEMS] \
+        or items[:SHOWN_ITEMS]
+    shown = set(first)
+    counts: dict[str, int] = {}
+    for i in items:
+        if i not in shown:
+            counts[nodes[i]["state"]] = counts.get(nodes[i]["state"], 0) + 1
+    return [i for i in items if i in shown], (
+        f"... {len(items) - len(first)} more items: " +
+        ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+
+
 def render_tree(doc: dict[str, Any]) -> str:
-    """A node is drawn under its first dependency; other dependencies are named."""
+    """A node is drawn under its first dependency (a map's items under their map);
+    other dependencies are named."""
     nodes: dict[str, Any] = doc["nodes"]
     children: dict[str | None, list[str]] = {}
     for nid, n in nodes.items():
         parent = n["after"][0] if n["after"] else None
         children.setdefault(parent, []).append(nid)
+    more: dict[str, str] = {}
+    for nid, n in nodes.items():
+        if n.get("items") and nid in children:
+            items = [c for c in children[nid] if nodes[c].get("map") == nid]
+            shown, more[nid] = _shown_items(items, nodes)
+            children[nid] = [c for c in children[nid] if c not in set(items) - set(shown)]
     counts: dict[str, int] = {}
     for n in nodes.values():
         counts[n["state"]] = counts.get(n["state"], 0) + 1
@@ -68,8 +96,13 @@ def render_tree(doc: dict[str, Any]) -> str:
         stack.append((r, "", i == 0))
     while stack:
         nid, prefix, last = stack.pop()
+        if nid.startswith("\0"):
+            lines.append(f"{prefix}{'└─ ' if last else '├─ '}{nid[1:]}")
+            continue
         lines.append(line(nid, prefix, last))
         kids = children.get(nid, [])
+        if more.get(nid):
+            kids = [*kids, "\0" + more[nid]]
         child_prefix = prefix + ("   " if last else "│  ")
         for i, k in enumerate(reversed(kids)):
             stack.append((k, child_prefix, i == 0))
@@ -101,14 +134,32 @@ def watch(store: Store, fid: str, echo: Any, interval: float = 1.0) -> dict[str,
                 break
 
 
+def _graph_nodes(doc: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The boxes and edges of a drawing: a map's items as in the tree (past
+    SHOWN_ITEMS, one box counts the others)."""
+    nodes: dict[str, Any] = dict(doc["nodes"])
+    for nid, n in doc["nodes"].items():
+        if not n.get("items"):
+            continue
+        items = [c for c, m in doc["nodes"].items() if m.get("map") == nid]
+        shown, line = _shown_items(items, doc["nodes"])
+        for c in set(items) - set(shown):
+            del nodes[c]
+        if line:
+            nodes[f"{nid}[...]"] = {"state": "items", "after": [nid], "label": line[4:]}
+    edges = [(dep, nid) for nid, n in nodes.items() for dep in n["after"] if dep in nodes]
+    return nodes, edges
+
+
 def to_mermaid(doc: dict[str, Any]) -> str:
-    ids = {nid: f"n{i}" for i, nid in enumerate(doc["nodes"])}
+    nodes, edges = _graph_nodes(doc)
+    ids = {nid: f"n{i}" for i, nid in enumerate(nodes)}
     lines = ["flowchart TD"]
-    for nid, n in doc["nodes"].items():
-        lines.append(f'    {ids[nid]}["{nid}<br/>{n["state"]}"]:::{n["state"]}')
-    for nid, n in doc["nodes"].items():
-        for dep in n["after"]:
-            lines.append(f"    {ids[dep]} --> {ids[nid]}")
+    for nid, n in nodes.items():
+        label = n.get("label") or n["state"]
+        lines.append(f'    {ids[nid]}["{nid}<br/>{label}"]:::{n["state"]}')
+    for dep, nid in edges:
+        lines.append(f"    {ids[dep]} --> {ids[nid]}")
     colours = {"succeeded": "#c8e6c9", "failed": "#ffcdd2", "running": "#bbdefb",
                "skipped": "#eeeeee", "cancelled": "#e0e0e0", "queued": "#fff9c4"}
     for state, colour in colours.items():
@@ -117,11 +168,11 @@ def to_mermaid(doc: dict[str, Any]) -> str:
 
 
 def to_dot(doc: dict[str, Any]) -> str:
+    nodes, edges = _graph_nodes(doc)
     lines = [f'digraph "{doc["id"]}" {{', "    rankdir=TB;"]
-    for nid, n in doc["nodes"].items():
-        lines.append(f'    "{nid}" [label="{nid}\\n{n["state"]}"];')
-    for nid, n in doc["nodes"].items():
-        for dep in n["after"]:
-            lines.append(f'    "{dep}" -> "{nid}";')
+    for nid, n in nodes.items():
+        lines.append(f'    "{nid}" [label="{nid}\\n{n.get("label") or n["state"]}"];')
+    for dep, nid in edges:
+        lines.append(f'    "{dep}" -> "{nid}";')
     lines.append("}")
     return "\n".join(lines)

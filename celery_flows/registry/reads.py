@@ -8,7 +8,14 @@ from typing import Any, cast
 
 import redis
 
-from ..define.records import NodeRecord, with_defaults
+from ..define.records import (
+    ITEM_RE,
+    NodeRecord,
+    item_ids,
+    item_record,
+    shown_state,
+    with_defaults,
+)
 from ..define.states import TERMINAL_NODE_STATES, NodeState
 from .codes import NOT_FOUND, VERSION, raise_for
 from .connection import Connection
@@ -143,6 +150,9 @@ class Reads(Connection):
         return None
 
     def _overlay(self, fid: str, recs: dict[str, NodeRecord], staged: set[str]) -> None:
+        for rec in recs.values():
+            if rec.get("kind") == "map":
+                rec["state"] = shown_state(rec)
         for nid in staged:
             if nid in recs:
                 _as_reopened(recs[nid])
@@ -154,20 +164,39 @@ class Reads(Connection):
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
         staged = self._reopening(fid)
         raw = self.client.hgetall(self.keys.nodes(fid))
-        decoded = sorted(((with_defaults(json.loads(v)), text(k)) for k, v in raw.items()),
+        stored = {text(k): with_defaults(json.loads(v)) for k, v in raw.items()}
+        decoded = sorted(((rec, nid) for nid, rec in stored.items() if "of" not in rec),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
-        out: dict[str, NodeRecord] = {nid: rec for rec, nid in decoded}
+        out: dict[str, NodeRecord] = {}
+        for rec, nid in decoded:
+            out[nid] = rec
+            # a map's items follow it, those not written yet made from it
+            for i, iid in enumerate(item_ids(nid, rec)):
+                out[iid] = stored.get(iid) or item_record(rec, nid, i)
         self._overlay(fid, out, staged)
         return out
 
     def node(self, fid: str, nid: str) -> NodeRecord | None:
         staged = self._reopening(fid, nid)
         raw = self.client.hget(self.keys.nodes(fid), nid)
-        if not raw:
+        rec = with_defaults(json.loads(raw)) if raw else self._unwritten_item(fid, nid)
+        if rec is None:
             return None
-        recs = {nid: with_defaults(json.loads(raw))}
+        recs = {nid: rec}
         self._overlay(fid, recs, staged)
         return recs[nid]
+
+    def _unwritten_item(self, fid: str, nid: str) -> NodeRecord | None:
+        """An item of an expanded map not written yet, as it reads (records.py)."""
+        m = ITEM_RE.match(nid)
+        raw = self.client.hget(self.keys.nodes(fid), m.group(1)) if m else None
+        if m is None or not raw:
+            return None
+        owner = with_defaults(json.loads(raw))
+        i = int(m.group(2))
+        if owner.get("kind") != "map" or owner.get("k") is None or i >= int(owner["k"]):
+            return None
+        return item_record(owner, m.group(1), i)
 
     def scan_nodes(self, fid: str, cursor: int = 0, count: int = 100
                    ) -> tuple[int, dict[str, NodeRecord]]:

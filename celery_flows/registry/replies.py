@@ -3,6 +3,7 @@ here so that no caller indexes into a script's raw reply."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -38,16 +39,19 @@ class Claim(NamedTuple):
 
 class Completion(NamedTuple):
     """complete.lua: 1 recorded | 0 not the current attempt (ignored) | 6 a poke |
-    < 0 an error code."""
+    7 not recorded: maps expand over the result (``maps``: map id -> max_length), call
+    again with their expansions | < 0 an error code."""
 
     code: int
     released: int
     state: str  # the flow's state after it
     queue: str  # the node's queue (its cap slot is freed)
+    maps: dict[str, int] | None = None
 
     @classmethod
     def of(cls, out: list[Any]) -> Completion:
-        return cls(int(out[0]), int(out[1]), text(out[2]), text(out[3]))
+        maps = json.loads(text(out[6])) if len(out) > 6 and out[6] else None
+        return cls(int(out[0]), int(out[1]), text(out[2]), text(out[3]), maps)
 
 
 class Recovery(NamedTuple):

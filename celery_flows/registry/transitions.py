@@ -141,15 +141,19 @@ class Transitions(Connection):
 
     def complete(self, fid: str, nid: str, attempt: int, outcome: str,
                  result: bytes = b"", error: str = "", retry_delay: float | None = None,
-                 external: bool = False, falsy: bool = False) -> Completion:
+                 external: bool = False, falsy: bool = False, expansions: str = ""
+                 ) -> Completion:
         """Record an outcome. A retry held in Redis (``retry_delay``) also sets a timer
-        for the releaser, in the same round trip."""
+        for the releaser, in the same round trip. ``expansions``: how the maps over
+        this node expand (complete.lua ARGV[14])."""
         delay: Any = "" if retry_delay is None else max(float(retry_delay), 0.0)
         now = self.now() if delay != "" else 0.0
+        args = self._complete_args(nid, attempt, outcome, result, error, external, delay, falsy)
+        if expansions:
+            args += ["", "", "", "", "", expansions]
 
         def build(pipe: Any) -> None:
-            self._queue(pipe, "complete", fid, self._complete_args(
-                nid, attempt, outcome, result, error, external, delay, falsy))
+            self._queue(pipe, "complete", fid, args)
             if delay != "":
                 pipe.zadd(self.keys.timers, {fid: now + float(delay)}, lt=True)
 
@@ -158,7 +162,7 @@ class Transitions(Connection):
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
                            result: bytes, error: str, lease: float, limit: int,
                            external: bool = False, drop_lease: tuple[str, str] | None = None,
-                           falsy: bool = False) -> Marked[Completion]:
+                           falsy: bool = False, expansions: str = "") -> Marked[Completion]:
         """Record the outcome, claim what it made ready behind a dirty marker and drop
         the recording worker's lease: one script on a single Redis (the marker is
         written only when there is something to publish; ``token`` is "" otherwise),
@@ -172,9 +176,13 @@ class Transitions(Connection):
                 gkeys.append(self.keys.leases(drop_lease[0]))
             out = self._execute(lambda pipe: self._queue(
                 pipe, "complete", fid,
-                [*args, *claim_args, token, drop_lease[1] if drop_lease else ""], gkeys))[0]
+                [*args, *claim_args, token, drop_lease[1] if drop_lease else "", expansions],
+                gkeys))[0]
             return Marked(token if text(out[4]) == "1" else "", Completion.of(out),
                           Claim.of(out[5]) if out[5] else None)
+
+        if expansions:
+            args += ["", "", "", "", "", expansions]
 
         def build(pipe: Any) -> None:
             pipe.zadd(self.keys.dispatch, {token: self.now()})
@@ -185,6 +193,26 @@ class Transitions(Connection):
 
         out = self._execute(build)
         return Marked(token, Completion.of(out[1]), Claim.of(out[2]))
+
+    def stage_items(self, fid: str, token: str, blobs: Sequence[bytes]) -> None:
+        """Write a map's elements where its items read them (args hash fields
+        ``@<token>:<i>``), in bounded commands, before the expansion that names the
+        token: until then nothing refers to them."""
+        key = self.keys.args(fid)
+        piece = 500
+
+        def build(pipe: Any) -> None:
+            for start in range(0, len(blobs), piece):
+                pipe.hset(key, mapping={f"@{token}:{start + i}": b
+                                        for i, b in enumerate(blobs[start:start + piece])})
+
+        if blobs:
+            self._execute(build)
+
+    def expand(self, fid: str, nid: str, attempt: int, expansion: str) -> int:
+        """expand.lua: a map the dispatcher claimed unexpanded expands (1), or had moved
+        on (0)."""
+        return int(self._run("expand", fid, [nid, attempt, expansion])[0])
 
     def recover_and_claim(self, fid: str, nid: str, attempt: int, max_recoveries: int,
                           error: str, lost_instance: str, lease: float, limit: int

@@ -8,6 +8,7 @@
   var FID = document.body.dataset.flow;
   var COLLAPSE_AT = 200;  // more nodes than this: maps and sub-flows start collapsed
   var DRAW_CAP = 1500;    // never draw more boxes than this
+  var MAP_COLLAPSE_AT = 36;  // a map of more items than this starts collapsed
   var TERMINAL = {succeeded: 1, failed: 1, cancelled: 1};
   var RANK = {failed: 9, running: 8, retrying: 7, queued: 6, scheduled: 5, awaiting: 4,
               pending: 3, cancelled: 2, skipped: 1, succeeded: 0};
@@ -87,13 +88,22 @@
     return i > 0 ? id.slice(0, i) + ":*" : null;
   }
 
+  // A map's items collapse into one box past a few dozen, whatever the graph's size.
+  function folded(id) {
+    var owner = doc.nodes[id].map;
+    if (owner !== undefined && owner !== null && doc.nodes[owner] &&
+        doc.nodes[owner].items > MAP_COLLAPSE_AT) {
+      return true;
+    }
+    return Object.keys(doc.nodes).length > COLLAPSE_AT;
+  }
+
   function boxes() {
     var ids = Object.keys(doc.nodes);
-    var collapse = ids.length > COLLAPSE_AT;
     boxOf = {};
     ids.forEach(function (id) {
-      var g = collapse ? groupOf(id) : null;
-      boxOf[id] = g && !expanded[g] ? g : id;
+      var g = groupOf(id);
+      boxOf[id] = g && folded(id) && !expanded[g] ? g : id;
     });
     return ids;
   }

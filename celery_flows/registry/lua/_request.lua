@@ -73,6 +73,7 @@ if REPLAY_CLAIMED then
   if REQUEST and type(reply) == 'table' then
     local kept = {unpack(reply, 1, 5)}
     kept[6] = reply[6]
+    kept[7] = reply[7] -- a map's lengths (complete.lua code 7)
     if type(reply[6]) == 'table' then
       kept[6] = {}
       for i = 8, #reply[6] do kept[6][#kept[6] + 1] = reply[6][i][1] end

@@ -13,6 +13,9 @@
           given, what the completion released is claimed in this same step (the reply's
           sixth field); ARGV[12] a dirty marker for the dispatch index and ARGV[13] the
           task id whose lease to drop, both used only with GKEYS (below)
+  ARGV[14] '' or, for a node some map expands over, JSON {map id: [k, token] or error
+          text}: how each map expands if this completion lets it (EXPANSIONS,
+          engine/evaluate.lua); the items' elements are staged in the args hash first
   GKEYS (after the request key, only on a single Redis; on a cluster the caller sends
          these writes itself): [1] the dispatch index: the marker ARGV[12] is added at
          the Redis time when the claim took entries, others' claims are pending or
@@ -21,6 +24,8 @@
   Returns: {code, released, flow state, the node's queue, '1' if the marker was added,
             claim reply (claim.lua) or ''}
     1 recorded | 0 late or duplicate report, kept in the node's history only
+    7 not recorded: the node succeeded and maps expand over its result; the reply's
+      seventh field is JSON {map id: max_length}: call again with ARGV[14]
     6 recorded a sensor's falsy check: it pokes again later as the same attempt and
       keeps its queue slot (SPEC 7: a retrying node keeps its slot)
     -1 no such flow | -2 version | -4 no such node
@@ -84,6 +89,17 @@ local function record()
       return {6, 0, mget('state'), val(rec.queue) or ''}
     end
   end
+  if outcome == 'succeeded' and val(rec.maps) then
+    if (ARGV[14] or '') == '' then
+      local lengths = {}
+      for _, mid in ipairs(list(rec.maps)) do
+        local m = load(mid)
+        if m then lengths[mid] = tonumber(val(m.mlen)) or 1024 end
+      end
+      return {7, 0, mget('state'), val(rec.queue) or '', '', '', cjson.encode(lengths)}
+    end
+    for mid, x in pairs(cjson.decode(ARGV[14])) do EXPANSIONS[mid] = x end
+  end
   rec.state = outcome
   rec.finished_at = now
   ready_rem(id)
@@ -105,8 +121,8 @@ local function record()
 end
 
 local reply = record()
-reply[5], reply[6] = '', ''
-if (ARGV[9] or '') ~= '' and reply[1] >= 0 then
+reply[5], reply[6] = reply[5] or '', reply[6] or ''
+if (ARGV[9] or '') ~= '' and reply[1] >= 0 and reply[1] ~= 7 then
   local claim = claim_entries(tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[11], {})
   reply[6] = claim
   if GKEYS[1] and ((claim[1] == 0 and (#claim > 7 or tonumber(claim[2]) > 0))

@@ -46,6 +46,11 @@ for _, id in ipairs(redis.call('HKEYS', NODES)) do
   if (rec.state == 'failed' and rec.counted_fail)
       or (rec.state == 'cancelled' and rec.cancel_reason == 'fail_fast') then
     roots[#roots + 1] = id
+    -- a map that failed at its expansion runs again from its input (SPEC section 12)
+    if rec.kind == 'map' and not val(rec.k) and rec.state == 'failed' then
+      local over = after_list(rec)[1]
+      if over and load(over) and TERMINAL[load(over).state] then roots[#roots + 1] = over end
+    end
   end
 end
 if #roots == 0 then

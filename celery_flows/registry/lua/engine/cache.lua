@@ -193,11 +193,39 @@ local function mincr(field, n)
 end
 
 -- What an event says of a node: a new event is due when this changes.
+-- The state readers see of a map (SPEC section 12): it is in the outbox to be expanded
+-- or collected by the dispatcher (engine/dispatch.py), and it waits for its items as a
+-- pending node waits for its dependencies; it reads as pending until it expands, then
+-- as running until it ends.
+local function shown_state(rec)
+  if rec.kind == 'map' and (rec.state == 'pending' or rec.state == 'scheduled') then
+    return val(rec.k) and 'running' or 'pending'
+  end
+  return rec.state
+end
+
 local function node_mark(rec)
   local last = list(rec.progress)
   last = last[#last]
-  return tostring(rec.state) .. '|' .. tostring(rec.attempt) .. '|' ..
+  return tostring(shown_state(rec)) .. '|' .. tostring(rec.attempt) .. '|' ..
     tostring(last and last.at or '')
+end
+
+-- Item i of a map is not written when its map expands (a map of 10,000 items would
+-- write 10,000 records in one step): until its first write it reads as this record,
+-- made from its map's (evaluate.lua expand_map). Its input is its element, staged in
+-- the args hash under '@<token>:<i>' (engine/outcomes.py); a cancelled map's items
+-- not yet written read as cancelled.
+local function item_record(m, id, i)
+  local base = string.match(id, '^(.+)%[%d+%]$')
+  local rec = with_defaults({task = m.task, deps_of = base, of = base, item = i, xin = '@' .. m.xtok .. ':' .. i, queue = m.queue, priority = m.priority,
+    rate = m.rate, policy = m.policy, fpol = m.fpol, max_rec = m.max_rec, ctx = m.ctx,
+    lp = (tonumber(m.lp) or 1) + 1})
+  if m.state == 'cancelled' then
+    rec.state = 'cancelled'
+    rec.cancel_reason = m.cancel_reason
+  end
+  return rec
 end
 
 local function load(id)
@@ -205,6 +233,12 @@ local function load(id)
   if rec == nil then
     local raw = redis.call('HGET', NODES, id)
     rec = raw and with_defaults(cjson.decode(raw)) or false
+    if not raw and string.byte(id, -1) == 93 then -- ']'
+      local base, i = string.match(id, '^(.+)%[(%d+)%]$')
+      local m = base and load(base)
+      i = tonumber(i)
+      if m and m.kind == 'map' and m.k and i < m.k then rec = item_record(m, id, i) end
+    end
     CACHE[id] = rec
     if SEEN[id] == nil then SEEN[id] = rec and node_mark(rec) or false end
   end
@@ -217,7 +251,7 @@ local function save(id, rec)
   if SEEN[id] ~= mark then
     SEEN[id] = mark
     local progress = list(rec.progress)
-    local event = {node = id, name = rec.task, state = rec.state,
+    local event = {node = id, name = rec.task, state = shown_state(rec),
       attempt = rec.attempt, error = rec.error,
       progress = progress[#progress] or cjson.null}
     PENDING[#PENDING + 1] = event

@@ -10,7 +10,8 @@
   Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
   list, deps_list, after_list, ids_count, contains, flush, compact, wraw, BUDGET, REPORT), flow
   (set_flow_state, stopping), evaluate (edge_kind), WIDE (scripts.py), cancel (cancel_chunk), settle
-  (fail_node, settle_more), scan (scan_more), reopen (reopen_more).
+  (fail_node, settle_more), scan (scan_more), reopen (reopen_more), evaluate
+  (items_more: a map's items).
 
   claim_entries(lease, limit, mode, ids_given): the claim reply (see claim.lua's header)
     lease      seconds an unacknowledged claim holds an entry
@@ -38,6 +39,7 @@ local function chores(now)
   end
   local more = reopen_more(now)
   if settle_more(now) then more = true end
+  if items_more(now) then more = true end
   if scan_more(now) then more = true end
   -- the last skips may have finished the flow
   set_flow_state(now)
@@ -140,7 +142,10 @@ local function claim_entries(lease, limit, mode, ids_given)
         save(id, rec)
       end
       local kinds, results = {}, {}
-      if val(rec.input) == nil then
+      if val(rec.xin) then
+        -- a map's item: its element, staged when its map expanded
+        kinds, results = {'ok'}, {redis.call('HGET', ARGS, rec.xin) or false}
+      elseif val(rec.input) == nil then
         -- an immutable signature (.si()) takes no input: nothing to read
       elseif ids_count(rec.after) > WIDE and wraw(id .. '|k') then
         kinds = wraw(id .. '|k')
@@ -159,7 +164,8 @@ local function claim_entries(lease, limit, mode, ids_given)
       -- submit stores it (define/records.py longest_paths); the walk is for records
       -- stored by an earlier version, without it
       if want_path or val(rec.rate) then path = tonumber(val(rec.lp)) or longest(id) end
-      out[#out + 1] = {id, cjson.encode(compact(rec)), redis.call('HGET', ARGS, id),
+      -- a map's item is called as its map (the signature's arguments stored once)
+      out[#out + 1] = {id, cjson.encode(compact(rec)), redis.call('HGET', ARGS, val(rec.of) or id),
                        cjson.encode(kinds), results, path}
     end
   end

@@ -7,9 +7,12 @@
   A node of more than WIDE dependencies is not evaluated inline: begin_scan hands it to
   engine/scan.lua, which reads its dependencies in bounded steps, one per claim, and
   then decides as evaluate does.
+  Maps expand here too (expand_map) and release their items (release_items,
+  items_more).
   Uses: constants (TERMINAL, POLICY_EDGE, EXTERNAL_TIMEOUT), cache (load, save, val,
-  list, after_list, ids_count, contains, mget, mset, wraw, wset, ready_add, timed_add,
-  timed_rem, REPORT); WIDE (scripts.py, beside STEP).
+  list, after_list, ids_count, contains, mget, mset, mdel, mincr, wget, wraw, wset,
+  wdel, history, ready_add, ready_rem, timed_add, timed_rem, BUDGET, REPORT); WIDE
+  (scripts.py, beside STEP).
 ]]
 
 -- The kind of the edge dep -> child once dep is terminal: ok | failed | skipped | removed.
@@ -70,6 +73,141 @@ local function make_ready(id, rec, now)
   REPORT.released[#REPORT.released + 1] = id
 end
 
+-- Maps (SPEC section 12). A map waits for its `over` like any node; when it may run,
+-- it expands: its k items join the flow (item records are written at their first
+-- change, cache.lua item_record), its edges become the k items' (its input the list of
+-- their results, as a fan-in's), and it is pending again, read as running, until its
+-- items are terminal. Then it fails if an item failed under "fail", else it goes to the
+-- outbox, where the dispatcher collects the items' results as its own
+-- (engine/dispatch.py). The items are released up to max_active (mact) at once, at
+-- most BUDGET's worth a script: the rest a step per claim (items_more, meta
+-- mapping: how many maps have items left to release; waiting hash '<map>|rel': items
+-- released so far, '|items': maps whose release the budget cut short).
+-- EXPANSIONS[map id]: {k, token} or an error text, given to complete.lua by the worker
+-- that recorded `over` (the split of a result needs the app's serializer); a map
+-- without one goes to the outbox, and the dispatcher expands it (lua/expand.lua).
+local EXPANSIONS = {}
+
+-- Release the next items of map id, within max_active and the BUDGET. Returns true
+-- when the budget cut the release short.
+local function release_items(id, now)
+  local rel = tonumber(wraw(id .. '|rel'))
+  if not rel then return false end
+  local m = load(id)
+  local k = tonumber(m.k)
+  local upto = k
+  if val(m.mact) then
+    -- items released and not terminal yet: released - (k - those the map waits for)
+    local active = rel - (k - (wget(id) or 0))
+    upto = math.min(k, rel + tonumber(m.mact) - active)
+  end
+  local cut = false
+  while rel < upto do
+    if BUDGET.left <= 0 then
+      cut = true
+      break
+    end
+    BUDGET.left = BUDGET.left - 1
+    local iid = id .. '[' .. rel .. ']'
+    local it = load(iid)
+    if it and it.state == 'pending' then make_ready(iid, it, now) end
+    rel = rel + 1
+  end
+  if rel >= k then
+    wdel(id .. '|rel')
+    mincr('mapping', -1)
+    if (tonumber(mget('mapping')) or 0) <= 0 then mdel('mapping') end
+  else
+    wset(id .. '|rel', rel)
+  end
+  if cut then
+    local pending = wraw('|items') or ''
+    if not string.find(',' .. pending .. ',', ',' .. id .. ',', 1, true) then
+      wset('|items', pending == '' and id or (pending .. ',' .. id))
+    end
+  end
+  return cut
+end
+
+-- The next claim's share of the items' releases. Returns true while some are left.
+local function items_more(now)
+  local ids = wraw('|items')
+  if not ids or ids == '' then return false end
+  local left = {}
+  wset('|items', '')
+  for id in string.gmatch(ids, '[^,]+') do
+    if BUDGET.left <= 0 or release_items(id, now) then left[#left + 1] = id end
+  end
+  local added = wraw('|items') or ''
+  if added ~= '' then left[#left + 1] = added end
+  if #left == 0 then
+    wdel('|items')
+    return false
+  end
+  wset('|items', table.concat(left, ','))
+  return true
+end
+
+-- An expanded map's items are all terminal: it goes to the outbox, where the
+-- dispatcher collects their results. No new attempt: it still reads as running.
+local function to_collect(id, rec, now)
+  rec.state = 'scheduled'
+  rec.ready_at = now
+  save(id, rec)
+  ready_add(id, 0)
+  REPORT.released[#REPORT.released + 1] = id
+end
+
+-- The map fails (its expansion was refused, or an item failed under "fail").
+local function fail_map(id, rec, now, err)
+  rec.state = 'failed'
+  rec.error = err
+  rec.finished_at = now
+  if rec.attempt == 0 then rec.attempt = 1 end
+  history(rec, {attempt = rec.attempt, outcome = 'failed', at = now, error = err})
+  save(id, rec)
+  ready_rem(id)
+end
+
+-- Expand map id by x ({k, token}, or an error text that fails it). Returns true when
+-- the map is terminal (failed) and must be settled.
+local function expand_map(id, rec, now, x)
+  if type(x) == 'string' then
+    fail_map(id, rec, now, x)
+    return true
+  end
+  local k, tok = tonumber(x[1]), x[2]
+  local total = tonumber(mget('total')) or 0
+  if tonumber(x[3]) and total + k > tonumber(x[3]) then
+    fail_map(id, rec, now, 'MapTooLong: map ' .. id .. ' got ' .. k .. ' items; the flow ' ..
+      'would hold ' .. (total + k) .. ' nodes, more than flows_max_nodes=' .. x[3])
+    return true
+  end
+  rec.over = after_list(rec)[1]
+  local ids = {}
+  for i = 0, k - 1 do ids[#ids + 1] = id .. '[' .. i .. ']' end
+  rec.after = table.concat(ids, ',')
+  rec.input = '*'
+  rec.k = k
+  rec.xtok = tok
+  rec.state = 'pending'
+  rec.ready_at = now
+  if rec.attempt == 0 then rec.attempt = 1 end
+  rec.removed = {}
+  save(id, rec)
+  ready_rem(id)
+  mincr('total', k)
+  wset(id, k)
+  if k == 0 then
+    to_collect(id, rec, now) -- as []
+    return false
+  end
+  wset(id .. '|rel', 0)
+  mincr('mapping', 1)
+  release_items(id, now)
+  return false
+end
+
 -- Counts of a node's remaining (not removed) edges: how many, ok, failed; nil if one is
 -- not terminal yet.
 local function edge_counts(rec)
@@ -112,6 +250,19 @@ end
 -- release it or skip it. Returns true when it was skipped (it is then terminal and
 -- must be settled).
 local function decide(id, rec, now, n, ok, failed)
+  if rec.kind == 'map' and val(rec.k) then
+    -- an expanded map whose items are all terminal
+    if failed > 0 then
+      fail_map(id, rec, now, 'MapItemFailed: ' .. failed .. ' of ' .. rec.k ..
+        ' items failed under failure_policy "fail"')
+      return true
+    end
+    to_collect(id, rec, now)
+    return false
+  end
+  if rec.kind == 'map' and EXPANSIONS[id] and rule_passes(rec.rule, n, ok, failed) then
+    return expand_map(id, rec, now, EXPANSIONS[id])
+  end
   if rule_passes(rec.rule, n, ok, failed) then
     if rec.kind == 'external' then
       rec.state = 'awaiting'

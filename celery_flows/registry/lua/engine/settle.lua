@@ -7,7 +7,7 @@
   transition.
   Uses: constants (WORK, REOPEN, TERMINAL), cache (load, save, val, list, contains, mget,
   mset, mdel, mincr, wget, wset, history, ready_rem, timed_rem, BUDGET), flow (stopping),
-  evaluate (evaluate), cancel (cancel_all, begin_chunked_cancel).
+  evaluate (evaluate, release_items), cancel (cancel_all, begin_chunked_cancel).
 ]]
 
 -- Whether a failure of this node makes the flow fail (a failure under "fail").
@@ -37,6 +37,8 @@ local function edge_done(cid, did, now)
   end
   if mget('rm_edges') == '1' and wget(cid .. '#' .. did) then return false end
   wset(cid, left - 1)
+  -- an item of a map with max_active ended: the map's next item may go
+  if mget('mapping') and wraw(cid .. '|rel') then release_items(cid, now) end
   if left - 1 > 0 then return false end
   local child = load(cid)
   return child and child.state == 'pending' and evaluate(cid, child, now)
