@@ -70,6 +70,12 @@ for i = 1, n do
     if not ok then refused, kind = i, 'order' end
   end
 end
+-- a full cap first: while it is full, a rate's wait says nothing of when the node goes
+if not refused and cap > 0 then
+  if not holds and redis.call('ZCARD', k(n, STATE)) >= cap then
+    refused, wait, kind = n, -1, 'cap'
+  end
+end
 local tats = {}
 if not refused then
   for i = 1, nrates do
@@ -78,11 +84,6 @@ if not refused then
       refused, wait, kind = i, tats[i] - now, 'rate'
       break
     end
-  end
-end
-if not refused and cap > 0 then
-  if not holds and redis.call('ZCARD', k(n, STATE)) >= cap then
-    refused, wait, kind = n, -1, 'cap'
   end
 end
 if refused then
