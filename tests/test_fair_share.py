@@ -42,54 +42,44 @@ def between(times: dict[str, float], start: float, end: float) -> int:
     return sum(1 for x in times.values() if start < x < end)
 
 
-def small_behind_big(fair: Any, big: Flow, small: Flow) -> tuple[float, int, int]:
-    """Submit ``big`` then ``small``; wait for small. Returns the seconds from small's
-    submit to its last release, the big flow's releases meanwhile and before it in all."""
-    hb = fair.flows.submit(big)
-    hs = fair.flows.submit(small)
+def small_behind_big(app: Any, big: int, **options: Any) -> tuple[float, int, int]:
+    """Submit a flow of ``big`` nodes, then one of 5, every node with ``options``; wait
+    for the small one. Returns the seconds from its submit to its last release, the big
+    flow's releases meanwhile and before it in all."""
+    flows = []
+    for name, n in (("big", big), ("small", 5)):
+        f = Flow(name)
+        for i in range(n):
+            f.add(app.ident.si(i), id=f"{name[0]}{i}", **options)
+        flows.append(f)
+    hb = app.flows.submit(flows[0])
+    hs = app.flows.submit(flows[1])
     assert hs.wait(timeout=40) == FlowState.SUCCEEDED
     start, last = float(hs.inspect()["created_at"]), max(released(hs).values())
     big_times = released(hb)
     if hb.state() == FlowState.RUNNING:
-        fair.flows.cancel(hb.id)
+        app.flows.cancel(hb.id)
     return last - start, between(big_times, start, last), before(big_times, last)
 
 
-def test_small_flow_is_not_starved_behind_a_backlog_of_its_rate_limit(
-    fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
+@pytest.mark.parametrize(("limit", "options", "most"), [
+    ("20/s", {"rate_limit": "api"}, 6),
+    ("cap 2", {"queue": "capped"}, 7),
+])
+def test_small_flow_is_not_starved_behind_a_backlog_sharing_its_limit(
+    fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB, limit: str,
+    options: dict[str, str], most: int,
 ) -> None:
-    """300 nodes of one flow and 5 of another share a 20/s limit, the big flow first:
-    the small one is out within about one round (2 x 5 releases), not after the 300."""
-    worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=2)
-    big = Flow("big")
-    for i in range(300):
-        big.add(fair.ident.si(i), id=f"b{i}", rate_limit="api")
-    small = Flow("small")
-    for i in range(5):
-        small.add(fair.ident.si(i), id=f"s{i}", rate_limit="api")
-    took, meanwhile, ahead = small_behind_big(fair, big, small)
-    print(f"\nsmall flow: {took:.3f} s from submit to its last release; big-flow "
-          f"releases meanwhile: {meanwhile}, before it in all: {ahead} of 300")
-    # round-robin: b s b s b s b s b s; today's single queue: all 300 first
-    assert meanwhile <= 6, meanwhile
-
-
-def test_small_flow_is_not_starved_behind_a_backlog_of_its_queue_cap(
-    fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
-) -> None:
+    """300 nodes of one flow and 5 of another share a rate limit (or a queue cap), the
+    big flow first: the small one is out within about one round (2 x 5 releases), not
+    after the 300."""
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=2,
                    queues=("celery", "capped"))
-    big = Flow("big")
-    for i in range(300):
-        big.add(fair.ident.si(i), id=f"b{i}", queue="capped")
-    small = Flow("small")
-    for i in range(5):
-        small.add(fair.ident.si(i), id=f"s{i}", queue="capped")
-    took, meanwhile, ahead = small_behind_big(fair, big, small)
-    print(f"\nsmall flow (cap 2): {took:.3f} s; big-flow releases meanwhile: {meanwhile}, "
-          f"before it in all: {ahead} of 300")
-    # round-robin as slots free: b s b s b s b s b s
-    assert meanwhile <= 7, meanwhile
+    took, meanwhile, ahead = small_behind_big(fair, 300, **options)
+    print(f"\nsmall flow ({limit}): {took:.3f} s from submit to its last release; "
+          f"big-flow releases meanwhile: {meanwhile}, before it in all: {ahead} of 300")
+    # round-robin (as slots free): b s b s b s b s b s; one queue: all 300 first
+    assert meanwhile <= most, meanwhile
 
 
 def test_round_robin_is_by_concurrency_key_then_by_flow(
@@ -128,6 +118,17 @@ def test_round_robin_is_by_concurrency_key_then_by_flow(
             fair.flows.cancel(handles[name].id)
 
 
+def blocked_beside(app: Any, xs: int, seconds: float, ys: int) -> tuple[Any, Any]:
+    """Submit x, ``xs`` nodes of ``seconds`` each under the rate "api" and the cap of 1
+    of queue "single", then y, ``ys`` nodes under the rate only."""
+    x, y = Flow("x"), Flow("y")
+    for i in range(xs):
+        x.add(app.occupy.si(seconds, i), id=f"x{i}", rate_limit="api", queue="single")
+    for i in range(ys):
+        y.add(app.ident.si(i), id=f"y{i}", rate_limit="api")
+    return app.flows.submit(x), app.flows.submit(y)
+
+
 def test_a_flow_blocked_by_another_limit_keeps_its_turn(
     fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
@@ -136,13 +137,7 @@ def test_a_flow_blocked_by_another_limit_keeps_its_turn(
     cap holds its node), and each x node goes out as soon as the cap frees."""
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=3,
                    queues=("celery", "single"))
-    x = Flow("x")
-    for i in range(6):
-        x.add(fair.occupy.si(0.6, i), id=f"x{i}", rate_limit="api", queue="single")
-    y = Flow("y")
-    for i in range(30):
-        y.add(fair.ident.si(i), id=f"y{i}", rate_limit="api")
-    hx, hy = fair.flows.submit(x), fair.flows.submit(y)
+    hx, hy = blocked_beside(fair, 6, 0.6, 30)
     assert hy.wait(timeout=30) == FlowState.SUCCEEDED
     assert hx.wait(timeout=30) == FlowState.SUCCEEDED
     span = max(released(hy).values()) - float(hy.inspect()["created_at"])
@@ -169,13 +164,7 @@ def test_parked_and_held_nodes_survive_a_killed_manager(
     # the manager runs no task of its own (a task lost with it would wait for its lease)
     manager = worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=1,
                              queues=("nothing",))
-    x = Flow("x")
-    for i in range(4):
-        x.add(fair.occupy.si(0.3, i), id=f"x{i}", rate_limit="api", queue="single")
-    y = Flow("y")
-    for i in range(20):
-        y.add(fair.ident.si(i), id=f"y{i}", rate_limit="api")
-    hx, hy = fair.flows.submit(x), fair.flows.submit(y)
+    hx, hy = blocked_beside(fair, 4, 0.3, 20)
     parked = fair.flows.store.keys.fair_parked("group:api")
     wait_until(lambda: redis_db.client.zcard(parked) > 0, "x to be parked at the limit")
     manager.kill9()
@@ -225,12 +214,6 @@ def test_fair_share_on_redis_cluster(
         monkeypatch.setenv(k, v)
     proj = import_app("tests.proj")
     worker_factory("tests.proj", extra_args=FLOWS, env=env, concurrency=2)
-    big = Flow("big")
-    for i in range(60):
-        big.add(proj.ident.si(i), id=f"b{i}", rate_limit="api")
-    small = Flow("small")
-    for i in range(5):
-        small.add(proj.ident.si(i), id=f"s{i}", rate_limit="api")
-    took, meanwhile, ahead = small_behind_big(proj, big, small)
+    took, meanwhile, _ahead = small_behind_big(proj, 60, rate_limit="api")
     print(f"\ncluster: small flow {took:.3f} s, big-flow releases meanwhile: {meanwhile}")
     assert meanwhile <= 6, meanwhile
