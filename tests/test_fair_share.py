@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState
+from celery_flows.engine.limits import Limiter, Limits
+from celery_flows.registry import services
+from celery_flows.registry.ids import member_for, order_key, share_unit
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import FLOWS, run_counts
@@ -217,3 +220,83 @@ def test_fair_share_on_redis_cluster(
     took, meanwhile, _ahead = small_behind_big(proj, 60, rate_limit="api")
     print(f"\ncluster: small flow {took:.3f} s, big-flow releases meanwhile: {meanwhile}")
     assert meanwhile <= 6, meanwhile
+
+
+# -- the rotation itself, through admit.lua and fair_head.lua, without workers ----------
+
+def _members(flows: Any) -> list[tuple[str, str]]:
+    """(member, unit) of three nodes per flow, node n2 first in §7's order (longest
+    path), then n0, then n1 (readiness)."""
+    out = []
+    for fid, unit in flows:
+        for nid, path, ready in (("n0", 1, 1.0), ("n1", 1, 2.0), ("n2", 3, 3.0)):
+            out.append((member_for(order_key(path, 0, ready), fid, nid, 1), unit))
+    return out
+
+
+def test_rotation_by_key_then_flow_then_order(fair: Any, redis_db: RedisDB) -> None:
+    store = fair.flows.store
+    limits = Limits(store, fair.flows.config)
+    held = [Limiter("group:slow", interval=1000.0)]  # one release, then all wait
+    limits.admit(held, member_for("0" * 20, "warm", "w", 1), "warm~w~1~x", "f|warm",
+                 "warm")
+    key = share_unit("a1", "tenant", "acme")
+    assert key == share_unit("a2", "tenant", "acme") == "k|tenant|acme"
+    flows = [("a1", key), ("b", share_unit("b")), ("a2", key)]
+    for member, unit in _members(flows):
+        assert not limits.admit(held, member, "t", unit, member.split("|")[1]).admitted
+    assert store.waiting("group:slow") == 9
+    # now every admission passes the rate: the order is the rotation's alone
+    store.client.delete(store.keys.limiter_state("group:slow"))
+    fast = [Limiter("group:slow", interval=0.000001)]
+    order = []
+    while (head := store.fair_head("group:slow")).member is not None:
+        fid = head.member.split("|")[1]
+        assert limits.admit(fast, head.member, "t", head.unit, fid).admitted
+        order.append(f"{fid}.{head.member.split('|')[2]}")
+    assert order == ["a1.n2", "b.n2", "a2.n2", "b.n0", "a1.n0", "b.n1", "a2.n0",
+                     "a1.n1", "a2.n1"], order
+    assert store.waiting("group:slow") == 0
+    assert not store.client.exists(store.keys.fair_units("group:slow"))
+
+
+def test_a_parked_flow_keeps_its_turn_and_gets_it_back(
+    fair: Any, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """x's node is refused by a full cap when its turn comes at the rate: x is parked
+    there (y goes), its node passes the rate's order as soon as the cap frees, and a
+    flow parked PARK_SECONDS gets its turn back by itself."""
+    monkeypatch.setattr(services, "PARK_SECONDS", 0.3)
+    store = fair.flows.store
+    limits = Limits(store, fair.flows.config)
+    slots = store.keys.limiter_state("queue:c")
+    rate, cap = Limiter("group:r", interval=1000.0), Limiter("queue:c", cap=1)
+    limits.admit([rate], member_for("0" * 20, "warm", "w", 1), "warm~w~1~x", "f|warm",
+                 "warm")
+    mx, mx2, my = (member_for(order_key(1, 0, ready), fid, nid, 1)
+                   for fid, nid, ready in (("x", "n", 1.0), ("x", "n2", 1.5),
+                                           ("y", "n", 2.0)))
+    ux, uy = share_unit("x"), share_unit("y")
+    assert limits.admit([rate, cap], mx, "x~n~1~a", ux, "x").refused_by == "group:r"
+    assert limits.admit([rate, cap], mx2, "x~n2~1~a", ux, "x").refused_by == "group:r"
+    assert limits.admit([rate], my, "y~n~1~a", uy, "y").refused_by == "group:r"
+    assert store.fair_head("group:r").member == mx  # x's turn
+    store.client.delete(store.keys.limiter_state("group:r"))
+    fast = Limiter("group:r", interval=0.000001)
+    store.client.zadd(slots, {"other~n~1~x": 1})  # the cap is full
+    refused = limits.admit([fast, cap], mx, "x~n~1~a", ux, "x")
+    assert (refused.refused_by, refused.wait) == ("queue:c", -1.0)
+    assert store.fair_head("group:r").member == my  # x parked: y goes meanwhile
+    assert store.client.zrange(store.keys.fair_parked("group:r"), 0, -1) == [b"f|x x"]
+    store.client.delete(slots)  # the cap frees: x's node passes the rate's order
+    assert limits.admit([fast, cap], mx, "x~n~1~a", ux, "x").admitted
+    assert store.fair_head("group:r").member == my  # x was served: its next turn is last
+    assert limits.admit([fast], my, "y~n~1~a", uy, "y").admitted
+    assert store.fair_head("group:r").member == mx2
+    # the cap is full again (mx holds its slot): x is parked with nothing else waiting
+    assert limits.admit([fast, cap], mx2, "x~n2~1~a", ux, "x").refused_by == "queue:c"
+    head = store.fair_head("group:r")
+    assert head.member is None and head.wake is not None and head.wake <= 0.3
+    time.sleep(0.35)
+    assert store.fair_head("group:r").member == mx2  # parked too long: its turn back
+    assert store.waiting("group:r") == 1
