@@ -155,7 +155,7 @@ def test_a_flow_blocked_by_another_limit_keeps_its_turn(
     print(f"x: from a node's end to the next one's release: {[round(g, 3) for g in gaps]}")
     # the cap freed, x's next node goes within a few intervals of the rate
     assert max(gaps) <= 0.25, gaps
-    assert int(redis_db.client.hget(fair.flows.store.keys.fair_counts, "group:api") or 0) == 0
+    assert fair.flows.store.waiting("group:api") == 0
 
 
 def test_parked_and_held_nodes_survive_a_killed_manager(
@@ -194,13 +194,11 @@ def test_a_wait_queue_of_format_1_3_still_drains(
         f.add(fair.ident.si(i), id=f"o{i}", rate_limit="api")
     h = fair.flows.submit(f)  # no --flows worker yet: the refused nodes stay held
     client = redis_db.client
-    queue = keys.fair_queue("group:api", h.id)
-    members = client.zrange(queue, 0, -1)
-    assert len(members) == 7  # the first went out at once
+    entries = client.zrange(keys.fair_queue("group:api"), 0, -1)
+    assert len(entries) == 7  # the first went out at once
     # what 1.3 wrote instead: the members in one zset, none of the fair keys
-    client.zadd(keys.wait_queue("group:api"), {m: 0 for m in members})
-    client.delete(queue, keys.fair_units("group:api"), keys.fair_counts,
-                  keys.fair_flows("group:api", f"f|{h.id}"))
+    client.zadd(keys.wait_queue("group:api"), {e.split(b" ", 1)[1]: 0 for e in entries})
+    client.delete(*keys.fair("group:api"))
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=2)
     assert h.wait(timeout=30) == FlowState.SUCCEEDED
     assert set(run_counts(redis_db, h.id).values()) == {1}

@@ -75,13 +75,12 @@ class Limits:
         rates = [lim for lim in limiters if lim.interval is not None]
         caps = [lim for lim in limiters if lim.cap is not None]
         keys = self.store.keys
-        names = [keys.waits, keys.fair_counts]
+        names = [keys.waits]
         argv: list[Any] = [member, task_id, len(rates), caps[0].cap if caps else 0, unit,
                            fid]
         for lim in rates + caps:
             names += [keys.limiter_state(lim.id), keys.wait_queue(lim.id),
-                      keys.fair_units(lim.id), keys.fair_flows(lim.id, unit),
-                      keys.fair_queue(lim.id, fid), keys.fair_parked(lim.id)]
+                      *keys.fair(lim.id)]
             argv.append(lim.id)
             if lim.interval is not None:
                 argv.append(lim.interval)

@@ -139,29 +139,32 @@ a node in one atomic step (one slot on Redis Cluster)::
     <prefix>:{sched}:state:<limiter>  rate limiter: theoretical arrival time (GCRA);
                                       queue cap ("queue:<name>"): zset task id -> time
     <prefix>:{sched}:waits            set of limiter ids that have waiting nodes
-    <prefix>:{sched}:waiting          hash   limiter id -> members in its fair queues
 
 Each limiter's waiting nodes are served round-robin (fair share, SPEC sections 7 and
 12; lua/fair/share.lua): by share unit (``ids.share_unit``: ``k|<cgroup>|<ckey>`` for a
 flow with a concurrency key in its meta, ``f|<flow>`` for one without), then by flow
-within the unit, then in section 7's order within the flow. Every step is O(log n)::
+within the unit, then in section 7's order within the flow. Five keys a limiter, every
+step O(log n) (``<a|p>``: active or parked, ``<turn>`` 15 digits)::
 
-    <prefix>:{sched}:rr:<limiter>          zset   unit -> turn (lowest is served next; a
-                                                  served unit takes the last turn)
-    <prefix>:{sched}:fl:<limiter>|<unit>   zset   flow id -> turn within the unit
-    <prefix>:{sched}:mq:<limiter>|<flow>   zset   all scores 0: the flow's members, which
-                                                  sort by order key,
-                                                  "<order>|<flow>|<node>|<attempt>"
-    <prefix>:{sched}:pk:<limiter>          zset   "<unit> <flow>" -> since when the flow
-                                                  is parked: its node was refused by
-                                                  another limiter when its turn came
-                                                  here; it keeps its turn (its turn
-                                                  scores 1e12 more until unparked)
-    <prefix>:{sched}:wait:<limiter>   zset   format 1.3's single wait queue (members as
-                                             above, in order-key order): no longer
-                                             written; a releaser tries what an older
-                                             registry left there first, and admit.lua
-                                             re-files a refused one in the fair queues
+    <prefix>:{sched}:rr:<limiter>  zset   unit -> turn (the lowest is served next; a
+                                          served unit takes the last turn; 1e12 more
+                                          while all its flows are parked)
+    <prefix>:{sched}:fl:<limiter>  zset   all scores 0: "<unit> <a|p><turn> <flow>",
+                                          the flows of a unit in turn order, the
+                                          active ones first
+    <prefix>:{sched}:ft:<limiter>  hash   "<unit> <flow>" -> "<a|p><turn>", its entry
+    <prefix>:{sched}:mq:<limiter>  zset   all scores 0: "<flow> <member>", a flow's
+                                          members together in order-key order; a
+                                          member is "<order>|<flow>|<node>|<attempt>"
+    <prefix>:{sched}:pk:<limiter>  zset   "<unit> <flow>" -> since when the flow is
+                                          parked: its node was refused by another
+                                          limiter when its turn came here; it keeps
+                                          that turn
+    <prefix>:{sched}:wait:<limiter> zset  format 1.3's single wait queue (members in
+                                          order-key order): no longer written; the
+                                          releaser tries what an older registry left
+                                          there first, and admit.lua re-files a
+                                          refused one in the fair queues
 
 Task ids, worker instances, wait-queue members and the other identity formats are
 built and parsed in ``ids.py``.
@@ -283,27 +286,26 @@ class Keys:
     def waits(self) -> str:
         return f"{self.prefix}:{{sched}}:waits"
 
-    @property
-    def sched(self) -> str:
-        """What every ``{sched}`` key starts with (fair_head.lua builds the keys of a
-        unit and of a flow from it)."""
-        return f"{self.prefix}:{{sched}}:"
-
     def fair_units(self, limiter_id: str) -> str:
-        return f"{self.sched}rr:{limiter_id}"
+        return f"{self.prefix}:{{sched}}:rr:{limiter_id}"
 
-    def fair_flows(self, limiter_id: str, unit: str) -> str:
-        return f"{self.sched}fl:{limiter_id}|{unit}"
+    def fair_flows(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:fl:{limiter_id}"
 
-    def fair_queue(self, limiter_id: str, flow_id: str) -> str:
-        return f"{self.sched}mq:{limiter_id}|{flow_id}"
+    def fair_turns(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:ft:{limiter_id}"
+
+    def fair_queue(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:mq:{limiter_id}"
 
     def fair_parked(self, limiter_id: str) -> str:
-        return f"{self.sched}pk:{limiter_id}"
+        return f"{self.prefix}:{{sched}}:pk:{limiter_id}"
 
-    @property
-    def fair_counts(self) -> str:
-        return f"{self.sched}waiting"
+    def fair(self, limiter_id: str) -> list[str]:
+        """A limiter's fair wait queues, in the order lua/fair/share.lua takes them."""
+        return [self.fair_units(limiter_id), self.fair_flows(limiter_id),
+                self.fair_turns(limiter_id), self.fair_queue(limiter_id),
+                self.fair_parked(limiter_id)]
 
     def request(self, key: str, request_id: str) -> str:
         """The reply cache of one call of a script whose first key is ``key``: in that

@@ -197,27 +197,21 @@ class Services(Connection):
 
     def fair_head(self, limiter_id: str) -> FairHead:
         """The member the limiter's releaser tries next (fair_head.lua)."""
-        keys = self.keys
-        out = self._run_global("fair_head", [
-            keys.wait_queue(limiter_id), keys.fair_units(limiter_id),
-            keys.fair_parked(limiter_id)], [keys.sched, limiter_id, PARK_SECONDS])
+        keys = [self.keys.wait_queue(limiter_id), *self.keys.fair(limiter_id)]
+        out = self._run_global("fair_head", keys, [PARK_SECONDS])
         member, unit, wake = (text(x) for x in out)
         return FairHead(member or None, unit, float(wake) if wake else None)
 
     def wait_drop(self, limiter_id: str, member: str, unit: str, flow_id: str) -> None:
         """A stale member leaves the limiter's queues (fair_drop.lua)."""
-        keys = self.keys
-        self._run_global("fair_drop", [
-            keys.wait_queue(limiter_id), keys.fair_counts, keys.fair_units(limiter_id),
-            keys.fair_flows(limiter_id, unit), keys.fair_queue(limiter_id, flow_id),
-            keys.fair_parked(limiter_id)], [member, unit, flow_id, limiter_id])
+        keys = [self.keys.wait_queue(limiter_id), *self.keys.fair(limiter_id)]
+        self._run_global("fair_drop", keys, [member, unit, flow_id])
 
     def waiting(self, limiter_id: str) -> int:
         with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.wait_queue(limiter_id))
-            pipe.hget(self.keys.fair_counts, limiter_id)
-            legacy, fair = pipe.execute()
-        return int(legacy) + max(int(fair or 0), 0)
+            pipe.zcard(self.keys.fair_queue(limiter_id))
+            return sum(int(n) for n in pipe.execute())
 
     def drop_empty_wait(self, limiter_id: str) -> None:
         """Forget a limiter in the waits index once its queues are empty (checked in one

@@ -5,12 +5,11 @@
   serves its units (concurrency keys, or flows without one) round-robin, then the
   flows of a unit, then a flow's members in §7's order.
   KEYS[1]            waits index (set of limiter ids that have waiting nodes)
-  KEYS[2]            waiting counts (hash: limiter id -> members in its fair queues)
-  KEYS[3 + 6(i-1) ...] for limiter i (rates first, then the queue cap if any), six keys:
-                     its state (rate: TAT string; cap: slots zset), its wait queue of
-                     format 1.3 (drained: a member in it is re-filed in the fair
-                     queues), its units, the flows of this node's unit, this node's
-                     flow's queue, its parked flows
+  KEYS[2 + 7(i-1) ...] for limiter i (rates first, then the queue cap if any), seven
+                     keys: its state (rate: TAT string; cap: slots zset), its wait queue
+                     of format 1.3 (drained: a member in it is re-filed in the fair
+                     queues), its units, flows, turns, queue and parked flows
+                     (lua/fair/share.lua)
   KEYS[#KEYS]        request key under {sched} (lua/_request.lua: a re-sent call returns
                      the first reply, so it never takes a second rate slot); the script
                      sees KEYS without it
@@ -33,10 +32,10 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local member, task_id = ARGV[1], ARGV[2]
 local nrates, cap = tonumber(ARGV[3]), tonumber(ARGV[4])
 local unit, flow = ARGV[5], ARGV[6]
-local WAITS, COUNTS = KEYS[1], KEYS[2]
-local n = (#KEYS - 2) / 6
-local STATE, LEGACY, UNITS, FLOWS, QUEUE, PARKED = 1, 2, 3, 4, 5, 6
-local function k(i, j) return KEYS[2 + 6 * (i - 1) + j] end
+local WAITS = KEYS[1]
+local n = (#KEYS - 1) / 7
+local STATE, LEGACY, UNITS, FLOWS, TURNS, QUEUE, PARKED = 1, 2, 3, 4, 5, 6, 7
+local function k(i, j) return KEYS[1 + 7 * (i - 1) + j] end
 local ids, intervals = {}, {}
 local a = 7
 for i = 1, n do
@@ -56,7 +55,7 @@ local holds = cap > 0 and redis.call('ZSCORE', k(n, STATE), task_id)
 local turn = {}
 for i = 1, n do
   redis.call('ZREM', k(i, LEGACY), member)
-  turn[i] = fair_turn(k(i, UNITS), k(i, FLOWS), unit, flow)
+  turn[i] = fair_turn(k(i, UNITS), k(i, FLOWS), k(i, TURNS), unit, flow)
   if not refused and not (holds and i == n) then
     local ok
     if turn[i] == 'absent' then
@@ -64,7 +63,7 @@ for i = 1, n do
     elseif turn[i] == 'behind' then
       ok = false
     else
-      local head = redis.call('ZRANGE', k(i, QUEUE), 0, 0)[1]
+      local head = fair_head_of(k(i, QUEUE), flow)
       ok = not head or member <= head
     end
     if not ok then refused, kind = i, 'order' end
@@ -88,21 +87,21 @@ if not refused then
 end
 if refused then
   local r = refused
-  fair_enqueue(WAITS, COUNTS, ids[r], k(r, UNITS), k(r, FLOWS), k(r, QUEUE), unit, flow,
-               member)
+  fair_enqueue(WAITS, ids[r], k(r, UNITS), k(r, FLOWS), k(r, TURNS), k(r, QUEUE), unit,
+               flow, member)
+  local function park(i, on)
+    fair_park(k(i, UNITS), k(i, FLOWS), k(i, TURNS), k(i, PARKED), unit, flow, now, on)
+  end
   if kind == 'rate' then
-    if turn[r] == 'parked' then
-      fair_park(k(r, UNITS), k(r, FLOWS), k(r, PARKED), unit, flow, now, false)
-    end
+    if turn[r] == 'parked' then park(r, false) end
   else
     for i = 1, n do
-      if i ~= r and turn[i] == 'front' and redis.call('ZSCORE', k(i, QUEUE), member) then
-        fair_park(k(i, UNITS), k(i, FLOWS), k(i, PARKED), unit, flow, now, true)
+      if i ~= r and turn[i] == 'front'
+          and redis.call('ZSCORE', k(i, QUEUE), flow .. ' ' .. member) then
+        park(i, true)
       end
     end
-    if kind == 'cap' and turn[r] == 'parked' then
-      fair_park(k(r, UNITS), k(r, FLOWS), k(r, PARKED), unit, flow, now, false)
-    end
+    if kind == 'cap' and turn[r] == 'parked' then park(r, false) end
   end
   return {0, tostring(wait), ids[r]}
 end
@@ -113,7 +112,7 @@ end
 if cap > 0 then redis.call('ZADD', k(n, STATE), now, task_id) end
 for i = 1, n do
   if turn[i] ~= 'absent' then
-    fair_leave(COUNTS, ids[i], k(i, UNITS), k(i, FLOWS), k(i, QUEUE), k(i, PARKED), unit,
+    fair_leave(k(i, UNITS), k(i, FLOWS), k(i, TURNS), k(i, QUEUE), k(i, PARKED), unit,
                flow, member, true)
   end
 end

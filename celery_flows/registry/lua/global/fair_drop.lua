@@ -1,15 +1,12 @@
 --[[
   fair_drop: a member a releaser found stale (its node moved on, its flow is gone)
   leaves the limiter's queues; its flow keeps its turn (lua/fair/share.lua in front).
-  KEYS[1] the limiter's 1.3 wait queue  KEYS[2] waiting counts  KEYS[3] its units
-  KEYS[4] the flows of the member's unit  KEYS[5] the member's flow's queue
-  KEYS[6] its parked flows  KEYS[7] request key (lua/_request.lua), not seen
+  KEYS[1] the limiter's 1.3 wait queue  KEYS[2..6] its units, flows, turns, queue and
+  parked flows  KEYS[7] request key (lua/_request.lua), not seen
   ARGV[1] member  ARGV[2] its unit ('' for a member of the 1.3 queue)  ARGV[3] flow id
-  ARGV[4] limiter id
 ]]
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then
-  fair_leave(KEYS[2], ARGV[4], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[2], ARGV[3],
-             ARGV[1], false)
+  fair_leave(KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[2], ARGV[3], ARGV[1], false)
 end
 return 1
