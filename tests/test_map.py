@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from celery import chain
 
 from celery_flows import Flow, FlowDefinitionError, FlowState
+from celery_flows.faults import ENV as FAULTS
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
-from tests.helpers import FLOWS, cli, run_counts
+from tests.helpers import FLOWS, LIMITS, cli, run_counts
 
 # a step settles at most 10 edges (CELERY_FLOWS_CHUNK=5)
 SMALL = {"CELERY_FLOWS_CHUNK": "5"}
@@ -210,3 +213,132 @@ def test_inspect_and_graph_show_the_items_under_their_map(
     mermaid = cli("graph", handle.id, "--format", "mermaid", broker=redis_db.celery_url).stdout
     assert "each[...]" in mermaid and "39 more items" in mermaid
     assert mermaid.count("each[") == 2
+
+
+def test_a_worker_killed_after_staging_the_items_loses_nothing_and_runs_no_item_twice(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the worker dies between staging the elements and the completion that expands the
+    # map: src's outcome is not recorded; the --flows worker recovers it from the result
+    # backend once the dead worker's lease expires, and the map expands then
+    monkeypatch.setenv("FLOWS_TEST_LEASE", "2")
+    proj = import_app("tests.proj")
+    doomed = worker_factory("tests.proj", pool="solo",
+                            env={FAULTS: "map-staged@1=kill", "FLOWS_TEST_LEASE": "2"})
+    f, _each = _map_flow(proj, 30)
+    handle = proj.flows.submit(f)
+    assert doomed.process is not None
+    doomed.process.wait(timeout=30)
+    assert handle.node_states()["each"] == "pending"
+    assert not [n for n in handle.node_states() if n.startswith("each[")]
+    worker_factory("tests.proj", extra_args=FLOWS, env={"FLOWS_TEST_LEASE": "2"})
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["after"] == [2 * i for i in range(30)]
+    counts = run_counts(redis_db, handle.id)
+    assert counts["src"] == 1 and all(counts[f"each[{i}]"] == 1 for i in range(30))
+
+
+def test_a_worker_killed_between_steps_of_the_items_release_loses_none(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    # 60 items, 10 a step: the worker dies at its first step after the expansion
+    doomed = worker_factory("tests.proj", pool="solo",
+                            env={**SMALL, FAULTS: "chore-step@1=kill"})
+    f, _each = _map_flow(proj, 60)
+    handle = proj.flows.submit(f)
+    assert doomed.process is not None
+    doomed.process.wait(timeout=30)
+    states = handle.node_states()
+    assert states["each"] == "running"
+    assert sum(states[f"each[{i}]"] == "pending" for i in range(60)) >= 40
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=SMALL)
+    assert handle.wait(timeout=90) == FlowState.SUCCEEDED
+    assert handle.results()["after"] == [2 * i for i in range(60)]
+    counts = run_counts(redis_db, handle.id)
+    assert all(counts[f"each[{i}]"] == 1 for i in range(60))
+
+
+def test_items_pass_the_maps_rate_limit_and_queue_cap(
+    limited: Any, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = limited
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=4,
+                   queues=("celery", "capped"), env=LIMITS)
+    f = Flow("limited-map")
+    src = f.add(proj.numbers.s(8), id="src")
+    f.map(proj.gauge.s(), over=src, id="each", queue="capped", rate_limit="five")
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["each"] == list(range(8))
+    # the queue cap (2): never more than 2 items at once; the rate (5/s): releases at
+    # least 0.2 s apart
+    assert int(proj._log.get("gauge-max")) <= 2
+    nodes = handle.inspect()["nodes"]
+    released = sorted(nodes[f"each[{i}]"]["queued_at"] for i in range(8))
+    assert all(b - a >= 0.19 for a, b in zip(released, released[1:], strict=False))
+
+
+def test_fail_fast_cancels_the_items_left_retry_runs_them_and_cancel_reaches_the_rest(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    f = Flow("fast", fail_fast=True)
+    src = f.add(proj.numbers.s(12), id="src")
+    f.map(proj.double.s(f"never-{redis_db.db}"), over=src, id="each", max_active=1)
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.FAILED
+    states = handle.node_states()
+    assert states["each[3]"] == "failed"
+    assert [states[f"each[{i}]"] for i in range(4, 12)] == ["cancelled"] * 8
+    assert all(f"each[{i}]" not in run_counts(redis_db, handle.id) for i in range(4, 12))
+    # a retry runs the failed item and the ones fail_fast cancelled, not the others
+    proj._log.set(f"never-{redis_db.db}", 1)
+    proj.flows.retry(handle.id)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["each"] == [2 * i for i in range(12)]
+    counts = run_counts(redis_db, handle.id)
+    assert [counts[f"each[{i}]"] for i in range(12)] == [1, 1, 1, 2] + [1] * 8
+
+    g = Flow("cancelled")
+    src = g.add(proj.numbers.s(30), id="src")
+    g.map(proj.gauge.s(), over=src, id="each", max_active=2)
+    handle = proj.flows.submit(g)
+    wait_until(lambda: handle.node_states().get("each[1]") in ("queued", "running",
+                                                               "succeeded"), "items run")
+    proj.flows.cancel(handle.id)
+    assert handle.wait(timeout=30) == FlowState.CANCELLED
+    states = handle.node_states()
+    assert states["each[29]"] == "cancelled"
+    assert not [n for n, s in states.items() if s not in ("succeeded", "cancelled")]
+
+
+def test_ignore_failure_of_an_item_lets_its_map_succeed_with_none_in_its_slot(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS, concurrency=2)
+    f, _each = _map_flow(proj, 5, args=(f"never-{redis_db.db}",))
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.FAILED
+    proj.flows.ignore_failure(handle.id, "each[3]")
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["after"] == [0, 2, 4, None, 8]
+    assert run_counts(redis_db, handle.id)["each[3]"] == 1
+
+
+def test_a_map_over_a_node_of_a_flow_built_from_a_canvas(
+    import_app: ImportApp, worker_factory: WorkerFactory,
+) -> None:
+    proj = import_app("tests.proj")
+    worker_factory("tests.proj", extra_args=FLOWS)
+    f = Flow.from_canvas(chain(proj.add.s(1, 2), proj.numbers.s()), name="canvas-map")
+    last = f.node_ids[-1]
+    each = f.map(proj.double.s(), over=last, id="each")
+    f.add(proj.tsum.s(), id="total", after=[each])
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results()["each"] == [0, 2, 4]
+    assert handle.results()["total"] == 6

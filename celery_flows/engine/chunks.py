@@ -83,6 +83,16 @@ def _records(store: Store, flow_id: str) -> dict[str, NodeRecord]:
             return recs
 
 
+def _failed_upstream(rec: NodeRecord) -> bool:
+    """Skipped as upstream_failed, or a map failed by its items (lua/engine/reopen.lua
+    failed_upstream)."""
+    if rec["state"] == NodeState.SKIPPED:
+        return rec.get("skip_reason") == "upstream_failed"
+    return (rec["state"] == NodeState.FAILED and rec.get("kind") == "map"
+            and rec.get("k") is not None
+            and str(rec.get("error") or "").startswith("MapItemFailed:"))
+
+
 def retry_nodes(store: Store, flow_id: str) -> tuple[str, list[str], dict[str, NodeRecord]]:
     """What a retry reopens, read a page at a time (lua/retry.lua's rule): the nodes
     that failed under "fail" or that fail_fast cancelled, and the nodes skipped as
@@ -104,9 +114,7 @@ def retry_nodes(store: Store, flow_id: str) -> tuple[str, list[str], dict[str, N
     while i < len(ids):
         for cid in recs[ids[i]].get("deps_of") or []:
             child = recs.get(cid)
-            if (cid not in seen and child is not None
-                    and child["state"] == NodeState.SKIPPED
-                    and child.get("skip_reason") == "upstream_failed"):
+            if cid not in seen and child is not None and _failed_upstream(child):
                 seen.add(cid)
                 ids.append(cid)
         i += 1

@@ -16,6 +16,7 @@ import json
 import uuid
 from typing import Any
 
+from .. import faults
 from ..config import FlowsConfig
 from ..registry import Store
 from ..registry.codec import Codec
@@ -39,6 +40,7 @@ def expansion(store: Store, codec: Codec, config: FlowsConfig, fid: str, map_id:
         return f"EncodeError: an item of map {map_id!r} cannot be serialised: {exc}"
     token = uuid.uuid4().hex[:12]
     store.stage_items(fid, token, blobs)
+    faults.point("map-staged")
     # the flow's size is checked against flows_max_nodes where it is known (expand_map)
     return [len(blobs), token, config.max_nodes]
 

@@ -106,7 +106,11 @@ class Outcomes:
         marked = store.complete_and_claim(fid, nid, attempt, outcome, blob, error,
                                           CLAIM_LEASE, BATCH, external, drop, falsy)
         if marked.reply.code == 7:
-            if marked.token or marked.claim:  # Redis Cluster: the claim ran beside it
+            if marked.token or marked.claim:
+                # Redis Cluster: the claim and the lease's drop ran beside the script;
+                # the lease is kept until the outcome is recorded (recovery needs it)
+                if drop:
+                    store.lease_add(*drop)
                 self.dispatcher.release(fid, marked.token, marked.claim)
             marked = store.complete_and_claim(
                 fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop,

@@ -131,5 +131,9 @@ if (ARGV[9] or '') ~= '' and reply[1] >= 0 and reply[1] ~= 7 then
     reply[5] = '1'
   end
 end
-if GKEYS[2] and (ARGV[13] or '') ~= '' then redis.call('ZREM', GKEYS[2], ARGV[13]) end
+-- not before the outcome is recorded: a worker that dies before its second call (code
+-- 7) must leave its lease for the recovery
+if GKEYS[2] and (ARGV[13] or '') ~= '' and reply[1] ~= 7 then
+  redis.call('ZREM', GKEYS[2], ARGV[13])
+end
 return reply

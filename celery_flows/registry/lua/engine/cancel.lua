@@ -6,7 +6,7 @@
   A node a chunked retry has not reopened yet (in the reopen set) counts as not terminal:
   it was pending to every reader (engine/reopen.lua), so it is cancelled too.
   Uses: constants (NODES, REOPEN, TERMINAL), cache (load, save, mget, mset, mdel, mincr,
-  list, ready_rem, timed_rem, REPORT).
+  list, ready_rem, timed_rem, REPORT), evaluate (unreleased).
 ]]
 local function cancel_one(id, rec, now, reason)
   rec.prev_state = rec.state
@@ -32,6 +32,8 @@ local function cancel_all(now, reason)
   for _, id in ipairs(ids) do
     local rec = load(id)
     if not TERMINAL[rec.state] then
+      -- a map's items never released end with it (they read as cancelled)
+      if rec.kind == 'map' then n = n + unreleased(id, rec) end
       cancel_one(id, rec, now, reason)
       n = n + 1
     elseif unfinished(id, rec) then

@@ -88,12 +88,28 @@ end
 -- without one goes to the outbox, and the dispatcher expands it (lua/expand.lua).
 local EXPANSIONS = {}
 
--- Release the next items of map id, within max_active and the BUDGET. Returns true
--- when the budget cut the release short.
+-- Map id's items not released yet go out a step per claim (items_more).
+local function items_later(id)
+  local pending = wraw('|items') or ''
+  if not string.find(',' .. pending .. ',', ',' .. id .. ',', 1, true) then
+    wset('|items', pending == '' and id or (pending .. ',' .. id))
+  end
+end
+
+-- How many of an expanded map's items were never released (they read as made from
+-- their map: cancelled with it, pending again when a retry reopens it).
+local function unreleased(id, rec)
+  local rel = tonumber(wraw(id .. '|rel'))
+  return rel and math.max((tonumber(rec.k) or 0) - rel, 0) or 0
+end
+
+-- Release the next items of map id, within max_active and the BUDGET (none while the
+-- map is cancelled). Returns true when the budget cut the release short.
 local function release_items(id, now)
   local rel = tonumber(wraw(id .. '|rel'))
   if not rel then return false end
   local m = load(id)
+  if m.state == 'cancelled' then return false end
   local k = tonumber(m.k)
   local upto = k
   if val(m.mact) then
@@ -120,12 +136,7 @@ local function release_items(id, now)
   else
     wset(id .. '|rel', rel)
   end
-  if cut then
-    local pending = wraw('|items') or ''
-    if not string.find(',' .. pending .. ',', ',' .. id .. ',', 1, true) then
-      wset('|items', pending == '' and id or (pending .. ',' .. id))
-    end
-  end
+  if cut then items_later(id) end
   return cut
 end
 

@@ -5,7 +5,8 @@
   step per claim (reopen_more).
   Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, deps_list,
   after_list, ids_count, contains, mget, mdel, mincr, wset, history, later, REPORT,
-  BUDGET), flow (set_flow_state), settle (evaluate_all); WIDE (scripts.py).
+  BUDGET), flow (set_flow_state), settle (evaluate_all), evaluate (unreleased,
+  items_later); WIDE (scripts.py).
 ]]
 
 -- Put terminal nodes back to pending (retry, ignore_failure): undo their accounting and
@@ -21,6 +22,11 @@ local function reopen(ids, now)
   for _, id in ipairs(ids) do
     local rec = load(id)
     mincr('done', -1)
+    if rec.kind == 'map' and rec.state == 'cancelled' and unreleased(id, rec) > 0 then
+      -- its items never released come back with it (cancel_all counted them done)
+      mincr('done', -unreleased(id, rec))
+      items_later(id)
+    end
     if rec.counted_fail then
       mincr('nfail', -1)
       rec.counted_fail = false
@@ -58,17 +64,28 @@ local function reopen(ids, now)
   return ready
 end
 
--- Nodes skipped as upstream_failed downstream of `roots`, through such skips.
+-- Whether a node ended because of its dependencies' failures: skipped as
+-- upstream_failed, or a map failed by its items (evaluate.lua decide).
+local function failed_upstream(rec)
+  if rec.state == 'skipped' then return rec.skip_reason == 'upstream_failed' end
+  return rec.state == 'failed' and rec.kind == 'map' and val(rec.k) ~= nil
+    and string.sub(val(rec.error) or '', 1, 14) == 'MapItemFailed:'
+end
+
+-- Nodes that ended as upstream_failed downstream of `roots`, through such ends.
 local function upstream_failed_closure(roots)
   local out, seen, queue = {}, {}, {}
-  for _, id in ipairs(roots) do queue[#queue + 1] = id end
+  for _, id in ipairs(roots) do
+    queue[#queue + 1] = id
+    seen[id] = true
+  end
   local qi = 1
   while qi <= #queue do
     local rec = load(queue[qi])
     qi = qi + 1
     for _, cid in ipairs(deps_list(rec)) do
       local child = load(cid)
-      if not seen[cid] and child.state == 'skipped' and child.skip_reason == 'upstream_failed' then
+      if not seen[cid] and failed_upstream(child) then
         seen[cid] = true
         out[#out + 1] = cid
         queue[#queue + 1] = cid
