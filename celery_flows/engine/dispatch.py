@@ -17,7 +17,7 @@ from .. import faults
 from ..define.records import NodeRecord, Ref, as_list, map_pairs, with_defaults
 from ..registry import Store
 from ..registry.codec import Codec
-from ..registry.ids import member_for, order_key, task_id_for
+from ..registry.ids import member_for, order_key, task_id_for, task_nonce
 from ..registry.replies import Claim, Published
 from .acks import Acks
 from .limits import Limits
@@ -126,15 +126,17 @@ class Dispatcher:
         #: records a map's collected result (Outcomes.collect, set by Outcomes)
         self.collect: Callable[..., None] | None = None
         self.config = limits.config
-        self._units: dict[str, str] = {}  # flow id -> fair-share unit (never changes)
+        #: (flow id, nonce) -> fair-share unit: a flow's concurrency key is set when it
+        #: is created and never changes; the nonce tells a later flow of the same id
+        self._units: dict[tuple[str, str], str] = {}
 
-    def share_unit(self, fid: str) -> str:
-        """The flow's fair-share unit, read once (its concurrency key is set at create)."""
-        unit = self._units.get(fid)
+    def share_unit(self, fid: str, nonce: str) -> str:
+        """The flow's fair-share unit (ids.share_unit), read once."""
+        unit = self._units.get((fid, nonce))
         if unit is None:
             if len(self._units) >= 4096:
                 self._units.clear()
-            unit = self._units[fid] = self.store.share_unit(fid)
+            unit = self._units[(fid, nonce)] = self.store.share_unit(fid)
         return unit
 
     def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
@@ -294,7 +296,8 @@ class Dispatcher:
                                 call.node_id, call.attempt)
         while True:
             answer = self.limits.admit(limiters, member, call.task_id,
-                                       self.share_unit(fid), fid)
+                                       self.share_unit(fid, task_nonce(call.task_id)),
+                                       fid)
             if answer.admitted or not 0 < answer.wait <= patience:
                 break
             time.sleep(answer.wait)
