@@ -16,7 +16,11 @@ dispatcher's ``drain``), so each figure is what the script itself costs:
 - fan-in: N dependencies of one sink recorded succeeded, the last with the drain that
   publishes the sink (the first N - 1 completions are not in the figure);
 - fan-in-args: the same with a sink that takes the N results (``.s()``), whose message
-  carries the list of N results.
+  carries the list of N results;
+- map: a map of N items expanding in the completion of its input (its elements staged
+  first) and the drain that publishes the N items;
+- map-collect: the last item's completion, the map's collection of the N results as
+  its own, and the release of its dependent.
 
 ``python benchmarks/chunk_slowlog.py N PHASE...`` measures only the phases named.
 
@@ -129,6 +133,29 @@ def main(n: int, only: list[str]) -> None:
                 store.complete(h.id, f"n{i}", 1, "failed", b"", "RuntimeError: boom")
             assert h.state().value == "failed", h.state()
             phase("retry", lambda: flows.retry(h.id))
+            client.flushdb()
+
+        if wanted("map", "map-collect"):
+            # a map of N items: its expansion in the completion of its input (the
+            # elements staged first), then its collection: the last item's completion,
+            # the map's claim, the N results read and recorded as the map's, the sink
+            f = Flow("map")
+            src = f.add(bench.noop.si(), id="src")
+            each = f.map(bench.inc.s(), over=src, id="each", max_length=n)
+            f.add(bench.tsum.s(), id="sink", after=[each])
+            h = flows.submit(f)
+            outcomes = flows.engine.outcomes
+            phase("map", lambda: outcomes.record(h.id, "src", 1, "succeeded",
+                                                 result=list(range(n))))
+            states = store.nodes(h.id)
+            assert sum(1 for i in range(n) if states[f"each[{i}]"]["state"] == "queued") == n
+            done = flows.codec.dump_result(1)
+            for i in range(n - 1):
+                store.complete(h.id, f"each[{i}]", 1, "succeeded", done)
+            phase("map-collect", lambda: outcomes.record(h.id, f"each[{n - 1}]", 1,
+                                                         "succeeded", result=1))
+            assert store.node(h.id, "sink")["state"] == "queued"
+            assert flows.codec.load_result(store.results(h.id, ["each"])["each"]) == [1] * n
             client.flushdb()
 
         for label, sink in (("fan-in", bench.noop.si()), ("fan-in-args", bench.collect.s())):

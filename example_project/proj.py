@@ -33,7 +33,9 @@ from celery_flows import Flow, Flows, Node, current_flow
 
 REDIS_URL = os.environ.get("EXAMPLE_REDIS_URL", "redis://localhost:6379/0")
 
-app = Celery("example_project", broker=REDIS_URL, backend=REDIS_URL)
+# the other examples' tasks (run.py crawl: a map over the pages a crawl finds)
+app = Celery("example_project", broker=REDIS_URL, backend=REDIS_URL,
+             include=["example_project.crawl"])
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,

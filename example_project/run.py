@@ -151,15 +151,24 @@ def _shield() -> None:
 # -- the run ---------------------------------------------------------------------------
 
 
-def run_flow(redis_url: str, tenant: str, report_date: str, timeout: float) -> int:
+def run_flow(redis_url: str, tenant: str, report_date: str, timeout: float,
+             example: str = "report") -> int:
     os.environ["EXAMPLE_REDIS_URL"] = redis_url
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from celery_flows import FlowState, FlowTimeoutError
     from example_project.proj import build_flow, flows
 
-    handle = flows.submit(build_flow(tenant, report_date))
-    log(f"submitted flow {handle.id} (tenant={tenant}, report_date={report_date})")
+    if example == "crawl":
+        from example_project.crawl import build_crawl
+
+        handle = flows.submit(build_crawl("example.org"))
+        last = "index"
+        log(f"submitted crawl {handle.id}")
+    else:
+        handle = flows.submit(build_flow(tenant, report_date))
+        last = "report"
+        log(f"submitted flow {handle.id} (tenant={tenant}, report_date={report_date})")
     started = time.monotonic()
     try:
         state = handle.wait(timeout=timeout)
@@ -182,8 +191,8 @@ def run_flow(redis_url: str, tenant: str, report_date: str, timeout: float) -> i
         outcome = f"ended {state.value}" if state.terminal else f"is still {state.value}"
         log(f"the flow {outcome}; see the tree above and {WORKER_LOG}")
         return 1
-    print("\nReport (the result of node 'report'):", flush=True)
-    print(handle.results()["report"], flush=True)
+    print(f"\nThe result of node {last!r}:", flush=True)
+    print(handle.results()[last], flush=True)
     return 0 if inspect.returncode == 0 else 1
 
 
@@ -195,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - say so rather than fail obscurely
         die("Python 3.10 or newer is needed")
     parser = argparse.ArgumentParser(description="Run the example flow end to end.")
+    parser.add_argument("example", nargs="?", choices=("report", "crawl"), default="report",
+                        help="report: the daily report (default); crawl: a map over the "
+                             "pages a crawl finds (example_project/crawl.py)")
     parser.add_argument("--tenant", default="acme", help="the flow context's tenant")
     parser.add_argument("--date", default=str(datetime.date.today() - datetime.timedelta(1)),
                         help="report date, YYYY-MM-DD (default: yesterday)")
@@ -207,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with processes() as url:
-            return run_flow(url, args.tenant, args.date, args.timeout)
+            return run_flow(url, args.tenant, args.date, args.timeout, args.example)
     except KeyboardInterrupt:
         log("interrupted")
         return 130

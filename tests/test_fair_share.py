@@ -183,11 +183,11 @@ def test_parked_and_held_nodes_survive_a_killed_manager(
     assert set(run_counts(redis_db, hy.id).values()) == {1}
 
 
-def test_a_wait_queue_of_format_1_3_still_drains(
+def test_a_wait_queue_written_before_fair_share_still_drains(
     fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
-    """A registry written by 1.3 kept one wait queue per limiter: its members are
-    released (or re-filed in the fair queues) by the new releaser."""
+    """A registry written before fair share kept one wait queue per limiter: its
+    members are released (or re-filed in the fair queues) by the new releaser."""
     keys = fair.flows.store.keys
     f = Flow("old")
     for i in range(8):
@@ -196,7 +196,7 @@ def test_a_wait_queue_of_format_1_3_still_drains(
     client = redis_db.client
     entries = client.zrange(keys.fair_queue("group:api"), 0, -1)
     assert len(entries) == 7  # the first went out at once
-    # what 1.3 wrote instead: the members in one zset, none of the fair keys
+    # what was written before: the members in one zset, none of the fair keys
     client.zadd(keys.wait_queue("group:api"), {e.split(b" ", 1)[1]: 0 for e in entries})
     client.delete(*keys.fair("group:api"))
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=2)

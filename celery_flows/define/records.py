@@ -294,6 +294,9 @@ def with_defaults(rec: dict[str, Any]) -> NodeRecord:
         rec["deps_of"] = deps.split(",") if deps else []
     if isinstance(after, str):
         rec["after"] = after.split(",") if after else []
+        if after.startswith("#"):  # an expanded map's items: "#<k>#<map id>"
+            k, _, base = after[1:].partition("#")
+            rec["after"] = [f"{base}[{i}]" for i in range(int(k))]
     if rec.get("input") == INPUT_AFTER:
         rec["input"] = list(rec["after"])
     if "fpol" not in rec:

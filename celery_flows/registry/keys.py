@@ -5,13 +5,19 @@ transition touches a single Redis Cluster slot::
 
     <prefix>:{<fid>}:meta      hash   flow record: v, id, name, state, nonce,
                                       counters (total, done, failed), times, digest
-    <prefix>:{<fid>}:nodes     hash   node id -> JSON node record (definition + state)
+    <prefix>:{<fid>}:nodes     hash   node id -> JSON node record (definition + state);
+                                      a map's item is written at its first change
+                                      (until then it reads as made from its map's
+                                      record: define/records.py item_record)
     <prefix>:{<fid>}:args      hash   user data, serialised with task_serializer and
                                       only copied by Lua: node id -> [args, kwargs] or
                                       [args, kwargs, signature options];
                                       "ctx#" -> the flow's context; "ctx#<sub-flow id>"
                                       -> a sub-flow's context overlay (``#`` is never
-                                      in a node id)
+                                      in a node id); "@<token>:<i>" -> element i of
+                                      the list a map expanded over (result_serializer),
+                                      its item's input, staged before the expansion
+                                      that names the token (engine/maps.py)
     <prefix>:{<fid>}:results   hash   node id -> serialised result (result_serializer)
     <prefix>:{<fid>}:ready     zset   outbox: node id -> time it may be claimed for
                                       publishing (0 = now; a claim pushes it forward;
@@ -38,7 +44,14 @@ transition touches a single Redis Cluster slot::
                                       f failed, s skipped, c cancelled, r removed),
                                       "|scans" -> the nodes being scanned, joined by
                                       ``,`` (meta scanning=1 while there are any; meta
-                                      kgen moves when an edge changes kind)
+                                      kgen moves when an edge changes kind). An
+                                      expanded map (SPEC section 12) waits for its items
+                                      here like a node for its dependencies;
+                                      "<map>|rel" -> how many of its items were
+                                      released, while some are not (meta mapping: how
+                                      many maps), "|items" -> the maps whose next items
+                                      the claims release a step at a time
+                                      (lua/engine/evaluate.lua)
     <prefix>:{<fid>}:work      list   terminal nodes whose dependents a transition had no
                                       budget left to settle ("<next edge> <node id>",
                                       meta settling=1 while it holds any): the next claim
@@ -160,11 +173,13 @@ step O(log n) (``<a|p>``: active or parked, ``<turn>`` 15 digits)::
                                           parked: its node was refused by another
                                           limiter when its turn came here; it keeps
                                           that turn
-    <prefix>:{sched}:wait:<limiter> zset  format 1.3's single wait queue (members in
-                                          order-key order): no longer written; the
-                                          releaser tries what an older registry left
-                                          there first, and admit.lua re-files a
-                                          refused one in the fair queues
+    <prefix>:{sched}:wait:<limiter> zset  the single wait queue of the versions before
+                                          fair share (members in order-key order): no
+                                          longer written; the releaser tries what an
+                                          older version left there first, and
+                                          admit.lua re-files a refused one in the fair
+                                          queues. Not a flow record format: no
+                                          FORMAT_VERSION of its own
 
 Task ids, worker instances, wait-queue members and the other identity formats are
 built and parsed in ``ids.py``.
@@ -187,7 +202,8 @@ FLOW_KEYS = ("meta", "nodes", "args", "results", "ready", "timed", "waiting", "w
 #: 1.3: a record's ``after`` joined into one string and an input that is the list of
 #: its dependencies' results stored as ``"*"`` (define/records.py compact); the scans of
 #: wide nodes in the waiting hash.
-FORMAT_VERSION = "1.3"
+#: 1.4: maps (SPEC section 12): records of kind "map", their items, their staged elements.
+FORMAT_VERSION = "1.4"
 FORMAT_MAJOR = 1
 
 

@@ -102,7 +102,7 @@ class Admission(NamedTuple):
 
 class FairHead(NamedTuple):
     """fair_head.lua: the member a limiter's releaser tries next and its share unit
-    ('' for a member of a 1.3 wait queue), or none (``member`` None) and ``wake``, the
+    ('' for one of an old single wait queue), or none (``member`` None) and ``wake``, the
     seconds until a parked flow's turn comes back (None when none is parked)."""
 
     member: str | None

@@ -51,7 +51,7 @@ NO_REQUEST = ""
 #: The parts of the Lua engine (``lua/engine/<part>.lua``) in the order they are joined:
 #: a part uses only what the parts before it define (Lua locals exist from their
 #: definition on). Each file's header says what it owns and what it uses.
-ENGINE_PARTS = ("constants", "cache", "flow", "evaluate", "cancel", "settle", "scan",
+ENGINE_PARTS = ("constants", "ids", "cache", "flow", "evaluate", "cancel", "settle", "scan",
                 "reopen", "claim", "piece")
 
 

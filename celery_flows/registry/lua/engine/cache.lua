@@ -13,7 +13,7 @@
   whose webhook takes node events is also pushed to its delivery list (HOOKS).
   So every transition script emits its events without naming them.
   Uses: constants (META, NODES, READY, TIMED, WAITING, EVENTS, HOOKS, TERMINAL,
-  HISTORY_MAX).
+  HISTORY_MAX), ids (val, list, push).
 ]]
 local CACHE, DIRTY, DIRTY_ORDER = {}, {}, {}
 local MCACHE, MDIRTY = {}, {}
@@ -40,76 +40,6 @@ local function now_ts()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
-local function val(x)
-  if x == cjson.null then return nil end
-  return x
-end
-
-local function list(v)
-  if v == nil or v == cjson.null then return {} end
-  return v
-end
-
--- Ids stored as one string joined by ',' (define/records.py compact: a node's
--- dependents and dependencies; a record of an earlier version holds a list) as a list.
-local function ids_list(d)
-  if type(d) ~= 'string' then return list(d) end
-  local out = {}
-  for id in string.gmatch(d, '[^,]+') do out[#out + 1] = id end
-  return out
-end
-
-local function deps_list(rec) return ids_list(rec.deps_of) end
-local function after_list(rec) return ids_list(rec.after) end
-
--- How many ids, without making the list.
-local function ids_count(d)
-  if type(d) ~= 'string' then return #list(d) end
-  if d == '' then return 0 end
-  local _, commas = string.gsub(d, ',', ',')
-  return commas + 1
-end
-
--- The id at position k of ids stored either way (k: a byte offset into a joined
--- string, else an index) and the position after it; nil past the end. Walking by
--- offset reads a long joined string without splitting it.
-local function id_at(d, k)
-  if type(d) == 'string' then
-    if k > #d then return nil, k end
-    local stop = string.find(d, ',', k, true) or (#d + 1)
-    return string.sub(d, k, stop - 1), stop + 1
-  end
-  local t = list(d)
-  return t[k], k + 1
-end
-
--- Add a dependent, in the form the record holds them.
-local function deps_add(rec, id)
-  local d = rec.deps_of
-  if type(d) == 'string' and d ~= '' then rec.deps_of = d .. ',' .. id
-  elseif type(d) == 'string' then rec.deps_of = id
-  else
-    d = list(d)
-    d[#d + 1] = id
-    rec.deps_of = d
-  end
-end
-
-local function contains(t, x)
-  for _, v in ipairs(list(t)) do if v == x then return true end end
-  return false
-end
-
--- Append x to the list in rec[field] (made when absent); keep its last `max` entries
--- when max is given.
-local function push(rec, field, x, max)
-  local t = list(rec[field])
-  t[#t + 1] = x
-  if max then
-    while #t > max do table.remove(t, 1) end
-  end
-  rec[field] = t
-end
 
 -- A record is stored without the fields at their default (define/records.py compact,
 -- SCALAR_DEFAULTS): put them back, so that every transition sees the whole record
@@ -193,10 +123,9 @@ local function mincr(field, n)
 end
 
 -- What an event says of a node: a new event is due when this changes.
--- The state readers see of a map (SPEC section 12): it is in the outbox to be expanded
--- or collected by the dispatcher (engine/dispatch.py), and it waits for its items as a
--- pending node waits for its dependencies; it reads as pending until it expands, then
--- as running until it ends.
+-- The state readers see of a map (SPEC section 12), which is pending while it waits for
+-- its items and scheduled while the dispatcher expands or collects it: pending until it
+-- expands, then running until it ends.
 local function shown_state(rec)
   if rec.kind == 'map' and (rec.state == 'pending' or rec.state == 'scheduled') then
     return val(rec.k) and 'running' or 'pending'
@@ -211,11 +140,9 @@ local function node_mark(rec)
     tostring(last and last.at or '')
 end
 
--- Item i of a map is not written when its map expands (a map of 10,000 items would
--- write 10,000 records in one step): until its first write it reads as this record,
--- made from its map's (evaluate.lua expand_map). Its input is its element, staged in
--- the args hash under '@<token>:<i>' (engine/outcomes.py); a cancelled map's items
--- not yet written read as cancelled.
+-- Item i of a map is not written when its map expands (evaluate.lua expand_map): until
+-- its first write it reads as this, made from its map's record (cancelled with it). Its
+-- input is its element, staged in the args hash as '@<token>:<i>' (engine/maps.py).
 local function item_record(m, id, i)
   local base = string.match(id, '^(.+)%[%d+%]$')
   local rec = with_defaults({task = m.task, deps_of = base, of = base, item = i, xin = '@' .. m.xtok .. ':' .. i, queue = m.queue, priority = m.priority,

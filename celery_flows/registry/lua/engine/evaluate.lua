@@ -195,9 +195,7 @@ local function expand_map(id, rec, now, x)
     return true
   end
   rec.over = after_list(rec)[1]
-  local ids = {}
-  for i = 0, k - 1 do ids[#ids + 1] = id .. '[' .. i .. ']' end
-  rec.after = table.concat(ids, ',')
+  rec.after = '#' .. k .. '#' .. id -- the k items (cache.lua ids_range)
   rec.input = '*'
   rec.k = k
   rec.xtok = tok

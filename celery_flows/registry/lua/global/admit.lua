@@ -6,9 +6,9 @@
   flows of a unit, then a flow's members in §7's order.
   KEYS[1]            waits index (set of limiter ids that have waiting nodes)
   KEYS[2 + 7(i-1) ...] for limiter i (rates first, then the queue cap if any), seven
-                     keys: its state (rate: TAT string; cap: slots zset), its wait queue
-                     of format 1.3 (drained: a member in it is re-filed in the fair
-                     queues), its units, flows, turns, queue and parked flows
+                     keys: its state (rate: TAT string; cap: slots zset), its single
+                     wait queue of before fair share (drained: a member in it is
+                     re-filed in the fair queues), its units, flows, turns, queue and parked flows
                      (lua/fair/share.lua)
   KEYS[#KEYS]        request key under {sched} (lua/_request.lua: a re-sent call returns
                      the first reply, so it never takes a second rate slot); the script

@@ -1,9 +1,9 @@
 --[[
   fair_drop: a member a releaser found stale (its node moved on, its flow is gone)
   leaves the limiter's queues; its flow keeps its turn (lua/fair/share.lua in front).
-  KEYS[1] the limiter's 1.3 wait queue  KEYS[2..6] its units, flows, turns, queue and
+  KEYS[1] its old single wait queue  KEYS[2..6] its units, flows, turns, queue and
   parked flows  KEYS[7] request key (lua/_request.lua), not seen
-  ARGV[1] member  ARGV[2] its unit ('' for a member of the 1.3 queue)  ARGV[3] flow id
+  ARGV[1] member  ARGV[2] its unit ('' for one of the old queue)  ARGV[3] flow id
 ]]
 redis.call('ZREM', KEYS[1], ARGV[1])
 if ARGV[2] ~= '' then

@@ -1,11 +1,11 @@
 --[[
   fair_head: the member a limiter's releaser tries next (lua/fair/share.lua in front).
-  First the limiter's wait queue of format 1.3, if a registry of that format left one
+  First the limiter's single wait queue, if a version before fair share left one
   (admit.lua re-files what it tries there); then, after giving its turn back to the
   flow parked longest (one a call, once parked for ARGV[1] seconds: its node may have
   gone out or away without this limiter hearing of it), the first member of the front
   unit's front flow.
-  KEYS[1] the limiter's 1.3 wait queue  KEYS[2..6] its units, flows, turns, queue and
+  KEYS[1] its old single wait queue  KEYS[2..6] its units, flows, turns, queue and
   parked flows  KEYS[7] request key under {sched} (lua/_request.lua), not seen
   ARGV[1] seconds a flow stays parked at most
   Returns: {member, its unit, ''} | {'', '', seconds until a parked flow's turn comes
