@@ -298,3 +298,29 @@ def test_a_parked_flow_keeps_its_turn_and_gets_it_back(
     time.sleep(0.35)
     assert store.fair_head("group:r").member == mx2  # parked too long: its turn back
     assert store.waiting("group:r") == 1
+
+
+def test_a_flow_waiting_for_a_slower_rate_lets_the_others_go(
+    fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
+) -> None:
+    """x's nodes pass the shared 20/s limit (its flow's rate) and a 2/s limit of their
+    own: while x waits for the slow one, the shared limit serves y, and x's nodes still
+    go out at 2/s."""
+    worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=2)
+    x = Flow("x", rate_limit="api")
+    for i in range(4):
+        x.add(fair.ident.si(i), id=f"x{i}", rate_limit="2/s")
+    y = Flow("y")
+    for i in range(30):
+        y.add(fair.add.si(i, 0), id=f"y{i}", rate_limit="api")
+    hx, hy = fair.flows.submit(x), fair.flows.submit(y)
+    assert hy.wait(timeout=30) == FlowState.SUCCEEDED
+    assert hx.wait(timeout=30) == FlowState.SUCCEEDED
+    span = max(released(hy).values()) - float(hy.inspect()["created_at"])
+    xs = sorted(released(hx).values())
+    print(f"\ny's 30 releases took {span:.2f} s beside x; x's gaps: "
+          f"{[round(b - a, 3) for a, b in zip(xs, xs[1:], strict=False)]}")
+    # y's 30 and x's few at 20/s, 0.8 s of slack; if x's turn held the shared limit
+    # while x waits for its own, y would go at x's pace (seen: 2.9 s)
+    assert span <= (30 + 4) * 0.05 + 0.8, span
+    assert max(b - a for a, b in zip(xs, xs[1:], strict=False)) <= 0.5 + 0.15

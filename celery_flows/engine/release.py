@@ -57,15 +57,14 @@ def release_held(store: Store, dispatcher: Dispatcher, budget: float = 0.5) -> f
                 continue
             if sent.outcome == "published":
                 continue
-            if sent.by and sent.by != limiter_id and sent.wait <= 0:
-                # blocked by another limiter's turn or cap: its flow is parked here,
-                # keeping its turn, and the next flow goes
-                continue
-            # refused here, or by another rate for at most one interval: this queue
-            # waits for it (its flow keeps its turn); look at the others
             if sent.wait > 0:
                 sleep = min(sleep, sent.wait)
-            break
+            if sent.by and sent.by != limiter_id:
+                # refused by another limiter: its flow is parked here (keeping its
+                # turn) and the next flow goes, or, if it still has the turn here (a
+                # short wait), the same head comes back and this queue waits for it
+                continue
+            break  # refused here: this queue waits; look at the others
     return max(sleep, 0.002)
 
 

@@ -24,8 +24,9 @@
             limiter id} refused; the member waits in that limiter's queues. Refused by
            one limiter's turn or cap while its turn had come at another, its flow is
            parked there (keeps its turn, the others go meanwhile); refused by a rate
-           only (a wait of one interval at most), it keeps its turn everywhere, and at
-           the refusing limiter a parked flow is unparked: both wait for it.
+           only (a wait of one interval of it at most), it keeps its turn where it had
+           it, parked only at a rate limiter of a shorter interval than the wait, and
+           at the refusing limiter a parked flow is unparked: they wait for it.
 ]]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -92,14 +93,19 @@ if refused then
   local function park(i, on)
     fair_park(k(i, UNITS), k(i, FLOWS), k(i, TURNS), k(i, PARKED), unit, flow, now, on)
   end
+  local function queued(i)
+    return turn[i] == 'front' and redis.call('ZSCORE', k(i, QUEUE), flow .. ' ' .. member)
+  end
   if kind == 'rate' then
     if turn[r] == 'parked' then park(r, false) end
+    -- a rate limiter that would lose more than a slot of its own waiting for this one
+    -- serves the others meanwhile; the others (a cap, a faster wait) wait with it
+    for i = 1, nrates do
+      if i ~= r and wait > intervals[i] and queued(i) then park(i, true) end
+    end
   else
     for i = 1, n do
-      if i ~= r and turn[i] == 'front'
-          and redis.call('ZSCORE', k(i, QUEUE), flow .. ' ' .. member) then
-        park(i, true)
-      end
+      if i ~= r and queued(i) then park(i, true) end
     end
     if kind == 'cap' and turn[r] == 'parked' then park(r, false) end
   end
