@@ -26,8 +26,10 @@ app.conf.update(
     # Finished benchmark flows need not outlive the run.
     flows_retention=3600,
     result_expires=3600,
-    # benchmarks/limits.py: the limiter groups under test
-    flows_rate_limits=json.loads(os.environ.get("BENCH_RATE_LIMITS", "{}")),
+    # benchmarks/limits.py: the limiter groups under test; "fair": the fair-share row
+    # of run.py (benchmarks/fair.py)
+    flows_rate_limits={"fair": "20/s",
+                       **json.loads(os.environ.get("BENCH_RATE_LIMITS", "{}"))},
 )
 if os.environ.get("BENCH_ACKS_LATE") == "1":
     app.conf.update(task_acks_late=True, worker_prefetch_multiplier=1)

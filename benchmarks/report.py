@@ -106,6 +106,12 @@ def results_rst(figs: list[Figure], env: dict[str, str], params: dict[str, Any],
             out += [f"submit+wait: {e['submit']['ms_per_call_median']:.2f} ms per "
                     f"``submit`` vs {e['delay']['ms_per_call_median']:.2f} ms per "
                     "``delay`` (median of the rounds' means).", ""]
+        if f.row == "fair share" and f.error is None:
+            e = f.extra
+            out += [f"fair share: the big flow's releases during the small flow's wait, "
+                    f"median {e['meanwhile_median']:.0f} (each round: {e['meanwhile']}); "
+                    f"one round of the limit {e['one_round_s']:.1f} s, the backlog "
+                    f"{e['backlog_s']:.0f} s.", ""]
         if f.row == "100k submit" and f.error is None:
             out += [f"100k submit: {f.extra['bytes_per_node']:.0f} B of used_memory per "
                     f"node; building the Flow took {_ms(f.medians()['build'])} (not "

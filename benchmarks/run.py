@@ -24,15 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import redis_rows, report, timing  # noqa: E402
+from benchmarks import fair, redis_rows, report, timing  # noqa: E402
 from benchmarks.harness import Bench, Figure, machine  # noqa: E402
 
 ROWS = ("T1", "T2", "T3", "submit+wait", "commands", "big", "cost", "add_bulk", "memory",
-        "slowlog", "100k")
-# Row order in the report; a new row (fair-share wait, issue #13) goes in ROWS, SIZES,
-# plan() and notes().
+        "slowlog", "100k", "fair")
+# Row order in the report; a new row goes in ROWS, Sizes, plan() and notes().
 ORDER = ("T1", "T2", "T3", "submit+wait", "commands/node", "big vs small", "cost per node",
-         "add_bulk", "memory", "SLOWLOG", "100k submit")
+         "fair share", "add_bulk", "memory", "SLOWLOG", "100k submit")
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,8 @@ class Sizes:
     slowlog: int
     huge: int
     huge_rounds: int
+    fair_big: int = 300
+    fair_small: int = 5
 
 
 FULL = Sizes(lengths=(10, 100, 1000), widths=(10, 400, 1000, 2000), diamonds=500,
@@ -102,8 +103,13 @@ def notes(s: Sizes) -> list[str]:
         "``flows.retry`` once the flow failed, read when ``retry`` returns.",
         "- The machine is shared with other jobs: single-run figures are noisy; compare "
         "ratios within one run.",
-        "- Fair-share wait (issue #13) is not measured yet: add it as a row in "
-        "``benchmarks/run.py`` (ROWS, plan()) with its body in a module of its own.",
+        f"- fair share: one flow of {s.fair_big} ``noop`` nodes, then one of "
+        f"{s.fair_small}, all under the rate group ``fair`` (20/s); the figure is the "
+        "small flow's wait from its ``submit()`` to its ``wait()`` returning, with the big "
+        "flow's releases meanwhile (Redis times of the releases). One round of the "
+        f"limit is {2 * s.fair_small / 20:.1f} s; one queue without fair share would "
+        f"release the backlog first, {s.fair_big / 20:.0f} s. The big flow is cancelled "
+        "and its held nodes drained after each round (benchmarks/fair.py).",
     ]
 
 
@@ -130,6 +136,8 @@ def plan(bench: Bench, sizes: Sizes, rounds: int, only: set[str]
             bench, s.command_nodes, s.command_rounds)])
         if only & {"big", "cost"}:
             steps.append((config, lambda: timing.big_small(bench, s.big, s.big_rounds)))
+        add("fair", config, lambda: [fair.fair_wait(bench, s.fair_big, s.fair_small,
+                                                    rounds)])
     add("add_bulk", "stopped", lambda: [timing.add_bulk(bench, s.bulk, rounds)])
     add("memory", "stopped", lambda: [redis_rows.memory(bench, s.memory, 1)])
     add("100k", "stopped", lambda: [redis_rows.submit_100k(bench, s.huge, s.huge_rounds)])

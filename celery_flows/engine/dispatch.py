@@ -17,7 +17,7 @@ from .. import faults
 from ..define.records import NodeRecord, Ref, as_list, map_pairs, with_defaults
 from ..registry import Store
 from ..registry.codec import Codec
-from ..registry.ids import member_for, order_key, task_id_for
+from ..registry.ids import member_for, order_key, task_id_for, task_nonce
 from ..registry.replies import Claim, Published
 from .acks import Acks
 from .limits import Limits
@@ -93,20 +93,25 @@ class Call(NamedTuple):
 
 
 class Release(NamedTuple):
-    """What the limiters said: ``held`` (the node waits in its flow), else the Redis
-    time they admitted it at (None when no limiter applies)."""
+    """What the limiters said: ``held`` (the node waits in its flow; ``by`` refused it
+    for ``wait`` seconds, admit.lua), else the Redis time they admitted it at (None
+    when no limiter applies)."""
 
     held: bool
     at: float | None = None
+    by: str = ""
+    wait: float = 0.0
 
 
 class Single(NamedTuple):
     """What the releaser's try to send one held node came to: ``published``,
-    ``held`` (still refused; ``wait`` seconds until its limiter may admit it, 0 when
-    unknown) or ``stale`` (the node moved on: its wait-queue member is obsolete)."""
+    ``held`` (still refused by limiter ``by``; ``wait`` seconds until it may admit
+    it, 0 when it is not the node's turn there, -1 until a slot frees) or ``stale``
+    (the node moved on: its wait-queue member is obsolete)."""
 
     outcome: str
     wait: float = 0.0
+    by: str = ""
 
 
 class Dispatcher:
@@ -124,6 +129,18 @@ class Dispatcher:
         #: a flow found waiting for its concurrency group (claim code 3) asks for its
         #: place here (engine/groups.py); True: it was started, claim again
         self.on_waiting: Callable[[str], bool] | None = None
+        #: (flow id, nonce) -> fair-share unit: a flow's concurrency key is set when it
+        #: is created and never changes; the nonce tells a later flow of the same id
+        self._units: dict[tuple[str, str], str] = {}
+
+    def share_unit(self, fid: str, nonce: str) -> str:
+        """The flow's fair-share unit (ids.share_unit), read once."""
+        unit = self._units.get((fid, nonce))
+        if unit is None:
+            if len(self._units) >= 4096:
+                self._units.clear()
+            unit = self._units[(fid, nonce)] = self.store.share_unit(fid)
+        return unit
 
     def drain(self, fid: str, token: str | None = None, claim: Claim | None = None,
               defer: bool = False) -> None:
@@ -284,14 +301,16 @@ class Dispatcher:
             member = member_for(order_key(call.path, priority, float(ready_at)), fid,
                                 call.node_id, call.attempt)
         while True:
-            answer = self.limits.admit(limiters, member, call.task_id)
+            answer = self.limits.admit(limiters, member, call.task_id,
+                                       self.share_unit(fid, task_nonce(call.task_id)),
+                                       fid)
             if answer.admitted or not 0 < answer.wait <= patience:
                 break
             time.sleep(answer.wait)
         if not answer.admitted:
             self.store.hold(fid, call.node_id, call.attempt, member, answer.refused_by,
                             answer.wait)
-            return Release(True)
+            return Release(True, by=answer.refused_by, wait=answer.wait)
         return Release(False, answer.at or None)
 
     def release_one(self, fid: str, nid: str, attempt: int, member: str) -> Single:
@@ -308,9 +327,7 @@ class Dispatcher:
         release = self._admit(fid, claim.flow_rate, call, member, patience=0.05)
         if release.held:
             store.published(fid, [], clear_token=token)
-            held = (store.node(fid, nid) or {}).get("held") or {}
-            until = held.get("until")
-            return Single("held", max(float(until) - store.now(), 0.0) if until else 0.0)
+            return Single("held", release.wait, release.by)
         faults.point("claimed-before-publish")
         with self.app.producer_or_acquire() as producer:
             sent = self._send(call, producer, release.at)

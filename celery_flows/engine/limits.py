@@ -10,8 +10,10 @@ Every release passes the limits: each limiter that applies to the node must admi
 
 Rates are GCRA with no burst (releases at least one interval apart, timed by Redis
 ``TIME``). A node that may not go yet stays ``scheduled`` in its flow, held out of the
-outbox (``hold.lua``), and waits in the refusing limiter's queue, ordered by longest
-path to a sink, then priority, then readiness. The releaser of every ``--flows``
+outbox (``hold.lua``), and waits in the refusing limiter's queues. Each limiter
+serves them round-robin (fair share, SPEC section 12): by concurrency key, then by flow
+(a flow without a key is its own), then within the flow by longest path to a sink,
+priority and readiness (``lua/fair/share.lua``). The releaser of every ``--flows``
 worker admits the heads of those queues as soon as their limiters allow
 (:mod:`celery_flows.engine.release`).
 """
@@ -66,19 +68,23 @@ class Limits:
             out.append(Limiter(queue_limiter(queue), cap=cap))
         return out
 
-    def admit(self, limiters: list[Limiter], member: str, task_id: str) -> Admission:
-        """One atomic check of every limiter (admit.lua)."""
+    def admit(self, limiters: list[Limiter], member: str, task_id: str, unit: str,
+              fid: str) -> Admission:
+        """One atomic check of every limiter (admit.lua): their capacity, and whether it
+        is the turn of the node's share ``unit`` and flow in each one's fair queues."""
         rates = [lim for lim in limiters if lim.interval is not None]
         caps = [lim for lim in limiters if lim.cap is not None]
-        keys = [self.store.keys.waits]
-        argv: list[Any] = [member, task_id, len(rates), caps[0].cap if caps else 0]
+        keys = self.store.keys
+        names = [keys.waits]
+        argv: list[Any] = [member, task_id, len(rates), caps[0].cap if caps else 0, unit,
+                           fid]
         for lim in rates + caps:
-            keys.append(self.store.keys.limiter_state(lim.id))
-            keys.append(self.store.keys.wait_queue(lim.id))
+            names += [keys.limiter_state(lim.id), keys.wait_queue(lim.id),
+                      *keys.fair(lim.id)]
             argv.append(lim.id)
             if lim.interval is not None:
                 argv.append(lim.interval)
-        return self.store.admit(keys, argv)
+        return self.store.admit(names, argv)
 
     def release_slot(self, queue: str, task_id: str) -> None:
         """A node of a capped queue finished: its slot is free."""

@@ -19,11 +19,13 @@ _ALIVE = (NodeState.SCHEDULED.value, NodeState.QUEUED.value, NodeState.RUNNING.v
 
 
 def release_held(store: Store, dispatcher: Dispatcher, budget: float = 0.5) -> float:
-    """Admit the heads of the wait queues. Returns how long the caller may sleep before
-    something could be admitted."""
+    """Admit the heads of the wait queues, each limiter's flows round-robin (fair share,
+    SPEC section 12). Returns how long the caller may sleep before something could be
+    admitted."""
     deadline = time.monotonic() + budget
     sleep = 0.05
     for limiter_id in store.waiting_limiters():
+        tried = None
         while time.monotonic() < deadline:
             if not is_queue_limiter(limiter_id):
                 # a rate limiter: wait for its next slot without a full admission try
@@ -33,25 +35,36 @@ def release_held(store: Store, dispatcher: Dispatcher, budget: float = 0.5) -> f
                 if ahead > 0.0005:
                     sleep = min(sleep, ahead)
                     break
-            member = store.wait_head(limiter_id)
-            if member is None:
-                store.drop_empty_wait(limiter_id)
+            head = store.fair_head(limiter_id)
+            if head.member is None:
+                if head.wake is None:
+                    store.drop_empty_wait(limiter_id)
+                else:
+                    # only parked flows: their nodes wait at other limiters
+                    sleep = min(sleep, max(head.wake, 0.002))
                 break
-            parsed = parse_member(member)
+            if head.member == tried:
+                break  # nothing moved since the last try (a race): wait a round
+            tried = head.member
+            parsed = parse_member(head.member)
             if parsed is None:
-                store.wait_drop(limiter_id, member)
+                store.wait_drop(limiter_id, head.member, head.unit, "")
                 continue
             sent = dispatcher.release_one(parsed.flow_id, parsed.node_id, parsed.attempt,
-                                          member)
+                                          head.member)
             if sent.outcome == "stale":
-                store.wait_drop(limiter_id, member)
+                store.wait_drop(limiter_id, head.member, head.unit, parsed.flow_id)
                 continue
             if sent.outcome == "published":
                 continue
-            # still refused: this queue waits; look at the others
             if sent.wait > 0:
                 sleep = min(sleep, sent.wait)
-            break
+            if sent.by and sent.by != limiter_id:
+                # refused by another limiter: its flow is parked here (keeping its
+                # turn) and the next flow goes, or, if it still has the turn here (a
+                # short wait), the same head comes back and this queue waits for it
+                continue
+            break  # refused here: this queue waits; look at the others
     return max(sleep, 0.002)
 
 

@@ -8,6 +8,7 @@ task id                 ``<flow>~<node>~<attempt>~<nonce>``              Celery 
 dirty token             ``<flow>|<12 hex>``                              dispatch index
 worker instance         ``<hostname>|<pid>|<8 hex>``                     heartbeats, leases
 wait-queue member       ``<order key>|<flow>|<node>|<attempt>``          limiter queues
+share unit              ``k|<cgroup>|<ckey>`` or ``f|<flow>``            fair share
 order key               ``<9999 - path:04><priority:1><ready ms:015>``   wait-queue sort
 limiter id              ``flow:<id>``, ``task:<name>``, ``group:<name>``,  limiter keys
                         ``queue:<name>``
@@ -34,7 +35,7 @@ __all__ = [
     "TaskRef", "flow_limiter", "group_limiter", "instance_host",
     "is_queue_limiter", "member_for", "new_batch_id", "new_dirty_token", "new_instance_id",
     "new_request_id", "order_key", "parse_member", "parse_task_id", "queue_limiter",
-    "task_id_for", "task_limiter", "task_nonce", "token_flow",
+    "share_unit", "task_id_for", "task_limiter", "task_nonce", "token_flow",
 ]
 
 SEP = "~"
@@ -102,6 +103,15 @@ def order_key(path: int, priority: int | None, ready_at: float) -> str:
 
 def member_for(order: str, flow_id: str, node_id: str, attempt: int) -> str:
     return f"{order}|{flow_id}|{node_id}|{attempt}"
+
+
+def share_unit(flow_id: str, cgroup: str | None = None, ckey: str | None = None) -> str:
+    """The fair-share unit of a flow's waiting nodes (SPEC section 12): its concurrency
+    key, when its meta has one, else the flow itself. Neither ``|`` nor a space is ever
+    in an id or a key (define/validate.ID_RE)."""
+    if ckey:
+        return f"k|{cgroup or ''}|{ckey}"
+    return f"f|{flow_id}"
 
 
 def parse_member(member: str) -> TaskRef | None:

@@ -151,9 +151,35 @@ a node in one atomic step (one slot on Redis Cluster)::
 
     <prefix>:{sched}:state:<limiter>  rate limiter: theoretical arrival time (GCRA);
                                       queue cap ("queue:<name>"): zset task id -> time
-    <prefix>:{sched}:wait:<limiter>   zset, all scores 0: members sort by order key,
-                                      "<order>|<flow>|<node>|<attempt>"
     <prefix>:{sched}:waits            set of limiter ids that have waiting nodes
+
+Each limiter's waiting nodes are served round-robin (fair share, SPEC sections 7 and
+12; lua/fair/share.lua): by share unit (``ids.share_unit``: ``k|<cgroup>|<ckey>`` for a
+flow with a concurrency key in its meta, ``f|<flow>`` for one without), then by flow
+within the unit, then in section 7's order within the flow. Five keys a limiter, every
+step O(log n) (``<a|p>``: active or parked, ``<turn>`` 15 digits)::
+
+    <prefix>:{sched}:rr:<limiter>  zset   unit -> turn (the lowest is served next; a
+                                          served unit takes the last turn; 1e12 more
+                                          while all its flows are parked)
+    <prefix>:{sched}:fl:<limiter>  zset   all scores 0: "<unit> <a|p><turn> <flow>",
+                                          the flows of a unit in turn order, the
+                                          active ones first
+    <prefix>:{sched}:ft:<limiter>  hash   "<unit> <flow>" -> "<a|p><turn>", its entry
+    <prefix>:{sched}:mq:<limiter>  zset   all scores 0: "<flow> <member>", a flow's
+                                          members together in order-key order; a
+                                          member is "<order>|<flow>|<node>|<attempt>"
+    <prefix>:{sched}:pk:<limiter>  zset   "<unit> <flow>" -> since when the flow is
+                                          parked: its node was refused by another
+                                          limiter when its turn came here; it keeps
+                                          that turn
+    <prefix>:{sched}:wait:<limiter> zset  the single wait queue of the versions before
+                                          fair share (members in order-key order): no
+                                          longer written; the releaser tries what an
+                                          older version left there first, and
+                                          admit.lua re-files a refused one in the fair
+                                          queues. Not a flow record format: no
+                                          FORMAT_VERSION of its own
 
 Concurrency groups (SPEC section 12, engine/groups.py) share the hash tag ``{conc}`` so
 that the global scripts conc_enqueue.lua and conc_admit.lua decide a key's places in one
@@ -314,6 +340,27 @@ class Keys:
     @property
     def conc_seq(self) -> str:
         return f"{self.prefix}:{{conc}}:seq"
+
+    def fair_units(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:rr:{limiter_id}"
+
+    def fair_flows(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:fl:{limiter_id}"
+
+    def fair_turns(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:ft:{limiter_id}"
+
+    def fair_queue(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:mq:{limiter_id}"
+
+    def fair_parked(self, limiter_id: str) -> str:
+        return f"{self.prefix}:{{sched}}:pk:{limiter_id}"
+
+    def fair(self, limiter_id: str) -> list[str]:
+        """A limiter's fair wait queues, in the order lua/fair/share.lua takes them."""
+        return [self.fair_units(limiter_id), self.fair_flows(limiter_id),
+                self.fair_turns(limiter_id), self.fair_queue(limiter_id),
+                self.fair_parked(limiter_id)]
 
     def request(self, key: str, request_id: str) -> str:
         """The reply cache of one call of a script whose first key is ``key``: in that

@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
-__all__ = ["Admission", "Change", "Claim", "Completion", "Marked", "Published", "Recovery",
-           "Started", "text"]
+__all__ = ["Admission", "Change", "Claim", "Completion", "FairHead", "Marked", "Published",
+           "Recovery", "Started", "text"]
 
 R = TypeVar("R")
 
@@ -98,6 +98,16 @@ class Admission(NamedTuple):
     at: float
     wait: float
     refused_by: str
+
+
+class FairHead(NamedTuple):
+    """fair_head.lua: the member a limiter's releaser tries next and its share unit
+    ('' for one of an old single wait queue), or none (``member`` None) and ``wake``, the
+    seconds until a parked flow's turn comes back (None when none is parked)."""
+
+    member: str | None
+    unit: str
+    wake: float | None
 
 
 class Published(NamedTuple):

@@ -41,6 +41,8 @@ WIDE = 4 * CHUNK
 #: Scripts whose kept answer is the ids of the entries they claimed (lua/_request.lua)
 REPLAY_ENTRIES = frozenset({"claim"})
 REPLAY_CLAIMED = frozenset({"complete"})
+#: Global scripts that use the fair wait queues (lua/fair/share.lua goes in front)
+FAIR_SCRIPTS = frozenset({"admit", "fair_head", "fair_drop"})
 _TRANSITION = "-- @transition\n"
 #: The request id of a call that must write nothing, not even its reply (dry runs)
 NO_REQUEST = ""
@@ -114,6 +116,8 @@ def script_texts(events_maxlen: int = 100000) -> dict[str, str]:
         return (f"{flags}{head}{prelude}\nlocal function transition()\n{body}\nend\n"
                 f"{tail}")
 
+    fair = (LUA_DIR / "fair" / "share.lua").read_text()
+
     def engine(name: str, body: str) -> str:
         # a replayed completion claims again in the wrapper's tail (lua/_request.lua)
         return engine_for(body + ("\nclaim_entries" if name in REPLAY_CLAIMED else ""))
@@ -123,8 +127,10 @@ def script_texts(events_maxlen: int = 100000) -> dict[str, str]:
         for p in sorted(LUA_DIR.glob("*.lua"))
         if not p.name.startswith("_")
     } | {
-        # scripts on global keys: no engine
-        p.stem: wrap(p.stem, p.read_text())
+        # scripts on global keys: no engine; the fair wait queues' helpers in front of
+        # the scripts that use them
+        p.stem: wrap(p.stem, p.read_text(),
+                     fair if p.stem in FAIR_SCRIPTS else "")
         for p in sorted((LUA_DIR / "global").glob("*.lua"))
     }
 

@@ -11,10 +11,14 @@ from typing import Any
 import redis
 
 from .connection import Connection
-from .ids import is_queue_limiter, new_dirty_token
-from .replies import text
+from .ids import is_queue_limiter, new_dirty_token, share_unit
+from .replies import FairHead, text
 
-__all__ = ["Services"]
+__all__ = ["PARK_SECONDS", "Services"]
+
+#: The longest a flow stays parked at a limiter (fair_head.lua) before that limiter
+#: tries its node again: normally the limiter that holds the node releases it first.
+PARK_SECONDS = 1.0
 
 
 class Services(Connection):
@@ -191,29 +195,44 @@ class Services(Connection):
         tat = self.client.get(self.keys.limiter_state(limiter_id))
         return float(tat) if tat else None
 
-    def wait_head(self, limiter_id: str) -> str | None:
-        head = self.client.zrange(self.keys.wait_queue(limiter_id), 0, 0)
-        return text(head[0]) if head else None
+    def fair_head(self, limiter_id: str) -> FairHead:
+        """The member the limiter's releaser tries next (fair_head.lua)."""
+        keys = [self.keys.wait_queue(limiter_id), *self.keys.fair(limiter_id)]
+        out = self._run_global("fair_head", keys, [PARK_SECONDS])
+        member, unit, wake = (text(x) for x in out)
+        return FairHead(member or None, unit, float(wake) if wake else None)
 
-    def wait_drop(self, limiter_id: str, member: str) -> None:
-        self.client.zrem(self.keys.wait_queue(limiter_id), member)
+    def wait_drop(self, limiter_id: str, member: str, unit: str, flow_id: str) -> None:
+        """A stale member leaves the limiter's queues (fair_drop.lua)."""
+        keys = [self.keys.wait_queue(limiter_id), *self.keys.fair(limiter_id)]
+        self._run_global("fair_drop", keys, [member, unit, flow_id])
 
     def waiting(self, limiter_id: str) -> int:
-        return int(self.client.zcard(self.keys.wait_queue(limiter_id)))
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.wait_queue(limiter_id))
+            pipe.zcard(self.keys.fair_queue(limiter_id))
+            return sum(int(n) for n in pipe.execute())
 
     def drop_empty_wait(self, limiter_id: str) -> None:
-        """Forget a limiter in the waits index once its queue is empty (checked in one
-        transaction so a member added meanwhile keeps it listed)."""
-        key, index = self.keys.wait_queue(limiter_id), self.keys.waits
+        """Forget a limiter in the waits index once its queues are empty (checked in one
+        transaction so a member added meanwhile keeps it listed; a parked flow keeps
+        its unit in the units zset)."""
+        legacy, units = self.keys.wait_queue(limiter_id), self.keys.fair_units(limiter_id)
         with self.client.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(key)
-                if pipe.zcard(key) == 0:
+                pipe.watch(legacy, units)
+                if pipe.zcard(legacy) == 0 and pipe.zcard(units) == 0:
                     pipe.multi()
-                    pipe.srem(index, limiter_id)
+                    pipe.srem(self.keys.waits, limiter_id)
                     pipe.execute()
             except redis.WatchError:
                 pass
+
+    def share_unit(self, fid: str) -> str:
+        """The fair-share unit of a flow (ids.share_unit): its meta's concurrency key."""
+        cgroup, ckey = self.client.hmget(self.keys.meta(fid), ["cgroup", "ckey"])
+        return share_unit(fid, text(cgroup) if cgroup else None,
+                          text(ckey) if ckey else None)
 
     def slot_holders(self, limiter_id: str) -> list[str]:
         """The task ids holding slots of a queue cap."""
