@@ -21,7 +21,8 @@ from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import FLOWS, run_counts
 
 FAIR = {"FLOWS_TEST_RATE_LIMITS": json.dumps({"api": "20/s"}),
-        "FLOWS_TEST_QUEUE_LIMITS": json.dumps({"capped": 2, "single": 1})}
+        "FLOWS_TEST_QUEUE_LIMITS": json.dumps({"capped": 2, "single": 1}),
+        "FLOWS_TEST_CONCURRENCY": json.dumps({"tenant": 2})}
 
 
 @pytest.fixture
@@ -88,21 +89,16 @@ def test_small_flow_is_not_starved_behind_a_backlog_sharing_its_limit(
 def test_round_robin_is_by_concurrency_key_then_by_flow(
     fair: Any, worker_factory: WorkerFactory, redis_db: RedisDB
 ) -> None:
-    """Two flows of one concurrency key count as one share: the flow without a key gets
-    every second release, not every third. (The keys are written into the flows' meta
-    as Flow(concurrency=...) stores them, cgroup and ckey, while a root holds the flows'
-    limited nodes back.)"""
+    """Two flows of one concurrency key (both admitted: the group allows 2) count as
+    one share: the flow without a key gets every second release, not every third."""
     worker_factory("tests.proj", extra_args=FLOWS, env=FAIR, concurrency=4)
     handles = {}
     for name, width in (("a1", 40), ("a2", 40), ("b", 10)):
-        f = Flow(name)
+        f = Flow(name, concurrency=("tenant", "acme") if name != "b" else None)
         root = f.add(fair.wait_for_key.si("go"), id="root")
         for i in range(width):
             f.add(fair.ident.si(i), id=f"{name}-{i}", rate_limit="api", after=[root])
         handles[name] = fair.flows.submit(f)
-    for name in ("a1", "a2"):
-        meta = fair.flows.store.keys.meta(handles[name].id)
-        redis_db.client.hset(meta, mapping={"cgroup": "tenant", "ckey": "acme"})
     for h in handles.values():
         wait_until(lambda h=h: h.node_states()["root"] == "running", "the roots to run")
     redis_db.client.set("go", 1)
