@@ -14,7 +14,7 @@ from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import FLOWS, run_counts
 
-# a script reads at most 50 dependency records (10 units of 5), and a node of more than
+# a script reads at most 20 dependency records (10 units of 2), and a node of more than
 # 20 dependencies is evaluated in steps
 SMALL = {"CELERY_FLOWS_CHUNK": "5"}
 
@@ -39,7 +39,7 @@ def test_a_wide_sink_gets_every_input_in_order_after_a_worker_died_between_scan_
             deps.append(f.add(proj.ident.si(i), id=f"d{i}"))
     f.add(proj.ident.s(), id="sink", after=deps)
     # the worker that finishes the dependencies dies at its first bounded step: the
-    # sink's scan has read 50 of its 120 dependencies
+    # sink's scan has read 20 of its 120 dependencies
     worker_factory("tests.proj", concurrency=2, env={**SMALL, FAULTS: "chore-step@1=kill"})
     handle = proj.flows.submit(f)
     wait_until(lambda: "sink|scan" in _waiting(proj, handle.id), "the scan's first step",
@@ -76,7 +76,7 @@ def test_ignore_failure_in_the_middle_of_a_scan_starts_it_again(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
 ) -> None:
     # no worker yet: this process records the outcomes and takes one claim, so the
-    # scan stops after its first step (the default chunk: 250 records a step, a node of
+    # scan stops after its first step (the default chunk: 100 records a step, a node of
     # more than 100 dependencies scanned)
     proj = import_app("tests.proj")
     store = proj.flows.store

@@ -17,9 +17,11 @@
   wdel, BUDGET), evaluate (edge_kind, decide, KIND_LETTER), settle (settle_all).
 ]]
 
--- Dependency records one unit of the BUDGET pays for: a record read and its kind taken
--- cost about a fifth of an edge settled (a full BUDGET reads 250: 3 to 4 ms).
-local SCAN_PER_UNIT = 5
+-- Dependency records one unit of the BUDGET pays for: a full BUDGET reads 100. Read
+-- warm, a record costs some 14 us (250 took 3.5 ms); the first step over records
+-- written long before can take two to three times that (250 took 10-17 ms, measured
+-- with benchmarks/chunk_slowlog.py 10000 map-collect), hence 100.
+local SCAN_PER_UNIT = 2
 
 local function end_scan(id)
   wdel(id .. '|scan')
