@@ -364,3 +364,28 @@ def test_a_map_released_in_a_later_step_is_expanded_by_the_dispatcher(
     events = [e["state"] for e in proj.flows.store.read_events(handle.id, "0")
               if e["node"] == "each"]
     assert events[-2:] == ["running", "succeeded"] and "scheduled" not in events
+
+
+def test_item_ids_must_fit_and_an_expansion_past_flows_max_nodes_fails_the_map(
+    import_app: ImportApp,
+) -> None:
+    proj = import_app("tests.proj")
+    # read at the first use of the configuration (below)
+    proj.app.conf.flows_max_nodes = 10
+    f = Flow("long-ids")
+    src = f.add(proj.numbers.s(3), id="src")
+    f.map(proj.double.s(), over=src, id="m" * 123, max_length=1000)  # m...m[999]: 128
+    f.compile(proj.app, proj.flows.config)
+    g = Flow("too-long")
+    src = g.add(proj.numbers.s(3), id="src")
+    g.map(proj.double.s(), over=src, id="m" * 124, max_length=1000)
+    with pytest.raises(FlowDefinitionError, match="its last item"):
+        g.compile(proj.app, proj.flows.config)
+
+    # eager: the expansion runs here, under this process's flows_max_nodes
+    proj.app.conf.task_always_eager = True
+    h, _each = _map_flow(proj, 20, max_length=100)
+    handle = proj.flows.submit(h)
+    assert handle.state() == FlowState.FAILED
+    error = handle.inspect()["nodes"]["each"]["error"]
+    assert error.startswith("MapTooLong") and "flows_max_nodes=10" in error

@@ -190,6 +190,13 @@ def _flatten(
         entry = flow._entries[eid]
         nid = prefix + eid
         where = f"node {eid!r} of sub-flow {prefix[:-1]!r}" if prefix else f"node {nid!r}"
+        if entry.kind == "map":
+            last = f"{nid}[{max(int(entry.opts['mlen']) - 1, 0)}]"
+            if len(last) > MAX_ID_LENGTH:
+                raise FlowDefinitionError(
+                    f"{where}: the id of its last item, {last[:60]}..., would be "
+                    f"{len(last)} characters, more than {MAX_ID_LENGTH}; use a shorter "
+                    "map id or a smaller max_length")
         if len(nid) > MAX_ID_LENGTH - (2 if entry.kind == "subflow" else 0):
             raise FlowDefinitionError(
                 f"{where}: its composed id {nid[:60]}... is {len(nid)} characters; "
