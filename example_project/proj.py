@@ -34,9 +34,10 @@ from celery_flows import Flow, Flows, Node, current_flow
 REDIS_URL = os.environ.get("EXAMPLE_REDIS_URL", "redis://localhost:6379/0")
 
 # the other examples' tasks (run.py crawl: a map over the pages a crawl finds; run.py
-# imports: nightly imports, one per tenant at a time)
+# imports: nightly imports, one per tenant at a time; run.py fair: fair share of a rate)
 app = Celery("example_project", broker=REDIS_URL, backend=REDIS_URL,
-             include=["example_project.crawl", "example_project.imports"])
+             include=["example_project.crawl", "example_project.imports",
+                      "example_project.fairness"])
 app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
@@ -45,6 +46,8 @@ app.conf.update(
     # At most one nightly import per tenant at a time (imports.py): a tenant's further
     # imports wait, in the order they were submitted.
     flows_concurrency_limits={"tenant": 1},
+    # A partner API's limit, shared by every flow that calls it (fairness.py).
+    flows_rate_limits={"partner-api": "20/s"},
 )
 flows = Flows(app)
 

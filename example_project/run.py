@@ -196,10 +196,14 @@ def run_flow(redis_url: str, tenant: str, report_date: str, timeout: float,
     return 0 if inspect.returncode == 0 else 1
 
 
-def run_imports(redis_url: str, timeout: float) -> int:
+def run_imports(redis_url: str, timeout: float, example: str = "imports") -> int:
     os.environ["EXAMPLE_REDIS_URL"] = redis_url
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    if example == "fair":
+        from example_project.fairness import run_fair
+
+        return run_fair(log, timeout)
     from example_project.imports import run_imports as run
 
     return run(log, timeout)
@@ -213,12 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     if sys.version_info < (3, 10):  # noqa: UP036 - say so rather than fail obscurely
         die("Python 3.10 or newer is needed")
     parser = argparse.ArgumentParser(description="Run the example flow end to end.")
-    parser.add_argument("example", nargs="?", choices=("report", "crawl", "imports"),
+    parser.add_argument("example", nargs="?", choices=("report", "crawl", "imports", "fair"),
                         default="report",
                         help="report: the daily report (default); crawl: a map over the "
                              "pages a crawl finds (example_project/crawl.py); imports: "
                              "nightly imports, one per tenant at a time "
-                             "(example_project/imports.py)")
+                             "(example_project/imports.py); fair: a small flow beside a "
+                             "backlog on one rate limit (example_project/fairness.py)")
     parser.add_argument("--tenant", default="acme", help="the flow context's tenant")
     parser.add_argument("--date", default=str(datetime.date.today() - datetime.timedelta(1)),
                         help="report date, YYYY-MM-DD (default: yesterday)")
@@ -231,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with processes() as url:
-            if args.example == "imports":
-                return run_imports(url, args.timeout)
+            if args.example in ("imports", "fair"):
+                return run_imports(url, args.timeout, args.example)
             return run_flow(url, args.tenant, args.date, args.timeout, args.example)
     except KeyboardInterrupt:
         log("interrupted")

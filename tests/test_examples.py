@@ -24,3 +24,10 @@ def test_the_imports_example_runs_one_import_per_tenant_at_a_time() -> None:
            "in line)" in out.stdout
     assert "import globex 2024-05-01: running, admitted" in out.stdout
     assert "acme's imports ran one at a time, in the order submitted" in out.stdout
+
+
+def test_the_fair_example_finishes_a_small_flow_beside_a_backlog() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "example_project" / "run.py"), "fair"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "lookup succeeded" in out.stdout and "backfill cancelled" in out.stdout

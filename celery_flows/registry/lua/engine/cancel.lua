@@ -5,8 +5,8 @@
   the claims for fail_fast: engine/claim.lua).
   A node a chunked retry has not reopened yet (in the reopen set) counts as not terminal:
   it was pending to every reader (engine/reopen.lua), so it is cancelled too.
-  Uses: constants (NODES, REOPEN, TERMINAL), cache (load, save, mget, mset, mdel, mincr,
-  list, ready_rem, timed_rem, REPORT), evaluate (unreleased).
+  Uses: constants (NODES, REOPEN, TERMINAL), ids (list), cache (load, save, mget,
+  mset, mdel, mincr, ready_rem, timed_rem, REPORT), evaluate (unreleased).
 ]]
 local function cancel_one(id, rec, now, reason)
   rec.prev_state = rec.state

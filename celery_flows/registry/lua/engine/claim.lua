@@ -7,8 +7,9 @@
   only for a node that takes them (its record's input), and from at most CLAIM_READS
   dependency records a claim: a wide node (scan.lua) sends the letters its scan stored
   and no results, which the dispatcher then reads in pages (engine/dispatch.py).
-  Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), cache (load, save, mget, val,
-  list, deps_list, after_list, ids_count, contains, flush, compact, wraw, BUDGET, REPORT), flow
+  Uses: constants (READY, TIMED, HELD, EXTERNAL_TIMEOUT), ids (val, list, deps_list,
+  after_list, ids_count, contains), cache (load, save, mget, flush, compact, wraw,
+  BUDGET, REPORT), flow
   (set_flow_state, stopping), evaluate (edge_kind), WIDE (scripts.py), cancel (cancel_chunk), settle
   (fail_node, settle_more), scan (scan_more), reopen (reopen_more), evaluate
   (items_more: a map's items).

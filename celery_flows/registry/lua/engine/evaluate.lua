@@ -9,9 +9,10 @@
   then decides as evaluate does.
   Maps expand here too (expand_map) and release their items (release_items,
   items_more).
-  Uses: constants (TERMINAL, POLICY_EDGE, EXTERNAL_TIMEOUT), cache (load, save, val,
-  list, after_list, ids_count, contains, mget, mset, mdel, mincr, wget, wraw, wset,
-  wdel, history, ready_add, ready_rem, timed_add, timed_rem, BUDGET, REPORT); WIDE
+  Uses: constants (TERMINAL, POLICY_EDGE, EXTERNAL_TIMEOUT), ids (val, list,
+  after_list, ids_count, contains), cache (load, save, mget, mset, mdel, mincr, wget,
+  wraw, wset, wdel, history, ready_add, ready_rem, timed_add, timed_rem, BUDGET,
+  REPORT); WIDE
   (scripts.py, beside STEP).
 ]]
 

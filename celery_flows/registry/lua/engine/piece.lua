@@ -1,7 +1,7 @@
 --[[
   engine/piece.lua: store_piece, writing nodes of a flow being created (create.lua, and
   create_part.lua for the further pieces of a large one) and releasing its roots.
-  Uses: cache (ids_count, wset, hset_all, mget, mset), settle (evaluate_all).
+  Uses: ids (ids_count), cache (wset, hset_all, mget, mset), settle (evaluate_all).
 
   store_piece(at, now): ARGV[at] is n, then n triples: node id, record JSON (compact:
   fields at their default left out, see cache.lua), args blob ('' = none); then m, then

@@ -3,9 +3,9 @@
   the nodes such a change reaches: those skipped as upstream_failed downstream.
   A chunked retry (lua/retry.lua) stages its nodes in the reopen set and reopens them a
   step per claim (reopen_more).
-  Uses: constants (RESULTS, REOPEN, TERMINAL), cache (load, save, list, deps_list,
-  after_list, ids_count, contains, mget, mdel, mincr, wset, history, later, REPORT,
-  BUDGET), flow (set_flow_state), settle (evaluate_all), evaluate (unreleased,
+  Uses: constants (RESULTS, REOPEN, TERMINAL), ids (list, deps_list, after_list,
+  ids_count, contains), cache (load, save, mget, mdel, mincr, wset, history, later,
+  REPORT, BUDGET), flow (set_flow_state), settle (evaluate_all), evaluate (unreleased,
   items_later); WIDE (scripts.py).
 ]]
 

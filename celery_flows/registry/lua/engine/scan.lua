@@ -13,8 +13,9 @@
   node no longer pending (cancelled) ends; one whose generation is not the meta's kgen
   (an edge changed kind: retry, ignore_failure, remove_dependency) starts again from
   the first dependency.
-  Uses: constants (TERMINAL, REOPEN), cache (load, list, id_at, mget, mset, mdel, wraw, wset,
-  wdel, BUDGET), evaluate (edge_kind, decide, KIND_LETTER), settle (settle_all).
+  Uses: constants (TERMINAL, REOPEN), ids (list, id_at), cache (load, mget, mset,
+  mdel, wraw, wset, wdel, BUDGET), evaluate (edge_kind, decide, KIND_LETTER), settle
+  (settle_all).
 ]]
 
 -- Dependency records one unit of the BUDGET pays for: a full BUDGET reads 100. Read

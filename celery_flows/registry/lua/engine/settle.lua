@@ -5,8 +5,9 @@
   to the work list, which the next claims settle: settle_more); evaluate_all does the
   same for pending nodes that wait for nothing; fail_node fails a node from inside a
   transition.
-  Uses: constants (WORK, REOPEN, TERMINAL), cache (load, save, val, list, contains, mget,
-  mset, mdel, mincr, wget, wset, history, ready_rem, timed_rem, BUDGET), flow (stopping),
+  Uses: constants (WORK, REOPEN, TERMINAL), ids (val, list, contains), cache (load,
+  save, mget, mset, mdel, mincr, wget, wset, history, ready_rem, timed_rem, BUDGET),
+  flow (stopping),
   evaluate (evaluate, release_items), cancel (cancel_all, begin_chunked_cancel).
 ]]
 
