@@ -17,6 +17,12 @@ _SHOWN_DEPS = 20
 __all__ = ["describe"]
 
 
+def _named(ids: list[str]) -> str:
+    """The first _SHOWN_DEPS ids, then how many more."""
+    more = len(ids) - _SHOWN_DEPS
+    return ", ".join(ids[:_SHOWN_DEPS]) + (f" and {more} more" if more > 0 else "")
+
+
 def _map_waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord]) -> str | None:
     """What a map or a map's item waits for (SPEC section 12), or None for the rules
     of any node."""
@@ -32,9 +38,8 @@ def _map_waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord]) -> str | Non
         open_items = [d for d in rec["after"]
                       if NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
         if open_items:
-            return (f"its items: {len(open_items)} of {rec['k']} not finished (" +
-                    ", ".join(open_items[:_SHOWN_DEPS]) +
-                    (" ..." if len(open_items) > _SHOWN_DEPS else "") + ")")
+            return (f"its items: {len(open_items)} of {rec['k']} not finished "
+                    f"({_named(open_items)})")
         return ("the collection of its items' results, in the outbox (by this process or a "
                 "--flows worker)")
     return None
@@ -55,9 +60,7 @@ def _waiting_for(rec: NodeRecord, nodes: dict[str, NodeRecord],
                      if d not in rec["removed"]
                      and NodeState(nodes[d]["state"]) not in TERMINAL_NODE_STATES]
         if open_deps:
-            more = len(open_deps) - _SHOWN_DEPS
-            return "dependencies: " + ", ".join(open_deps[:_SHOWN_DEPS]) + (
-                f" and {more} more" if more > 0 else "")
+            return "dependencies: " + _named(open_deps)
         # every edge is terminal: its trigger rule is evaluated in the step that ended
         # the last one, or, past WIDE dependencies, a step per claim (lua/engine/scan.lua)
         return (f"evaluation of its {len(rec['after'])} dependencies, a step per claim "
