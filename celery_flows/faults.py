@@ -10,10 +10,12 @@ a crash matters with ``faults.point("name")``; a test process sets, for example:
 (``time.time``) run that many seconds off, as on a machine whose clock drifted, to show
 that timers, leases and limits are timed by Redis ``TIME``, not by any machine's clock.
 
-Actions: ``kill`` (SIGKILL the calling process), ``exit`` (``os._exit(70)``), ``raise``
-(``FaultInjected``), ``sleep:<seconds>``. ``<name>@<n>`` fires only on the n-th time
-the point is reached in this process (1-based), so "die in the middle of a chunked
-write" can be asked for. Without the variable a point costs one dict lookup.
+Actions: ``kill`` (SIGKILL the calling process), ``kill-once:<path>`` (SIGKILL the
+first process of all to get there: the one that creates the marker file), ``exit``
+(``os._exit(70)``), ``raise`` (``FaultInjected``), ``sleep:<seconds>``.
+``<name>@<n>`` fires only on the n-th time the point is reached in this process
+(1-based), so "die in the middle of a chunked write" can be asked for. Without the
+variable a point costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -75,7 +77,15 @@ def point(name: str) -> None:
         _HITS[name] = hits = _HITS.get(name, 0) + 1
     if nth and hits != nth:
         return
-    if action == "kill":
+    if action.startswith("kill-once:"):
+        # the first process of all to get here (pool children each count their own
+        # hits): whoever creates the marker file dies, the others go on
+        try:
+            os.close(os.open(action.split(":", 1)[1], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "exit":
         os._exit(70)
@@ -85,4 +95,4 @@ def point(name: str) -> None:
         time.sleep(float(action.split(":", 1)[1]))
     else:
         raise ValueError(f"{ENV}: unknown action {action!r} for point {name!r}; "
-                         "use kill, exit, raise or sleep:<seconds>")
+                         "use kill, kill-once:<marker path>, exit, raise or sleep:<seconds>")

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import task_success
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -65,16 +63,6 @@ app.conf.update(
 )
 
 
-def _die_inside_completion(sender: Any = None, **_: Any) -> None:
-    """Test hook: kill the pool child inside the completion path of ``die_in_completion``
-    (after the result is stored, before celery-flows records it), once."""
-    if getattr(sender, "name", None) == "tests.proj.die_in_completion" and \
-            _log.set("died-in-completion", 1, nx=True):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# connected before Flows(app): runs before the celery-flows receivers
-task_success.connect(_die_inside_completion, weak=False, dispatch_uid="tests.proj.die")
 flows = Flows(app)
 
 
@@ -252,12 +240,6 @@ def reads_failures() -> dict[str, str]:
 
 
 # -- reliability (tests/test_reliability.py) -------------------------------------------
-
-
-@app.task(shared=False)
-def die_in_completion(x: int) -> int:
-    _mark()
-    return x * 2
 
 
 @app.task(shared=False)

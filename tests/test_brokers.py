@@ -70,8 +70,10 @@ test_worker_kill9 = again(
     RABBIT, THREADS)
 test_pool_child_kill = again(
     reliability.test_pool_child_killed_mid_task_is_recovered_as_a_new_attempt, RABBIT)
-test_pool_child_kill_in_completion = again(
-    reliability.test_pool_child_killed_inside_the_completion_path, RABBIT)
+test_pool_child_kill_before_record = again(
+    reliability.test_pool_child_killed_between_the_body_and_its_record, RABBIT)
+test_success_from_backend = again(
+    reliability.test_success_the_registry_missed_is_taken_from_the_result_backend, RABBIT)
 test_max_recoveries = again(reliability.test_recoveries_are_bounded_by_max_recoveries,
                             RABBIT)
 test_acks_late_exactly_once = again(

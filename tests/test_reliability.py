@@ -66,24 +66,52 @@ def test_pool_child_killed_mid_task_is_recovered_as_a_new_attempt(
     one_outcome_per_attempt(handle)
 
 
-def test_pool_child_killed_inside_the_completion_path(
+def test_pool_child_killed_between_the_body_and_its_record(
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Any,
 ) -> None:
-    """The body succeeded and its result is stored; the child dies in the task_success
-    receivers before celery-flows records it. The outcome is recovered (from the result
-    backend) or the node re-runs; either way the flow finishes and nothing is lost."""
-    env = {"FLOWS_TEST_LEASE": str(LEASE)}
+    """The body returned; the child dies before celery-flows records the success and
+    before Celery stores the result (the guard records first: worker/guard.py). Nothing
+    holds the outcome, so the node runs again as a new attempt; its dependent runs
+    once."""
+    marker = tmp_path / "killed"
+    env = {"FLOWS_TEST_LEASE": str(LEASE),
+           "CELERY_FLOWS_FAULTS": f"body-returned=kill-once:{marker}"}
     proj = import_app("tests.proj")
     worker_factory("tests.proj", extra_args=FLOWS, concurrency=2, env=env)
     f = Flow("completion-killed")
-    a = f.add(proj.die_in_completion.si(21), id="a")
+    a = f.add(proj.double.si(21), id="a")
     f.add(proj.ident.s(), id="b", after=[a])
     handle = proj.flows.submit(f)
     assert handle.wait(timeout=60) == FlowState.SUCCEEDED
-    assert redis_db.client.get("died-in-completion") == b"1"
+    assert marker.exists()
     assert handle.results() == {"a": 42, "b": 42}
-    assert run_counts(redis_db, handle.id)["b"] == 1
+    assert run_counts(redis_db, handle.id) == {"a": 2, "b": 1}
+    assert node_doc(handle, "a")["recoveries"] == 1
+    one_outcome_per_attempt(handle)
+
+
+def test_success_the_registry_missed_is_taken_from_the_result_backend(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    """Recording the success fails (the first body of the only pool child), so the
+    outcome exists only in Celery's result backend, which stores it after the guard.
+    The worker's reconciliation finds the finished task without a recorded outcome and
+    takes the result from the backend: nothing runs twice."""
+    env = {"FLOWS_TEST_LEASE": str(LEASE), "CELERY_FLOWS_FAULTS": "body-returned@1=raise"}
+    proj = import_app("tests.proj")
+    worker = worker_factory("tests.proj", extra_args=FLOWS, concurrency=1, env=env)
+    f = Flow("record-missed")
+    a = f.add(proj.double.si(21), id="a")
+    f.add(proj.ident.s(), id="b", after=[a])
+    handle = proj.flows.submit(f)
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results() == {"a": 42, "b": 42}
+    assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1}
+    assert node_doc(handle, "a")["recoveries"] == 0
+    log = worker.log()
+    assert "fault injected at 'body-returned'" in log
+    assert "taking it from the result backend (succeeded)" in log
     one_outcome_per_attempt(handle)
 
 

@@ -1,8 +1,8 @@
 """The Lua scripts as sent to Redis, and the batches they are sent in.
 
-Each flow transition in ``lua/`` is sent with the engine in front of it (the files of
-``lua/engine/`` joined in the order of :data:`ENGINE_PARTS`; no include preprocessor),
-and every script, the global ones in
+Each flow transition in ``lua/`` is sent with the engine definitions it uses in front
+of it (picked from the files of ``lua/engine/`` in the order of :data:`ENGINE_PARTS`,
+without their comments: :func:`engine_for`; no include preprocessor), and every script, the global ones in
 ``lua/global/`` included, inside the request wrapper of ``lua/_request.lua``: each call
 carries a request key (keys.py), so a call redis-py re-sends after a connection error
 returns the first answer instead of running the transition twice.
@@ -77,27 +77,50 @@ def _code(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("--"))
 
 
+_CHUNK_START = re.compile(r"^local\s", re.M)
+
+
+@functools.cache
+def _engine_chunks() -> list[tuple[frozenset[str], str]]:
+    """The engine's top-level definitions in order, comments left out: each ``local``
+    statement at the start of a line with the lines up to the next one (a table's
+    closing brace, a loop filling the table just defined), and the names it defines."""
+    chunks: list[tuple[frozenset[str], str]] = []
+    for text in _engine_parts().values():
+        code = _code(text)
+        starts = [m.start() for m in _CHUNK_START.finditer(code)]
+        for a, b in zip(starts, [*starts[1:], len(code)], strict=True):
+            piece = code[a:b].rstrip() + "\n"
+            m = _DEFINITION.match(piece)
+            if m is not None:
+                names = [m.group(1)] if m.group(1) else m.group(2).split(",")
+            else:  # a declaration without a value ("local FLOW_SEEN")
+                names = piece.split(None, 1)[1].split(",")
+            chunks.append((frozenset(n.strip() for n in names), piece))
+    return chunks
+
+
 def engine_for(body: str) -> str:
-    """The engine parts a transition uses, in ENGINE_PARTS order: the parts defining a
-    name its code says, and what those parts use in turn. Every call of a script runs
-    its whole prelude, defining each of its functions anew: the whole engine cost
-    some 30 us of Redis time a call (start.lua: 48 us, with only the parts it uses
-    20 us; measured with SLOWLOG on redis-server 6.2)."""
-    parts = _engine_parts()
-    owner: dict[str, str] = {}
-    for part, text in parts.items():
-        for m in _DEFINITION.finditer(text):
-            names = [m.group(1)] if m.group(1) else m.group(2).split(",")
-            for name in names:
-                owner.setdefault(name.strip(), part)
-    need, todo = {"constants"}, [body]
+    """The engine definitions a transition uses, in engine order: those defining a name
+    its code says, and what those use in turn. Every call of a script runs its whole
+    prelude, defining each of its functions anew, so a script carries no definition
+    it never reaches: the whole engine cost some 30 us of Redis time a call, start.lua
+    48 us, 20 us with only the engine parts it used (measured with SLOWLOG on
+    redis-server 6.2)."""
+    chunks = _engine_chunks()
+    owner: dict[str, int] = {}
+    for i, (names, _) in enumerate(chunks):
+        for name in names:
+            owner.setdefault(name, i)
+    need: set[int] = set()
+    todo = [_code(body)]
     while todo:
-        for name in set(_NAME.findall(_code(todo.pop()))):
-            owned = owner.get(name)
-            if owned is not None and owned not in need:
-                need.add(owned)
-                todo.append(parts[owned])
-    return "".join(text for part, text in parts.items() if part in need)
+        for name in set(_NAME.findall(todo.pop())):
+            at = owner.get(name)
+            if at is not None and at not in need:
+                need.add(at)
+                todo.append(chunks[at][1])
+    return "".join(piece for i, (_, piece) in enumerate(chunks) if i in need)
 
 
 def script_texts(events_maxlen: int = 100000) -> dict[str, str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 from celery.exceptions import Ignore, Reject, Retry
 
+from .. import faults
 from .._version import __version__
 from ..engine import Engine, context
 from ..engine.context import FlowRun
@@ -85,7 +86,7 @@ def _guarded(engine: Engine, task: Any, original: Any) -> Any:
         active[request.id] = run_
         token = context.enter(run_)
         try:
-            return original(*args, **kwargs)
+            result = original(*args, **kwargs)
         except Ignore as exc:
             if str(exc) == REPLACED_MESSAGE:
                 # the replacement carries the attempt on; whoever starts it leases it
@@ -102,6 +103,13 @@ def _guarded(engine: Engine, task: Any, original: Any) -> Any:
             raise
         finally:
             context.leave(token)
+        # Recorded here, before Celery's tracer stores the result in its backend and
+        # sends task_success: the dependents are released one backend round trip
+        # sooner (a chain publishes its next task at the same point). The backend
+        # still gets the result afterwards, which a lost pool child's recovery reads.
+        if active.pop(request.id, None) is not None:
+            _succeed(run_, result)
+        return result
 
     return run
 
@@ -167,6 +175,16 @@ def _version_error(engine: Engine, fid: str, task_id: str, worker: str) -> FlowV
     )
     logger.error("celery-flows: %s", error)
     return error
+
+
+def _succeed(run_: FlowRun, result: Any) -> None:
+    try:
+        faults.point("body-returned")
+        run_.outcomes.record(run_.id, run_.node_id, run_.attempt, "succeeded",
+                             result=result, task_id=run_.task_id)
+    except Exception:
+        logger.exception("celery-flows: recording the success of %s failed; recovery "
+                         "will reconcile it", run_.task_id)
 
 
 def _fail(run_: FlowRun, error: str) -> None:
