@@ -48,8 +48,10 @@ def test_a_completion_releasing_hundreds_settles_them_in_steps_and_a_killed_work
     import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
 ) -> None:
     proj = import_app("tests.proj")
-    # the worker recording the root dies right after the completion's first step
-    worker_factory("tests.proj", concurrency=2,
+    # the worker recording the root dies right after the completion's first step: a solo
+    # worker, so that no main process outlives its pool child and takes a step itself
+    # (recovering the child it lost)
+    worker_factory("tests.proj", concurrency=1, pool="solo",
                    env={**SMALL, FAULTS: "chore-step@1=kill"})
     f = Flow("wide-release")
     root = f.add(proj.ident.si(1), id="root")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from celery_flows import Flow, FlowState, NodeState
+from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import FLOWS, cli, run_counts
 
@@ -216,6 +217,10 @@ def test_add_bulk_creates_all_or_nothing(
     worker_factory("tests.proj", extra_args=FLOWS)
     handles = proj.flows.add_bulk([diamond(proj, fid=f"bulk-{i}") for i in range(5)])
     assert [h.wait(timeout=30) for h in handles] == [FlowState.SUCCEEDED] * 5
+    # Celery stores a node's result in its backend just after the success is recorded
+    wait_until(lambda: len(redis_db.client.keys("celery-task-meta-*")) == 5 * 4,
+               "the result backend's writes of the 20 nodes")
+
     def keys() -> set[bytes]:
         # the dispatch index empties and vanishes as releases finish: not flow state
         return set(redis_db.client.keys("*")) - {proj.flows.store.keys.dispatch.encode()}

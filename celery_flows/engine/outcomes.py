@@ -75,9 +75,11 @@ class Outcomes:
     def record(self, fid: str, nid: str, attempt: int, outcome: str, *,
                result: Any = None, error: str = "", release: bool = True,
                external: bool = False, task_id: str | None = None,
-               retry_delay: float | None = None) -> Completion:
+               retry_delay: float | None = None, maps_later: bool = False) -> Completion:
         """Record an attempt's outcome and publish what it made ready (unless
-        ``release`` is False: the eager driver drains the outbox itself)."""
+        ``release`` is False: the eager driver drains the outbox itself).
+        ``maps_later``: a success that maps expand over is not recorded here; the reply
+        (code 7) says so, and the caller records it again later (worker/guard.py)."""
         raw = result
         outcome, blob, error = self._encode(outcome, result, error)
         store = self.store
@@ -112,6 +114,8 @@ class Outcomes:
                 if drop:
                     store.lease_add(*drop)
                 self.dispatcher.release(fid, marked.token, marked.claim)
+            if maps_later:
+                return marked.reply
             marked = store.complete_and_claim(
                 fid, nid, attempt, outcome, blob, error, CLAIM_LEASE, BATCH, external, drop,
                 falsy, self._expansions(fid, blob, marked.reply.maps))

@@ -2,10 +2,11 @@
 
 Each flow transition in ``lua/`` is sent with the engine definitions it uses in front
 of it (picked from the files of ``lua/engine/`` in the order of :data:`ENGINE_PARTS`,
-without their comments: :func:`engine_for`; no include preprocessor), and every script, the global ones in
-``lua/global/`` included, inside the request wrapper of ``lua/_request.lua``: each call
-carries a request key (keys.py), so a call redis-py re-sends after a connection error
-returns the first answer instead of running the transition twice.
+without their comments: :func:`engine_for`; no include preprocessor), and every
+script, the global ones in ``lua/global/`` included, inside the request wrapper of
+``lua/_request.lua``: each call carries a request key (keys.py), so a call redis-py
+re-sends after a connection error returns the first answer instead of running the
+transition twice.
 """
 
 from __future__ import annotations

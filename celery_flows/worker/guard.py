@@ -107,8 +107,11 @@ def _guarded(engine: Engine, task: Any, original: Any) -> Any:
         # sends task_success: the dependents are released one backend round trip
         # sooner (a chain publishes its next task at the same point). The backend
         # still gets the result afterwards, which a lost pool child's recovery reads.
-        if active.pop(request.id, None) is not None:
-            _succeed(run_, result)
+        if active.pop(request.id, None) is not None and _succeed(run_, result) == 7:
+            # maps expand over this result: it is recorded from task_success, once the
+            # backend holds it, so that a worker killed between staging the elements
+            # and the expansion leaves its outcome to the recovery (engine/maps.py)
+            active[request.id] = run_
         return result
 
     return run
@@ -177,14 +180,18 @@ def _version_error(engine: Engine, fid: str, task_id: str, worker: str) -> FlowV
     return error
 
 
-def _succeed(run_: FlowRun, result: Any) -> None:
+def _succeed(run_: FlowRun, result: Any) -> int | None:
+    """The completion's code (7: maps expand over the result, nothing recorded yet), or
+    None when recording failed."""
     try:
         faults.point("body-returned")
-        run_.outcomes.record(run_.id, run_.node_id, run_.attempt, "succeeded",
-                             result=result, task_id=run_.task_id)
+        done = run_.outcomes.record(run_.id, run_.node_id, run_.attempt, "succeeded",
+                                    result=result, task_id=run_.task_id, maps_later=True)
     except Exception:
         logger.exception("celery-flows: recording the success of %s failed; recovery "
                          "will reconcile it", run_.task_id)
+        return None
+    return done.code
 
 
 def _fail(run_: FlowRun, error: str) -> None:

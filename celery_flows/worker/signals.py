@@ -7,9 +7,10 @@ are ignored.
 
 Where they fire (CELERY_NOTES): retry and body failures in the pool child that ran
 the body (recorded only if this process's guard started it; a success is recorded by
-the guard itself as the body returns, before the result backend's write); hard time
-limits, lost workers, revocations, unknown and rejected messages in the worker's main
-process (recorded by the task id, which names the attempt; first report wins).
+the guard itself as the body returns, before the result backend's write, except one
+that maps expand over: that one here, after it); hard time limits, lost workers,
+revocations, unknown and rejected messages in the worker's main process (recorded by
+the task id, which names the attempt; first report wins).
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ def _safely(what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
     except Exception:
         logger.exception("celery-flows: recording %s failed; recovery will reconcile it", what)
+
+
+def on_task_success(sender: Any = None, result: Any = None, **_: Any) -> None:
+    """A success maps expand over: the guard left it to be recorded here, after Celery
+    stored it in the result backend."""
+    request = getattr(sender, "request", None)
+    run = guard.active.pop(str(getattr(request, "id", "")), None)
+    if run is None or run.outcomes.app is not getattr(sender, "app", None):
+        return
+    _safely("a success", run.outcomes.record, run.id, run.node_id, run.attempt, "succeeded",
+            result=result, task_id=run.task_id)
 
 
 def on_task_failure(sender: Any = None, task_id: str | None = None, exception: Any = None,
@@ -159,6 +171,7 @@ def on_task_rejected(sender: Any = None, message: Any = None, exc: Any = None, *
 
 
 _RECEIVERS = (
+    (signals.task_success, on_task_success),
     (signals.task_failure, on_task_failure),
     (signals.task_retry, on_task_retry),
     (signals.task_revoked, on_task_revoked),
