@@ -245,3 +245,41 @@ def test_records_written_back_by_transitions_stay_compact(
         assert not at_default, (nid, sorted(at_default))
     assert handle.results() == {"a": 1, "b": 1}
     assert proj.flows.store.node(handle.id, "b")["retries"] == 0
+
+
+def test_an_acknowledgement_of_many_nodes_goes_in_bounded_scripts(
+    import_app: ImportApp, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker's acknowledgements wait up to 50 ms and go together (engine/acks.py);
+    one published.lua call acknowledges at most ACK_STEP of them, so the script's cost
+    stays bounded whatever the release, and the dirty marker goes with the last step."""
+    from celery_flows.registry.ids import new_dirty_token, task_id_for
+    from celery_flows.registry.replies import Published
+    from celery_flows.registry.transitions import ACK_STEP
+
+    proj = import_app("tests.proj")
+    store = proj.flows.store
+    f = Flow("many-acks")
+    for i in range(120):
+        f.add(proj.ident.si(i), id=f"n{i}")
+    handle = proj.flows.submit(f)  # no worker: the roots stay queued
+    nonce = _meta(proj, handle.id)["nonce"]
+    items = [Published(f"n{i}", 1, "celery", task_id_for(handle.id, f"n{i}", 1, nonce), None)
+             for i in range(120)]
+    token = new_dirty_token(handle.id)
+    client = redis_db.client
+    client.zadd(store.keys.dispatch, {token: 1.0})
+    sizes: list[int] = []
+    queue = store._queue
+
+    def counting(pipe: Any, name: str, fid: str, args: Any, *rest: Any, **kw: Any) -> None:
+        if name == "published":
+            sizes.append((len(args) - 1 - int(args[0])) // 6)
+        queue(pipe, name, fid, args, *rest, **kw)
+
+    monkeypatch.setattr(store, "_queue", counting)
+    store.published_many([(handle.id, items, [token])])
+    assert ACK_STEP < 120
+    assert sum(sizes) == 120 and max(sizes) <= ACK_STEP and len(sizes) == -(-120 // ACK_STEP)
+    assert client.zscore(store.keys.dispatch, token) is None
+    assert set(_raw_states(proj, handle.id).values()) == {"queued"}

@@ -26,6 +26,9 @@ from .replies import (
 
 __all__ = ["Transitions"]
 
+#: The most nodes one published.lua call acknowledges (about 50 us of Redis time each)
+ACK_STEP = 2 * scripts.CHUNK
+
 
 class Transitions(Connection):
     """Every write of a flow's state goes through one of these methods."""
@@ -64,24 +67,27 @@ class Transitions(Connection):
 
         def build(pipe: Any) -> None:
             for fid, items, tokens in acks:
-                argv: list[Any] = []
-                for item in items:
-                    released = "" if item.released_at is None else repr(item.released_at)
-                    argv += [item.node_id, item.attempt, item.queue, released, item.task_id,
-                             item.retries]
-                if inline:
-                    if argv:
+                # a script acknowledges at most ACK_STEP nodes (its cost grows with them:
+                # a worker's acknowledgements of a wide release wait together, acks.py);
+                # the markers go with the last step, once every node is acknowledged
+                steps = [items[i:i + ACK_STEP] for i in range(0, len(items), ACK_STEP)]
+                for n, step in enumerate(steps):
+                    last = n == len(steps) - 1
+                    argv: list[Any] = []
+                    for item in step:
+                        released = "" if item.released_at is None else repr(item.released_at)
+                        argv += [item.node_id, item.attempt, item.queue, released,
+                                 item.task_id, item.retries]
+                    if inline:
+                        marks = list(tokens) if last else []
                         # idempotent: a re-sent acknowledgement changes nothing more
-                        self._queue(pipe, "published", fid, [len(tokens), *tokens, *argv],
+                        self._queue(pipe, "published", fid, [len(marks), *marks, *argv],
                                     [self.keys.queued, self.keys.dispatch], keep_reply=False)
-                    elif tokens:
-                        pipe.zrem(self.keys.dispatch, *tokens)
-                    continue
-                if argv:
+                        continue
                     self._queue(pipe, "published", fid, [0, *argv], keep_reply=False)
                     if track:
-                        pipe.zadd(self.keys.queued, {item.task_id: now for item in items})
-                if tokens:
+                        pipe.zadd(self.keys.queued, {item.task_id: now for item in step})
+                if tokens and (not inline or not steps):
                     pipe.zrem(self.keys.dispatch, *tokens)
 
         if any(items or tokens for _fid, items, tokens in acks):
