@@ -107,7 +107,9 @@ def engine_for(body: str) -> str:
     prelude, defining each of its functions anew, so a script carries no definition
     it never reaches: the whole engine cost some 30 us of Redis time a call, start.lua
     48 us, 20 us with only the engine parts it used (measured with SLOWLOG on
-    redis-server 6.2)."""
+    redis-server 6.2). Picking single definitions instead of parts took start.lua
+    from 31 KB to 17 KB and complete.lua from 72 KB to 45 KB, and 5-15 % off their
+    Redis time per call."""
     chunks = _engine_chunks()
     owner: dict[str, int] = {}
     for i, (names, _) in enumerate(chunks):

@@ -1,10 +1,10 @@
 --[[
   engine/constants.lua: the names and fixed values every other part of the engine and
-  every flow transition uses. The engine is the files of lua/engine/, which scripts.py
-  puts in front of each flow transition in the order of its ENGINE_PARTS, this part
-  first, leaving out the parts the transition does not use (scripts.engine_for). Each
-  part may use only what the parts before it define (a Lua local exists from its
-  definition on), and each header says what it uses.
+  every flow transition uses. The engine is the files of lua/engine/, from which
+  scripts.py puts in front of each flow transition the top-level definitions it uses,
+  in the order of its ENGINE_PARTS and of each file, without comments
+  (scripts.engine_for). Each part may use only what the parts before it define (a Lua
+  local exists from its definition on), and each header says what it uses.
   Uses: nothing. Nothing in the engine builds a key: fields only.
 
   Every flow script receives the same eleven keys (see keys.py):
