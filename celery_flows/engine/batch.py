@@ -65,7 +65,7 @@ def submit_flow(ext: Submitter, flow: Flow) -> str:
         row = ext.prepare(flow)[1]
         fid = row[0]
         if ext.eager or (len(row[3]) <= PIECE_NODES and _roots(row[3]) <= PIECE_ROOTS):
-            code = ext.submit_row(row)
+            code = ext.submit_row(row, fresh=flow.id is None)
             if code != 1 and not ext.eager and ext.store.meta(fid) is None:
                 # the id is held by a hidden flow of a producer that died before
                 # committing it: replaced as a batch of one

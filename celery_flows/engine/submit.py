@@ -7,6 +7,7 @@ flow: the digest covers the definition fields and every user-data blob.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import secrets
@@ -21,6 +22,7 @@ from ..errors import FlowDefinitionError
 from ..registry.codes import raise_for
 from ..registry.creation import CreateRow
 from ..registry.keys import FORMAT_VERSION
+from .direct import Direct
 from .dispatch import CLAIM
 from .eager import run_eager
 from .outcomes import OnOutcomes
@@ -115,20 +117,28 @@ class Submitter(OnOutcomes):
                         on_limit=compiled.options.get("on_limit") or "queue")
         return compiled, (compiled.id, meta, digest.hexdigest(), nodes, blobs)
 
+    @functools.cached_property
+    def direct(self) -> Direct:
+        return Direct(self.app, self.dispatcher)
+
     def submit(self, flow: Flow) -> str:
         """Store the flow atomically and release its roots; returns its id."""
         row = self.prepare(flow)[1]
-        raise_for(self.submit_row(row), row[0])
+        raise_for(self.submit_row(row, fresh=flow.id is None), row[0])
         return row[0]
 
-    def submit_row(self, row: CreateRow) -> int:
+    def submit_row(self, row: CreateRow, fresh: bool = False) -> int:
         """Store a prepared flow in one create.lua call and release its roots; the
         create code (a large flow is stored in pieces instead: engine/batch.py
-        ``submit_flow``)."""
+        ``submit_flow``). ``fresh``: the flow's id was drawn here, so no flow holds it
+        yet: its roots' messages may go with the create (engine/direct.py)."""
         fid = row[0]
         store = self.store
         eager = self.eager
-        created = store.create(row, None if eager else CLAIM)
+        messages = self.direct.messages(row) if fresh and not eager else None
+        created = store.create(row, None if eager or messages else CLAIM, messages or ())
+        if created.reply == 2:
+            return 1  # created, its roots queued and acknowledged by create.lua
         if eager:
             if created.reply == 1:
                 run_eager(self.outcomes, fid)

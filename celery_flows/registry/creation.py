@@ -14,12 +14,29 @@ from .connection import Connection
 from .ids import new_dirty_token, new_request_id
 from .replies import Claim, Marked, text
 
-__all__ = ["CreateRow", "Creation", "NodeRow"]
+__all__ = ["CreateRow", "Creation", "NodeRow", "RootMessage"]
 
 #: (node id, record, call blob)
 NodeRow = tuple[str, NodeRecord, bytes]
 #: (flow id, meta fields, digest, [node row], [(args field, blob)])
 CreateRow = tuple[str, dict[str, str], str, list[NodeRow], list[tuple[str, bytes]]]
+#: A root's message for the broker on the registry's Redis, built beforehand
+#: (engine/direct.py): node id, attempt, queue name, task id, and the broker's Redis
+#: commands that deliver it, each (command, key, value)
+RootMessage = tuple[str, int, str, str, list[tuple[str, str, Any]]]
+
+
+def _direct_argv(messages: Sequence[RootMessage]) -> tuple[list[str], list[Any]]:
+    """create.lua's root messages: the broker keys (GKEYS from 4 on) and the arguments."""
+    keys: dict[str, int] = {}
+    argv: list[Any] = [len(messages)]
+    for nid, attempt, queue, task_id, commands in messages:
+        argv += [nid, attempt, queue, task_id, len(commands)]
+        for name, key, value in commands:
+            # a fanout's PUBLISH names a channel, not a key
+            argv += [name, key if name == "publish" else keys.setdefault(key, 4 + len(keys)),
+                     value]
+    return list(keys), argv
 
 
 def _create_argv_nodes(nodes: Sequence[tuple[str, NodeRecord, bytes]],
@@ -45,23 +62,29 @@ class Creation(Connection):
 
     # -- create -------------------------------------------------------------------------
 
-    def create(self, row: CreateRow, claim: tuple[float, int] | None = None
-               ) -> Marked[int]:
-        """Index the flow, mark it dirty, create it (create.lua: 1 created, 0 exists
-        with the same digest, -3 another definition) and, given ``(lease, limit)``,
-        claim its roots, in one round trip; on a single Redis the first three are one
-        script call."""
+    def create(self, row: CreateRow, claim: tuple[float, int] | None = None,
+               messages: Sequence[RootMessage] = ()) -> Marked[int]:
+        """Index the flow, mark it dirty, create it (create.lua: 1 created, 2 created
+        and every root released was pushed with its message from ``messages`` and
+        acknowledged, 0 exists with the same digest, -3 another definition) and, given
+        ``(lease, limit)``, claim its roots, in one round trip; on a single Redis the
+        first three are one script call (``messages`` only there)."""
         fid, meta, digest, nodes, blobs = row
         token = new_dirty_token(fid)
         argv = _create_argv(meta, digest, nodes, blobs)
         single = self.inline
         now = 0.0 if single else self.now()
+        gkeys = [self.keys.index, self.keys.dispatch]
+        if messages:
+            assert single, "root messages go with create.lua on a single Redis only"
+            broker_keys, direct = _direct_argv(messages)
+            argv += direct
+            gkeys += [self.keys.queued, *broker_keys]
 
         def build(pipe: Any) -> None:
             if single:
                 # two commands fewer: create.lua writes both (same Redis TIME)
-                self._queue(pipe, "create", fid, [*argv, fid, token],
-                            [self.keys.index, self.keys.dispatch])
+                self._queue(pipe, "create", fid, [*argv, fid, token], gkeys)
             else:
                 pipe.zadd(self.keys.index, {fid: now}, nx=True)
                 pipe.zadd(self.keys.dispatch, {token: now})

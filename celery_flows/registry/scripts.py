@@ -53,7 +53,7 @@ NO_REQUEST = ""
 #: a part uses only what the parts before it define (Lua locals exist from their
 #: definition on). Each file's header says what it owns and what it uses.
 ENGINE_PARTS = ("constants", "ids", "cache", "flow", "evaluate", "cancel", "settle", "scan",
-                "reopen", "claim", "piece")
+                "reopen", "claim", "piece", "publish")
 
 
 def engine_text() -> str:

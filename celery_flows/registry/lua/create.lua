@@ -11,9 +11,18 @@
            at their default omitted, see lua/engine/cache.lua), args blob ('' = none)
   then     m, then m pairs: args-hash field, blob (contexts: "ctx#", "ctx#<sub-flow id>")
            Blobs are user data (the app's serializer): copied, never decoded here.
+  then     (optional, with GKEYS only) d, then d root messages the caller built for
+           the broker on this same Redis (engine/direct.py): node id, attempt, queue
+           name, task id, c, then c triples: command (lpush | pexpire | publish), index
+           of its key in GKEYS (publish: the channel), value. A message is pushed only for a root this call released at
+           that attempt; its node is then acknowledged here (engine/publish.lua)
   then     with GKEYS: the flow id, the dirty token (scores: TIME)
-  Returns:  1 created | 0 exists with the same digest | -3 exists with another definition
-  Emits:   nodes without dependencies become scheduled (outbox), awaiting, or skipped.
+  GKEYS[3] (with root messages) the queued-message index; GKEYS[4..] the broker's keys
+  Returns:  1 created | 2 created, and every root it released was pushed with its
+           message and acknowledged (the dirty marker is cleared) | 0 exists with the
+           same digest | -3 exists with another definition
+  Emits:   nodes without dependencies become scheduled (outbox), awaiting, or skipped;
+           a root pushed with its message goes on to queued.
 ]]
 -- the index and the dispatch set, given on a single Redis only (on a cluster they are
 -- of other slots and transitions.py writes them beside the script)
@@ -40,5 +49,35 @@ mset('nfail', 0)
 mset('seq', total)
 store_piece(3, now)
 set_flow_state(now)
+local at = 5 + 3 * n + 2 * (tonumber(ARGV[4 + 3 * n]) or 0)
+if not DISPATCH or at >= #ARGV - 1 then
+  flush()
+  return 1
+end
+-- the roots' messages: pushed for what this call released, each acknowledged at once
+local released = {}
+for _, id in ipairs(REPORT.released) do released[id] = true end
+local pushed = 0
+local j = at + 1
+for _ = 1, tonumber(ARGV[at]) do
+  local id, attempt, c = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 4])
+  local rec = released[id] and load(id)
+  if rec and rec.state == 'scheduled' and rec.attempt == attempt then
+    for q = j + 5, j + 2 + 3 * c, 3 do
+      if ARGV[q] == 'publish' then
+        redis.call('PUBLISH', ARGV[q + 1], ARGV[q + 2])
+      else
+        redis.call(ARGV[q] == 'pexpire' and 'PEXPIRE' or 'LPUSH', GKEYS[tonumber(ARGV[q + 1])],
+                   ARGV[q + 2])
+      end
+    end
+    mark_queued(id, attempt, ARGV[j + 2], '', ARGV[j + 3], 0, now, GKEYS[3])
+    released[id] = nil
+    pushed = pushed + 1
+  end
+  j = j + 5 + 3 * c
+end
 flush()
-return 1
+if pushed == 0 or next(released) ~= nil then return 1 end
+redis.call('ZREM', DISPATCH, ARGV[#ARGV])
+return 2

@@ -19,29 +19,9 @@ local now = now_ts()
 local moved = 0
 local k = tonumber(ARGV[1])
 for i = 2 + k, #ARGV, 6 do
-  local id, attempt, queue = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local released = tonumber(ARGV[i + 3]) or now
-  local rec = load(id)
-  if rec and rec.attempt == attempt then
-    -- putback: start.lua refused this message while paused; the node waits for resume
-    if (rec.state == 'scheduled' or rec.state == 'retrying') and not rec.putback
-        and (tonumber(val(rec.retries)) or 0) == tonumber(ARGV[i + 5]) then
-      rec.state = 'queued'
-      moved = moved + 1
-    end
-    rec.held = cjson.null
-    if val(rec.queued_at) == nil or ARGV[i + 3] ~= '' then rec.queued_at = released end
-    if val(rec.released_at) == nil and ARGV[i + 3] ~= '' then
-      -- cjson keeps 14 significant digits (0.1 ms); a limited node's exact release time
-      rec.released_at = ARGV[i + 3]
-    end
-    rec.queue = queue
-    if not contains(rec.task_ids, ARGV[i + 4]) then push(rec, 'task_ids', ARGV[i + 4]) end
-    save(id, rec)
-    if rec.state ~= 'scheduled' and rec.state ~= 'retrying' then ready_rem(id) end
-    if GKEYS[1] and rec.state == 'queued' then
-      redis.call('ZADD', GKEYS[1], now, ARGV[i + 4])
-    end
+  if mark_queued(ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+                 tonumber(ARGV[i + 5]), now, GKEYS[1]) then
+    moved = moved + 1
   end
 end
 flush()
