@@ -26,6 +26,8 @@ import json
 import logging
 from typing import Any
 
+from kombu.transport.redis import Channel as RedisChannel
+
 from ..define.records import compact
 from ..registry.creation import CreateRow, RootMessage
 from .dispatch import BATCH, Dispatcher
@@ -34,10 +36,6 @@ __all__ = ["Direct"]
 
 logger = logging.getLogger(__name__)
 
-try:  # the broker transport this applies to
-    from kombu.transport.redis import Channel as RedisChannel
-except ImportError:  # pragma: no cover - kombu always ships it; redis-py may be absent
-    RedisChannel = None
 
 #: The broker commands a message's delivery may take (kombu's Redis channel: the queue
 #: push, a queue's expiry, a fanout's publish); create.lua runs these only
@@ -68,7 +66,7 @@ class Direct:
         self.dispatcher = dispatcher
         self.store = dispatcher.store
         #: False once a message took a command create.lua does not run: never again
-        self.enabled = RedisChannel is not None and not self.store.config.redis_cluster
+        self.enabled = not self.store.config.redis_cluster
 
     def _same_redis(self, producer: Any) -> bool:
         channel = producer.channel
@@ -98,7 +96,7 @@ class Direct:
             if rec.get("kind", "task") != "task":
                 return None
             # the claim entry create.lua's release would give (claim.lua): attempt 1
-            entry = [nid, json.dumps({**compact(rec), "attempt": 1}), blob or None, "[]", []]
+            entry: list[Any] = [nid, json.dumps({**compact(rec), "attempt": 1}), blob or None, "[]", []]
             try:
                 call = dispatcher.prepare(fid, meta["nonce"], entry)
             except Exception:
