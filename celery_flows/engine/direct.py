@@ -96,7 +96,8 @@ class Direct:
             if rec.get("kind", "task") != "task":
                 return None
             # the claim entry create.lua's release would give (claim.lua): attempt 1
-            entry: list[Any] = [nid, json.dumps({**compact(rec), "attempt": 1}), blob or None, "[]", []]
+            stored = json.dumps({**compact(rec), "attempt": 1})
+            entry: list[Any] = [nid, stored, blob or None, "[]", []]
             try:
                 call = dispatcher.prepare(fid, meta["nonce"], entry)
             except Exception:
