@@ -69,9 +69,7 @@ class FlowHandle:
 
     def results(self) -> dict[str, Any]:
         """{node id: result} of the succeeded nodes."""
-        self.store.require_meta(self.id)
-        nodes = self.store.nodes(self.id)
-        raw = self.store.results(self.id)
+        nodes, raw = self.store.outcomes(self.id)
         return {
             nid: self.codec.load_result(raw[nid])
             for nid, rec in nodes.items()

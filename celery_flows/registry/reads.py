@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import redis
@@ -60,44 +64,74 @@ def _b(value: Any) -> bytes:
 class DoneListener:
     """A subscription to a flow's "done" channel. On Redis Cluster a failover leaves
     the channel's node unreachable until the client's slot map is refreshed: then
-    :meth:`wait` reports that it could not listen, and the caller polls meanwhile."""
+    :meth:`wait` reports that it could not listen, and the caller polls meanwhile.
 
-    def __init__(self, client: Any, channel: str) -> None:
-        self._pubsub = client.pubsub(ignore_subscribe_messages=True)
+    On a single Redis a thread keeps its pub/sub connection from one wait to the next
+    (``keep`` takes it back, unsubscribed): a new one costs a connect and its setup
+    round trips on every ``wait()``, where Celery's result consumer keeps its own."""
+
+    def __init__(self, client: Any, channel: str, pubsub: Any = None,
+                 keep: Callable[[Any], None] | None = None) -> None:
+        self._client = client
+        self._pubsub = pubsub or client.pubsub(ignore_subscribe_messages=True)
         self._channel = channel
+        self._keep = keep
         self._subscribed = False
 
     def subscribe(self) -> bool:
         """Subscribe (before the state is read, so no notification is missed), if the
         channel is reachable; whether it is subscribed."""
-        if not self._subscribed:
+        for _ in range(2):
+            if self._subscribed:
+                break
             try:
                 self._pubsub.subscribe(self._channel)
                 self._subscribed = True
             except redis.RedisError:
-                self._pubsub.reset()
+                # a kept connection the server closed meanwhile: once more on a new one
+                self._pubsub.close()
+                self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         return self._subscribed
 
     def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a message; False at once when not
-        subscribed (the caller sleeps instead)."""
+        """Wait up to ``timeout`` seconds for this channel's message; False at once when
+        not subscribed (the caller sleeps instead). Another channel's message (one a
+        kept connection was subscribed to before) and the server's confirmations are
+        passed over."""
         if not self._subscribed:
             return False
+        deadline = time.monotonic() + timeout
+        channel = self._channel.encode()
         try:
-            self._pubsub.get_message(timeout=max(timeout, 0.001))
+            while True:
+                left = deadline - time.monotonic()
+                message = self._pubsub.get_message(timeout=max(left, 0.001))
+                if left <= 0 or (message is not None and message.get("channel") in (
+                        channel, self._channel)):
+                    return True
         except redis.RedisError:
             self._subscribed = False
             self._pubsub.reset()
             return False
-        return True
 
     def close(self) -> None:
-        self._pubsub.close()
+        pubsub, self._pubsub = self._pubsub, None
+        if self._keep is not None and self._subscribed:
+            try:
+                pubsub.unsubscribe(self._channel)
+            except redis.RedisError:
+                pass
+            else:
+                self._keep(pubsub)
+                return
+        pubsub.close()
 
 
 class Reads(Connection):
     def meta(self, fid: str) -> dict[str, str] | None:
-        raw = self.client.hgetall(self.keys.meta(fid))
+        return self._meta_of(self.client.hgetall(self.keys.meta(fid)))
+
+    def _meta_of(self, raw: dict[Any, Any]) -> dict[str, str] | None:
         if not raw:
             return None
         meta = {text(k): text(v) for k, v in raw.items()}
@@ -118,9 +152,13 @@ class Reads(Connection):
                     for d, h in pipe.execute()]
         return out
 
-    def require_meta(self, fid: str) -> dict[str, str]:
-        meta = self.meta(fid)
-        if meta is None:
+    def require_meta(self, fid: str, meta: dict[str, str] | None | bool = False
+                     ) -> dict[str, str]:
+        """The flow's meta (``meta``: as read already); FlowNotFoundError, or the
+        version error of a flow stored by an incompatible version."""
+        if meta is False:
+            meta = self.meta(fid)
+        if not isinstance(meta, dict):
             raise_for(NOT_FOUND, fid)
             raise AssertionError  # unreachable
         if not meta.get("v", "").startswith(f"{FORMAT_MAJOR}."):
@@ -137,33 +175,66 @@ class Reads(Connection):
             return {nid} if self.client.sismember(key, nid) else set()
         return {text(m) for m in self.client.smembers(key)}
 
-    def _cancelling(self, fid: str) -> str | None:
+    #: the meta fields :meth:`_cancelling` reads
+    _CANCEL_FIELDS = ("state", "cancel_cursor", "cancel_reason")
+
+    def _cancelling(self, fid: str, fields: list[Any] | None = None) -> str | None:
         """Read after the records: a flow cancelled by then (or stopped by fail_fast)
         shows them all cancelled, whether a chunked cancel is still writing them or not;
-        the reason they show, else None."""
-        state, cursor, reason = self.client.hmget(
-            self.keys.meta(fid), ["state", "cancel_cursor", "cancel_reason"])
+        the reason they show, else None. ``fields``: the meta's _CANCEL_FIELDS as read
+        after the records already."""
+        if fields is None:
+            fields = self.client.hmget(self.keys.meta(fid), self._CANCEL_FIELDS)
+        state, cursor, reason = fields
         if cursor is not None:
             return text(reason) if reason else "cancelled"
         if state is not None and text(state) == "cancelled":
             return "cancelled"
         return None
 
-    def _overlay(self, fid: str, recs: dict[str, NodeRecord], staged: set[str]) -> None:
+    def _overlay(self, fid: str, recs: dict[str, NodeRecord], staged: set[str],
+                 cancel: list[Any] | None = None) -> None:
         for rec in recs.values():
             if rec.get("kind") == "map":
                 rec["state"] = shown_state(rec)
         for nid in staged:
             if nid in recs:
                 _as_reopened(recs[nid])
-        reason = self._cancelling(fid) if recs else None
+        reason = self._cancelling(fid, cancel) if recs else None
         if reason is not None:
             for rec in recs.values():
                 _as_cancelled(rec, reason)
 
     def nodes(self, fid: str) -> dict[str, NodeRecord]:
         staged = self._reopening(fid)
-        raw = self.client.hgetall(self.keys.nodes(fid))
+        out = self._records(self.client.hgetall(self.keys.nodes(fid)))
+        self._overlay(fid, out, staged)
+        return out
+
+    def outcomes(self, fid: str) -> tuple[dict[str, NodeRecord], dict[str, bytes]]:
+        """The flow's node records as :meth:`nodes` reads them and its stored results
+        (FlowNotFoundError, as :meth:`require_meta`), in one round trip for a flow
+        whose results fit a page: the reads :meth:`nodes` makes before and after the
+        records go in the same pipeline, in the same order."""
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(keys.meta(fid))
+        pipe.smembers(keys.reopen(fid))  # used only while a chunked retry reopens
+        pipe.hgetall(keys.nodes(fid))
+        pipe.hmget(keys.meta(fid), self._CANCEL_FIELDS)
+        pipe.hscan(keys.results(fid), 0, count=RESULTS_PAGE)
+        raw_meta, reopening, raw_nodes, cancel, (cursor, page) = pipe.execute()
+        meta = self.require_meta(fid, self._meta_of(raw_meta))
+        staged = {text(m) for m in reopening} if "reopen_set" in meta else set()
+        recs = self._records(raw_nodes)
+        self._overlay(fid, recs, staged, cancel)
+        results = {text(k): _b(v) for k, v in cast(dict[Any, Any], page).items()}
+        if int(cursor):
+            results = self.results(fid)  # a wide flow: page by page
+        return recs, results
+
+    def _records(self, raw: dict[Any, Any]) -> dict[str, NodeRecord]:
+        """Stored records decoded, in flow order, a map's items after it."""
         stored = {text(k): with_defaults(json.loads(v)) for k, v in raw.items()}
         decoded = sorted(((rec, nid) for nid, rec in stored.items() if "of" not in rec),
                          key=lambda item: (item[0].get("seq", 0), item[1]))
@@ -173,7 +244,6 @@ class Reads(Connection):
             # a map's items follow it, those not written yet made from it
             for i, iid in enumerate(item_ids(nid, rec)):
                 out[iid] = stored.get(iid) or item_record(rec, nid, i)
-        self._overlay(fid, out, staged)
         return out
 
     def node(self, fid: str, nid: str) -> NodeRecord | None:
@@ -241,7 +311,19 @@ class Reads(Connection):
         return text(first[0]) if first else None
 
     def listen_done(self, fid: str) -> DoneListener:
-        return DoneListener(self.client, self.keys.channel(fid))
+        channel = self.keys.channel(fid)
+        if self.config.redis_cluster:
+            return DoneListener(self.client, channel)
+        kept = self.__dict__.setdefault("_kept_pubsub", threading.local())
+        pubsub = getattr(kept, "pubsub", None)
+        if pubsub is not None and kept.pid != os.getpid():
+            pubsub = None  # a forked child's: its connection is the parent's
+        kept.pubsub = None  # taken: a wait nested in this one gets a connection of its own
+
+        def keep(pubsub: Any) -> None:
+            kept.pubsub, kept.pid = pubsub, os.getpid()
+
+        return DoneListener(self.client, channel, pubsub, keep)
 
     # -- add_bulk batch records ---------------------------------------------------------
 
