@@ -153,3 +153,30 @@ def test_the_usual_path_where_the_roots_cannot_go_with_the_create(
         proj.app.close()
         if broker is not None:
             broker.close()
+
+
+def test_add_bulk_queues_each_flows_roots_as_it_unhides_it(
+    proj: Any, redis_db: RedisDB, worker_factory: WorkerFactory
+) -> None:
+    """add_bulk's flows are created hidden and un-hidden at the batch's commit: each
+    un-hiding also pushes its flow's root messages and acknowledges them, so the batch
+    needs no claim and no acknowledgement afterwards."""
+    client = redis_db.client
+    proj.flows.submit(_diamond(proj))
+    client.delete("celery", "other")
+    before = _calls(client)
+    handles = proj.flows.add_bulk([_diamond(proj) for _ in range(5)])
+    added = _calls(client) - before
+    # per flow: create.lua and unhide.lua; the batch record: open, commit
+    assert added["cmdstat_evalsha"] == 2 * 5 + 2, added
+    assert added["cmdstat_lpush"] == 10, added
+    assert client.llen("celery") == 5 and client.llen("other") == 5
+    for handle in handles:
+        assert [handle.node_states()[n] for n in "abc"] == \
+            [NodeState.QUEUED, NodeState.QUEUED, NodeState.PENDING]
+    assert client.zcard(proj.flows.store.keys.dispatch) == 0
+    worker_factory("tests.proj", queues=("celery", "other"))
+    for handle in handles:
+        assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+        assert handle.results() == {"a": 3, "b": 7, "c": 10}
+        assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1, "c": 1}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from .. import faults
@@ -159,7 +159,7 @@ def submit_large(ext: Submitter, row: CreateRow) -> str:
             "nothing of it was created (submit it again)"
         )
     faults.point("create-committed")
-    finish(ext, bid, [fid])
+    finish(ext, bid, [fid], [row])
     return fid
 
 
@@ -217,10 +217,13 @@ def submit_batch(ext: Submitter, flows: list[Flow]) -> list[str]:
                                  for r in prepared]
         codes = store.create_many(rows)
         clash = None
+        created: list[CreateRow] = []
         for row, code in zip(rows, codes, strict=True):
             if code == 0:
                 code = _settle_existing(ext, row)
-            if code not in (0, 1):
+            if code == 1:
+                created.append(row)
+            elif code != 0:
                 clash = row[0]
         if clash is None:
             faults.point("bulk-commit")
@@ -243,7 +246,7 @@ def submit_batch(ext: Submitter, flows: list[Flow]) -> list[str]:
             "nothing of this batch was created (submit fewer flows per batch)"
         )
     faults.point("bulk-committed")
-    finish(ext, bid, ids)
+    finish(ext, bid, ids, created)
     return ids
 
 
@@ -272,16 +275,22 @@ def _abort(ext: Submitter, bid: str, fids: list[str]) -> None:
     store.batch_forget(bid)
 
 
-def finish(ext: Submitter, bid: str, fids: list[str]) -> None:
-    """Un-hide, index and release the flows of a committed batch (idempotent)."""
+def finish(ext: Submitter, bid: str, fids: list[str],
+           created: Sequence[CreateRow] = ()) -> None:
+    """Un-hide, index and release the flows of a committed batch (idempotent).
+    ``created``: the rows of the flows this batch created (its producer's call): their
+    roots' messages may go with their un-hiding (engine/direct.py)."""
     store = ext.store
     eager = ext.eager
-    marked = store.unhide_many(bid, fids, None if eager else CLAIM)
+    messages = ext.direct.messages_many(created) if created and not eager else {}
+    marked = store.unhide_many(bid, fids, None if eager else CLAIM, messages)
     for fid, mark in zip(fids, marked, strict=True):
         if mark.reply < 0:  # gone or taken over: nothing of ours to release
             store.clear_dirty(mark.token)
             continue
         faults.point("bulk-unhidden")
+        if mark.reply == 2:
+            continue  # its roots went with the un-hiding, acknowledged
         if eager:
             run_eager(ext.outcomes, fid)
             store.clear_dirty(mark.token)

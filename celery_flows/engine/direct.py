@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from kombu.transport.redis import Channel as RedisChannel
 
 from ..define.records import compact
 from ..registry.creation import CreateRow, RootMessage
-from .dispatch import BATCH, Dispatcher
+from .dispatch import BATCH, Call, Dispatcher
 
 __all__ = ["Direct"]
 
@@ -82,8 +83,39 @@ class Direct:
 
     def messages(self, row: CreateRow) -> list[RootMessage] | None:
         """The roots' messages of a flow about to be created, or None: the usual path."""
-        if not self.enabled:
-            return None
+        return self.messages_many([row]).get(row[0])
+
+    def messages_many(self, rows: Sequence[CreateRow]) -> dict[str, list[RootMessage]]:
+        """:meth:`messages` of each flow that qualifies, over one producer."""
+        calls = {}
+        for row in rows:
+            found = self._calls(row) if self.enabled else None
+            if found:
+                calls[row[0]] = found
+        if not calls:
+            return {}
+        out: dict[str, list[RootMessage]] = {}
+        with self.app.producer_or_acquire() as producer:
+            if not self._same_redis(producer):
+                return {}
+            keep = _Keep()
+            local = producer._batch_local
+            local.current = keep
+            try:
+                for fid, flow_calls in calls.items():
+                    built = self._build(producer, keep, flow_calls)
+                    if built is None:
+                        if not self.enabled:
+                            break
+                        continue
+                    out[fid] = built
+            finally:
+                del local.current
+        return out
+
+    def _calls(self, row: CreateRow) -> list[Call] | None:
+        """The calls of a flow's roots as its first claim would make them, or None when
+        the flow does not qualify (the module docstring)."""
         fid, meta, _digest, nodes, _blobs = row
         if meta.get("cgroup") or meta.get("rate_limit") or meta.get("eager"):
             return None
@@ -105,31 +137,28 @@ class Direct:
             if dispatcher.limits.limiters(fid, "", call.rec, call.queue):
                 return None
             calls.append(call)
-        with self.app.producer_or_acquire() as producer:
-            if not self._same_redis(producer):
-                return None
-            keep = _Keep()
-            local = producer._batch_local
-            local.current = keep
-            out: list[RootMessage] = []
-            try:
-                for call in calls:
-                    keep.commands = []
-                    dispatcher._send(call, producer)
-                    commands = keep.commands
-                    if not any(name == "lpush" for name, _ in commands) or \
-                            any(name not in COMMANDS for name, _ in commands):
-                        self.enabled = False
-                        logger.warning("celery-flows: a root message took broker commands "
-                                       "%s; roots are published after their flow's create "
-                                       "from now on", [name for name, _ in commands])
-                        return None
-                    out.append((call.node_id, call.attempt, call.queue, call.task_id,
-                                [(name, *args[:2]) for name, args in commands]))
-            except Exception:
-                logger.debug("celery-flows: building root messages failed; publishing "
-                             "after the create instead", exc_info=True)
-                return None
-            finally:
-                del local.current
+        return calls
+
+    def _build(self, producer: Any, keep: _Keep, calls: list[Call]
+               ) -> list[RootMessage] | None:
+        """Each call published through Celery into ``keep``: its Redis commands."""
+        out: list[RootMessage] = []
+        try:
+            for call in calls:
+                keep.commands = []
+                self.dispatcher._send(call, producer)
+                commands = keep.commands
+                if not any(name == "lpush" for name, _ in commands) or \
+                        any(name not in COMMANDS for name, _ in commands):
+                    self.enabled = False
+                    logger.warning("celery-flows: a root message took broker commands %s; "
+                                   "roots are published after their flow's create from now "
+                                   "on", [name for name, _ in commands])
+                    return None
+                out.append((call.node_id, call.attempt, call.queue, call.task_id,
+                            [(name, *args[:2]) for name, args in commands]))
+        except Exception:
+            logger.debug("celery-flows: building root messages failed; publishing after "
+                         "the create instead", exc_info=True)
+            return None
         return out

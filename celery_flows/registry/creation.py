@@ -5,7 +5,7 @@ discard, the batch record of lua/global/batch.lua)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import faults
@@ -134,33 +134,52 @@ class Creation(Connection):
         return int(self._run("unhide", fid, [batch_id]))
 
     def unhide_many(self, batch_id: str, fids: Sequence[str],
-                    claim: tuple[float, int] | None) -> list[Marked[int]]:
+                    claim: tuple[float, int] | None,
+                    messages: Mapping[str, Sequence[RootMessage]] | None = None
+                    ) -> list[Marked[int]]:
         """For each flow of a committed batch: mark it dirty, un-hide it (unhide.lua
         codes), index it and, given ``(lease, limit)``, claim its roots; pipelined, so
-        that round trips grow with the batch's size in chunks, not with its flows."""
+        that round trips grow with the batch's size in chunks, not with its flows. A
+        flow given root ``messages`` (a single Redis only) is one unhide.lua call that
+        also pushes them: code 2 when every root went (nothing left to release, no
+        marker), else 1 with the marker added and no claim made."""
         out: list[Marked[int]] = []
         for i in range(0, len(fids), 500):
-            out += self._unhide_chunk(batch_id, fids[i:i + 500], claim)
+            out += self._unhide_chunk(batch_id, fids[i:i + 500], claim, messages or {})
         return out
 
     def _unhide_chunk(self, batch_id: str, fids: Sequence[str],
-                      claim: tuple[float, int] | None) -> list[Marked[int]]:
+                      claim: tuple[float, int] | None,
+                      messages: Mapping[str, Sequence[RootMessage]]) -> list[Marked[int]]:
         tokens = [new_dirty_token(fid) for fid in fids]
         now = self.now()
+        at: list[tuple[int, bool]] = []  # each flow's unhide reply, and its claim's after
 
         def build(pipe: Any) -> None:
+            at.clear()
+            n = 0
             for fid, token in zip(fids, tokens, strict=True):
+                direct = messages.get(fid)
+                if direct:
+                    broker_keys, argv = _direct_argv(direct)
+                    self._queue(pipe, "unhide", fid, [batch_id, *argv, fid, token],
+                                [self.keys.index, self.keys.dispatch, self.keys.queued,
+                                 *broker_keys])
+                    at.append((n, False))
+                    n += 1
+                    continue
                 pipe.zadd(self.keys.dispatch, {token: now})
                 self._queue(pipe, "unhide", fid, [batch_id])
                 pipe.zadd(self.keys.index, {fid: now}, nx=True)
+                at.append((n + 1, claim is not None))
+                n += 3
                 if claim is not None:
                     self._queue(pipe, "claim", fid, self._claim_args(*claim))
+                    n += 1
 
         res = self._execute(build)
-        step = 4 if claim is not None else 3
-        return [Marked(token, int(res[j * step + 1]),
-                       Claim.of(res[j * step + 3]) if claim is not None else None)
-                for j, token in enumerate(tokens)]
+        return [Marked(token, int(res[j]), Claim.of(res[j + 2]) if claimed else None)
+                for (j, claimed), token in zip(at, tokens, strict=True)]
 
     def discard(self, fid: str, batch_id: str) -> int:
         """discard.lua: 1 the hidden flow of this batch deleted | 0 left alone."""

@@ -12,10 +12,9 @@
   then     m, then m pairs: args-hash field, blob (contexts: "ctx#", "ctx#<sub-flow id>")
            Blobs are user data (the app's serializer): copied, never decoded here.
   then     (optional, with GKEYS only) d, then d root messages the caller built for
-           the broker on this same Redis (engine/direct.py): node id, attempt, queue
-           name, task id, c, then c triples: command (lpush | pexpire | publish), index
-           of its key in GKEYS (publish: the channel), value. A message is pushed only for a root this call released at
-           that attempt; its node is then acknowledged here (engine/publish.lua)
+           the broker on this same Redis (engine/publish.lua push_messages), pushed
+           only for a root this call released at that attempt, whose node is then
+           acknowledged here
   then     with GKEYS: the flow id, the dirty token (scores: TIME)
   GKEYS[3] (with root messages) the queued-message index; GKEYS[4..] the broker's keys
   Returns:  1 created | 2 created, and every root it released was pushed with its
@@ -57,26 +56,11 @@ end
 -- the roots' messages: pushed for what this call released, each acknowledged at once
 local released = {}
 for _, id in ipairs(REPORT.released) do released[id] = true end
-local pushed = 0
-local j = at + 1
-for _ = 1, tonumber(ARGV[at]) do
-  local id, attempt, c = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 4])
-  local rec = released[id] and load(id)
-  if rec and rec.state == 'scheduled' and rec.attempt == attempt then
-    for q = j + 5, j + 2 + 3 * c, 3 do
-      if ARGV[q] == 'publish' then
-        redis.call('PUBLISH', ARGV[q + 1], ARGV[q + 2])
-      else
-        redis.call(ARGV[q] == 'pexpire' and 'PEXPIRE' or 'LPUSH', GKEYS[tonumber(ARGV[q + 1])],
-                   ARGV[q + 2])
-      end
-    end
-    mark_queued(id, attempt, ARGV[j + 2], '', ARGV[j + 3], 0, now, GKEYS[3])
-    released[id] = nil
-    pushed = pushed + 1
-  end
-  j = j + 5 + 3 * c
-end
+local pushed = push_messages(at, function(id)
+  if not released[id] then return false end
+  released[id] = nil
+  return true
+end, now, GKEYS[3])
 flush()
 if pushed == 0 or next(released) ~= nil then return 1 end
 redis.call('ZREM', DISPATCH, ARGV[#ARGV])

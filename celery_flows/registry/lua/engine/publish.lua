@@ -1,6 +1,9 @@
 --[[
   engine/publish.lua: mark_queued, a node's message is with the broker (published.lua's
   acknowledgement, and create.lua for the roots it pushes itself).
+  push_messages: root messages a producer built for the broker on this same Redis
+  (engine/direct.py), pushed and acknowledged by the script that makes their nodes
+  releasable (create.lua, unhide.lua).
   Uses: ids (val, contains, push), cache (load, save, ready_rem).
 
   mark_queued(id, attempt, queue, released, task_id, retries, now, index): the node of
@@ -34,4 +37,33 @@ local function mark_queued(id, attempt, queue, released, task_id, retries, now, 
   if rec.state ~= 'scheduled' and rec.state ~= 'retrying' then ready_rem(id) end
   if index and rec.state == 'queued' then redis.call('ZADD', index, now, task_id) end
   return moved
+end
+
+--[[
+  push_messages(at, ok, now, index): ARGV[at] is d, then d root messages: node id,
+  attempt, queue name, task id, c, then c triples: command (lpush | pexpire | publish),
+  index of its key in GKEYS (publish: the channel), value. A message goes to the broker
+  when its node is scheduled at that attempt and ok(id) agrees; its node is then
+  acknowledged (mark_queued; index: the queued-message index). Returns how many went.
+]]
+local function push_messages(at, ok, now, index)
+  local pushed, j = 0, at + 1
+  for _ = 1, tonumber(ARGV[at]) do
+    local id, attempt, c = ARGV[j], tonumber(ARGV[j + 1]), tonumber(ARGV[j + 4])
+    local rec = load(id)
+    if rec and rec.state == 'scheduled' and rec.attempt == attempt and ok(id) then
+      for q = j + 5, j + 2 + 3 * c, 3 do
+        if ARGV[q] == 'publish' then
+          redis.call('PUBLISH', ARGV[q + 1], ARGV[q + 2])
+        else
+          redis.call(ARGV[q] == 'pexpire' and 'PEXPIRE' or 'LPUSH',
+                     GKEYS[tonumber(ARGV[q + 1])], ARGV[q + 2])
+        end
+      end
+      mark_queued(id, attempt, ARGV[j + 2], '', ARGV[j + 3], 0, now, index)
+      pushed = pushed + 1
+    end
+    j = j + 5 + 3 * c
+  end
+  return pushed
 end
