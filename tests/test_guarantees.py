@@ -105,6 +105,36 @@ def test_crash_between_publish_and_acknowledging_the_outbox(
     one_outcome_per_attempt(handle)
 
 
+def test_crash_in_the_middle_of_a_batched_release_delivers_nothing_of_it(
+    import_app: ImportApp, worker_factory: WorkerFactory, redis_db: RedisDB,
+) -> None:
+    """A completion releases three dependents; their messages go to Redis in one
+    pipeline when the claim's last one is built. The releasing process is SIGKILLed
+    while building the third: none of the three reached the broker, none is
+    acknowledged, and once the claims lapse the sweeper publishes each once."""
+    proj = import_app("tests.proj")
+    crashing = worker_factory("tests.proj", queues=("faulty",),
+                              env={FAULTS: "claimed-before-publish@3=kill"})
+    worker_factory("tests.proj", extra_args=FLOWS, queues=("celery",))
+    f = Flow("fan-out")
+    a = f.add(proj.add.si(1, 1), id="a", queue="faulty")
+    for n, nid in enumerate("bcd"):
+        f.add(proj.add.s(n), id=nid, after=[a], queue="later")
+    handle = proj.flows.submit(f)
+    wait_until(lambda: "WorkerLostError" in crashing.log() or not crashing.is_running(),
+               "the releasing process to die", timeout=60)
+    assert node_doc(handle, "a")["state"] == "succeeded"
+    assert redis_db.client.llen("later") == 0, "a message of the batch went before the kill"
+    assert {node_doc(handle, n)["state"] for n in "bcd"} == {"scheduled"}
+    wait_until(lambda: redis_db.client.llen("later") == 3, "the sweeper's publish",
+               timeout=90)
+    worker_factory("tests.proj", queues=("later",))
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert handle.results() == {"a": 2, "b": 2, "c": 3, "d": 4}
+    assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1, "c": 1, "d": 1}
+    one_outcome_per_attempt(handle)
+
+
 # -- Recovery: a manager killed in the middle of recovering a lost worker -------------
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import redis
-from kombu.exceptions import OperationalError
+from kombu.exceptions import BatchPublishError, OperationalError
 
 from .. import faults
 from ..define.records import NodeRecord, Ref, as_list, map_pairs, with_defaults
@@ -174,30 +174,9 @@ class Dispatcher:
             sent: list[Published] = []
             refused: list[tuple[str, int, str]] = []
             short = len(claim.entries) < BATCH
-            try:
-                if claim.entries:
-                    with self.app.producer_or_acquire() as producer:
-                        for entry in claim.entries:
-                            try:
-                                call = self.prepare(fid, claim.nonce, entry)
-                                if call.rec.get("kind") == "map":
-                                    self.settle_map(fid, call)
-                                    continue
-                                release = self._admit(fid, claim.flow_rate, call)
-                                if release.held:
-                                    continue
-                                faults.point("claimed-before-publish")
-                                sent.append(self._send(call, producer, release.at))
-                            except TRANSIENT:
-                                raise
-                            except Exception as exc:
-                                # the call itself is wrong (arguments, serialisation...):
-                                # fail the node rather than retry it forever
-                                refused.append((_entry_id(entry), _entry_attempt(entry),
-                                                f"{type(exc).__name__}: {exc}"))
-            except BaseException:
-                store.published(fid, sent)
-                raise
+            if claim.entries:
+                with self.app.producer_or_acquire() as producer:
+                    self._send_claimed(fid, claim, producer, sent, refused)
             if sent:
                 faults.point("sent-before-ack")
             for nid, attempt, error in refused:
@@ -209,6 +188,50 @@ class Dispatcher:
                 return
             self._acknowledge(fid, sent, None, defer)
             claim = None
+
+    def _send_claimed(self, fid: str, claim: Claim, producer: Any, sent: list[Published],
+                      refused: list[tuple[str, int, str]]) -> None:
+        """Send a claim's entries, their Redis commands in one pipeline (kombu's publish
+        batch; another transport publishes each at once): what went into ``sent``,
+        what cannot be sent at all into ``refused``. On an error the batch's messages
+        are dropped unacknowledged: their claims lapse and the sweeper publishes them
+        (a transport without batches sent each at once: those are acknowledged). A
+        failed flush sends each message again on its own, under Celery's publish
+        retry (a copy delivered twice is acknowledged without running, start.lua)."""
+        calls: list[tuple[Call, float | None]] = []
+        try:
+            with producer.batch(max_size=10 * BATCH):
+                for entry in claim.entries:
+                    try:
+                        call = self.prepare(fid, claim.nonce, entry)
+                        if call.rec.get("kind") == "map":
+                            self.settle_map(fid, call)
+                            continue
+                        release = self._admit(fid, claim.flow_rate, call)
+                        if release.held:
+                            continue
+                        faults.point("claimed-before-publish")
+                        self._send(call, producer, release.at)
+                        calls.append((call, release.at))
+                    except TRANSIENT:
+                        raise
+                    except Exception as exc:
+                        # the call itself is wrong (arguments, serialisation...): fail
+                        # the node rather than retry it forever
+                        refused.append((_entry_id(entry), _entry_attempt(entry),
+                                        f"{type(exc).__name__}: {exc}"))
+        except BatchPublishError:
+            # delivery uncertain: each once more on its own (a copy runs only once)
+            logger.warning("celery-flows: a batched publish of flow %s failed; sending "
+                           "its %d messages one by one", fid, len(calls))
+            for call, at in calls:
+                self._send(call, producer, at)
+        except BaseException:
+            if not producer.supports_batch_publish:
+                # published one by one as they went: those are acknowledged
+                self.store.published(fid, [self._published(c, at) for c, at in calls])
+            raise
+        sent += [self._published(call, at) for call, at in calls]
 
     def _acknowledge(self, fid: str, sent: list[Published], token: str | None,
                      defer: bool) -> None:
@@ -347,6 +370,10 @@ class Dispatcher:
             options["retries"] = call.retries  # a retry held in Redis, not by Celery
         sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
         sig.apply_async(**options)
+        return self._published(call, released)
+
+    @staticmethod
+    def _published(call: Call, released: float | None) -> Published:
         return Published(call.node_id, call.attempt, call.queue, call.task_id, released,
                          call.retries)
 
