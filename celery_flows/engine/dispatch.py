@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import redis
@@ -199,8 +200,10 @@ class Dispatcher:
         failed flush sends each message again on its own, under Celery's publish
         retry (a copy delivered twice is acknowledged without running, start.lua)."""
         calls: list[tuple[Call, float | None]] = []
+        # a single message goes as it is: a batch would only add its own pipeline
+        batched = len(claim.entries) > 1 and producer.supports_batch_publish
         try:
-            with producer.batch(max_size=10 * BATCH):
+            with producer.batch(max_size=10 * BATCH) if batched else nullcontext():
                 for entry in claim.entries:
                     try:
                         call = self.prepare(fid, claim.nonce, entry)
@@ -227,7 +230,7 @@ class Dispatcher:
             for call, at in calls:
                 self._send(call, producer, at)
         except BaseException:
-            if not producer.supports_batch_publish:
+            if not batched:
                 # published one by one as they went: those are acknowledged
                 self.store.published(fid, [self._published(c, at) for c, at in calls])
             raise
