@@ -94,3 +94,27 @@ def test_a_kept_connection_wakes_only_for_its_flow(proj: Any, redis_db: RedisDB)
     assert time.monotonic() - started >= 1.5
     # read once on subscribing and once when the timeout came: nothing woke it between
     assert len(reads) == 2, reads
+
+
+def test_a_wait_takes_the_end_state_from_the_notification(
+    proj: Any, redis_db: RedisDB, worker_factory: WorkerFactory
+) -> None:
+    """The flow's "done" notification carries the state it ended in: the wait reads
+    the state once, on subscribing, and not again after the notification."""
+    handle = proj.flows.submit(_one(proj, 1))
+    reads: list[FlowState] = []
+    state = type(handle).state
+
+    def counted(self: Any) -> FlowState:
+        reads.append(state(self))
+        return reads[-1]
+
+    type(handle).state = counted  # type: ignore[method-assign]
+    try:
+        threading.Timer(0.5, lambda: worker_factory("tests.proj")).start()
+        # (interval: no re-read meanwhile while the worker starts)
+        assert handle.wait(timeout=60, interval=50) == FlowState.SUCCEEDED
+    finally:
+        type(handle).state = state  # type: ignore[method-assign]
+    assert reads == [FlowState.RUNNING]
+    assert handle.results() == {"a": 2}

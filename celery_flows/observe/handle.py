@@ -13,6 +13,9 @@ from .inspect import describe
 
 __all__ = ["FlowHandle"]
 
+#: the terminal flow states, as a "done" notification carries them
+_TERMINAL = frozenset(state.value for state in FlowState if state.terminal)
+
 
 class FlowHandle:
     """A user's view of one stored flow: what ``flows.submit()``, ``flows.get()`` and
@@ -64,6 +67,9 @@ class FlowHandle:
                 if not listener.wait(wait_for):
                     # not subscribed (a failover on Redis Cluster): poll meanwhile
                     time.sleep(max(wait_for, 0.001))
+                elif listener.notified in _TERMINAL:
+                    # the notification carries the state the flow ended in
+                    return FlowState(listener.notified)
         finally:
             listener.close()
 

@@ -77,6 +77,8 @@ class DoneListener:
         self._channel = channel
         self._keep = keep
         self._subscribed = False
+        #: the state the last notification of this channel carried (engine/flow.lua)
+        self.notified: str | None = None
 
     def subscribe(self) -> bool:
         """Subscribe (before the state is read, so no notification is missed), if the
@@ -106,8 +108,11 @@ class DoneListener:
             while True:
                 left = deadline - time.monotonic()
                 message = self._pubsub.get_message(timeout=max(left, 0.001))
-                if left <= 0 or (message is not None and message.get("channel") in (
-                        channel, self._channel)):
+                if message is not None and message.get("channel") in (channel,
+                                                                      self._channel):
+                    self.notified = text(message.get("data") or b"")
+                    return True
+                if left <= 0:
                     return True
         except redis.RedisError:
             self._subscribed = False
