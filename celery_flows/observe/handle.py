@@ -38,8 +38,7 @@ class FlowHandle:
 
     def state(self) -> FlowState:
         """The flow's state (raises FlowNotFoundError once it expired)."""
-        meta = self.store.require_meta(self.id)
-        return FlowState(meta["state"])
+        return FlowState(self.store.state_of(self.id))
 
     def wait(self, timeout: float | None = None, interval: float = 1.0) -> FlowState:
         """Block until the flow is terminal and return its state; never raises for

@@ -170,6 +170,15 @@ class Reads(Connection):
             raise_for(VERSION, fid)
         return meta
 
+    def state_of(self, fid: str) -> str:
+        """The flow's state, as :meth:`require_meta` would give it, reading only the
+        fields it needs."""
+        state, version, hidden = self.client.hmget(self.keys.meta(fid),
+                                                   ["state", "v", "hidden"])
+        fields = {"state": state, "v": version, **({"hidden": hidden} if hidden else {})}
+        meta = self._meta_of({k: v for k, v in fields.items() if v is not None})
+        return self.require_meta(fid, meta)["state"]
+
     def _reopening(self, fid: str, nid: str | None = None) -> set[str]:
         """Read before the records: the nodes a chunked retry has not reopened yet (they
         read as pending; a node reopened meanwhile is read as it is)."""
