@@ -181,7 +181,7 @@ def test_add_bulk_producer_killed_before_commit_leaves_nothing(
     proj = import_app("tests.proj")
     worker_factory("tests.proj", extra_args=FLOWS, env=env)
     # killed after the third flow of five was stored (on a cluster: one by one; on a
-    # single Redis: after the MULTI/EXEC), before the batch was committed
+    # single Redis: after the pipelined round trip), before the batch was committed
     producer = _producer("doomed", "bulk-created@3=kill", env, redis_db.celery_url)
     out, _ = producer.communicate(timeout=120)
     assert producer.returncode == -9, out

@@ -170,6 +170,8 @@ def test_add_bulk_queues_each_flows_roots_as_it_unhides_it(
     # per flow: create.lua and unhide.lua; the batch record: open, commit
     assert added["cmdstat_evalsha"] == 2 * 5 + 2, added
     assert added["cmdstat_lpush"] == 10, added
+    # the creates are pipelined, not one transaction that holds every other client
+    assert added["cmdstat_multi"] == added["cmdstat_exec"] == 0, added
     assert client.llen("celery") == 5 and client.llen("other") == 5
     for handle in handles:
         assert [handle.node_states()[n] for n in "abc"] == \

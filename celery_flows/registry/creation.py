@@ -14,7 +14,10 @@ from .connection import Connection
 from .ids import new_dirty_token, new_request_id
 from .replies import Claim, Marked, text
 
-__all__ = ["CreateRow", "Creation", "NodeRow", "RootMessage"]
+__all__ = ["CREATE_TRIP", "CreateRow", "Creation", "NodeRow", "RootMessage"]
+
+#: Flows add_bulk creates in one round trip (pipelined, not a transaction)
+CREATE_TRIP = 500
 
 #: (node id, record, call blob)
 NodeRow = tuple[str, NodeRecord, bytes]
@@ -96,9 +99,12 @@ class Creation(Connection):
         return Marked(token, int(out[0]), Claim.of(out[1]) if claim is not None else None)
 
     def create_many(self, rows: list[CreateRow]) -> list[int]:
-        """Create several flows (create.lua codes): in one MULTI/EXEC on a single
-        Redis, one by one on a cluster. add_bulk creates them hidden, so a reader sees
-        none of them either way until their batch is committed."""
+        """Create several flows (create.lua codes): pipelined, CREATE_TRIP flows a round
+        trip, on a single Redis; one by one on a cluster. add_bulk creates them hidden,
+        so a reader sees none of them until their batch is committed, and no
+        transaction is needed: other clients' commands run between the creates. (One
+        MULTI/EXEC of 2,000 five-node flows held every other client: a PING from
+        another process waited up to 240 ms, against 5 ms pipelined.)"""
         if not rows:
             return []
         script = self._scripts["create"]
@@ -109,13 +115,15 @@ class Creation(Connection):
                                         args=_create_argv(meta, digest, nodes, blobs))))
                 faults.point("bulk-created")
             return codes
-        pipe = self.client.pipeline(transaction=True)
-        for fid, meta, digest, nodes, blobs in rows:
-            script(keys=self._flow_keys(fid, new_request_id()),
-                   args=_create_argv(meta, digest, nodes, blobs), client=pipe)
-        codes = [int(c) for c in pipe.execute()]
-        for _ in codes:
-            faults.point("bulk-created")
+        codes = []
+        for i in range(0, len(rows), CREATE_TRIP):
+            pipe = self.client.pipeline(transaction=False)
+            for fid, meta, digest, nodes, blobs in rows[i:i + CREATE_TRIP]:
+                script(keys=self._flow_keys(fid, new_request_id()),
+                       args=_create_argv(meta, digest, nodes, blobs), client=pipe)
+            for code in pipe.execute():
+                codes.append(int(code))
+                faults.point("bulk-created")
         return codes
 
     def create_parts(self, fid: str, batch_id: str,
