@@ -160,7 +160,8 @@ class Creation(Connection):
                       claim: tuple[float, int] | None,
                       messages: Mapping[str, Sequence[RootMessage]]) -> list[Marked[int]]:
         tokens = [new_dirty_token(fid) for fid in fids]
-        now = self.now()
+        # the markers' score; unhide.lua scores its own from Redis TIME
+        now = self.now() if any(not messages.get(fid) for fid in fids) else 0.0
         at: list[tuple[int, bool]] = []  # each flow's unhide reply, and its claim's after
 
         def build(pipe: Any) -> None:

@@ -87,10 +87,9 @@ class DoneListener:
         pubsub.close()
 
 
-def kept_listener(owner: dict[str, Any], client: Any, channel: str) -> DoneListener:
-    """A listener on the pub/sub connection this thread kept in ``owner`` (an object's
-    ``__dict__``) from its last wait, given back when it closes."""
-    kept = owner.setdefault("_kept_pubsub", threading.local())
+def kept_listener(kept: threading.local, client: Any, channel: str) -> DoneListener:
+    """A listener on the pub/sub connection this thread kept in ``kept`` from its last
+    wait, given back when it closes."""
     pubsub = getattr(kept, "pubsub", None)
     if pubsub is not None and kept.pid != os.getpid():
         pubsub = None  # a forked child's: its connection is the parent's

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from typing import Any, cast
 
 from ..define.records import (
@@ -81,13 +83,14 @@ class Reads(Connection):
                     for d, h in pipe.execute()]
         return out
 
-    def require_meta(self, fid: str, meta: dict[str, str] | None | bool = False
-                     ) -> dict[str, str]:
-        """The flow's meta (``meta``: as read already); FlowNotFoundError, or the
-        version error of a flow stored by an incompatible version."""
-        if meta is False:
-            meta = self.meta(fid)
-        if not isinstance(meta, dict):
+    def require_meta(self, fid: str) -> dict[str, str]:
+        """The flow's meta; FlowNotFoundError, or the version error of a flow stored by
+        an incompatible version."""
+        return self._required(fid, self.meta(fid))
+
+    def _required(self, fid: str, meta: dict[str, str] | None) -> dict[str, str]:
+        """:meth:`require_meta` of a meta read already."""
+        if meta is None:
             raise_for(NOT_FOUND, fid)
             raise AssertionError  # unreachable
         if not meta.get("v", "").startswith(f"{FORMAT_MAJOR}."):
@@ -101,7 +104,7 @@ class Reads(Connection):
                                                    ["state", "v", "hidden"])
         fields = {"state": state, "v": version, **({"hidden": hidden} if hidden else {})}
         meta = self._meta_of({k: v for k, v in fields.items() if v is not None})
-        return self.require_meta(fid, meta)["state"]
+        return self._required(fid, meta)["state"]
 
     def _reopening(self, fid: str, nid: str | None = None) -> set[str]:
         """Read before the records: the nodes a chunked retry has not reopened yet (they
@@ -162,7 +165,7 @@ class Reads(Connection):
         pipe.hmget(keys.meta(fid), self._CANCEL_FIELDS)
         pipe.hscan(keys.results(fid), 0, count=RESULTS_PAGE)
         raw_meta, reopening, raw_nodes, cancel, (cursor, page) = pipe.execute()
-        meta = self.require_meta(fid, self._meta_of(raw_meta))
+        meta = self._required(fid, self._meta_of(raw_meta))
         staged = {text(m) for m in reopening} if "reopen_set" in meta else set()
         recs = self._records(raw_nodes)
         self._overlay(fid, recs, staged, cancel)
@@ -252,7 +255,12 @@ class Reads(Connection):
         channel = self.keys.channel(fid)
         if self.config.redis_cluster:
             return DoneListener(self.client, channel)
-        return kept_listener(self.__dict__, self.client, channel)
+        return kept_listener(self._kept_pubsub, self.client, channel)
+
+    @functools.cached_property
+    def _kept_pubsub(self) -> threading.local:
+        """Each thread's pub/sub connection kept between waits (listen.py)."""
+        return threading.local()
 
     # -- add_bulk batch records ---------------------------------------------------------
 
