@@ -182,3 +182,29 @@ def test_add_bulk_queues_each_flows_roots_as_it_unhides_it(
         assert handle.wait(timeout=60) == FlowState.SUCCEEDED
         assert handle.results() == {"a": 3, "b": 7, "c": 10}
         assert run_counts(redis_db, handle.id) == {"a": 1, "b": 1, "c": 1}
+
+
+@pytest.mark.parametrize("path", ["with-the-create", "after-the-create"])
+def test_a_producer_publishes_nodes_without_subscribing_to_their_results(
+    path: str, proj: Any, redis_db: RedisDB, worker_factory: WorkerFactory
+) -> None:
+    """Celery subscribes a producer to each task's result channel as it publishes it,
+    and unsubscribes when the AsyncResult goes: nobody waits on a node's AsyncResult,
+    so a flow's publishes skip both (engine/unwatched.py). A plain ``delay`` in the same
+    process still subscribes, and a node's AsyncResult can still be awaited."""
+    client = redis_db.client
+    proj.flows.submit(_diamond(proj))
+    client.delete("celery", "other")
+    before = _calls(client)
+    handle = proj.flows.submit(_diamond(proj, fid="given-id" if path == "after-the-create"
+                                         else None))
+    added = _calls(client) - before
+    assert added["cmdstat_lpush"] == 2, added
+    assert added["cmdstat_subscribe"] == added["cmdstat_unsubscribe"] == 0, added
+    plain = proj.add.delay(1, 1)
+    assert (_calls(client) - before)["cmdstat_subscribe"] == 1
+    worker_factory("tests.proj", queues=("celery", "other"))
+    assert handle.wait(timeout=60) == FlowState.SUCCEEDED
+    assert plain.get(timeout=30) == 2
+    [task_id] = node_doc(handle, "a")["task_ids"]
+    assert proj.app.AsyncResult(task_id).get(timeout=30) == 3

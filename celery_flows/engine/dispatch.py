@@ -24,6 +24,7 @@ from .acks import Acks
 from .limits import Limits
 from .maps import expansion
 from .routing import route_queue
+from .unwatched import forget, sending
 
 __all__ = ["BATCH", "CLAIM", "CLAIM_LEASE", "Call", "Dispatcher", "resolve_input"]
 
@@ -372,7 +373,10 @@ class Dispatcher:
         if call.retries:
             options["retries"] = call.retries  # a retry held in Redis, not by Celery
         sig = self.app.signature(call.task_name, args=call.args, kwargs=call.kwargs)
-        sig.apply_async(**options)
+        with sending(self.app) as unwatched:
+            result = sig.apply_async(**options)
+        if unwatched:
+            forget(result)
         return self._published(call, released)
 
     @staticmethod

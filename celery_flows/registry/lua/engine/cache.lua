@@ -104,7 +104,26 @@ local function cached_hget(cache, key, field)
   return v or nil
 end
 
-local function mget(field) return cached_hget(MCACHE, META, field) end
+-- The meta fields the transitions read most, read together by the first mget of any of
+-- them (one HMGET in place of a dozen HGETs: some 20 us of Redis time a completion);
+-- the others (name, context, webhook...), which may be long, one by one when asked.
+local META_HOT = {'v', 'state', 'nonce', 'hidden', 'eager', 'cwait', 'paused',
+  'cancel_cursor', 'webhook_pending', 'webhook_events', 'settling', 'reopening',
+  'scanning', 'total', 'done', 'nfail', 'rate_limit', 'id'}
+local IS_HOT, META_READ = {}, false
+for _, f in ipairs(META_HOT) do IS_HOT[f] = true end
+
+local function mget(field)
+  if MCACHE[field] == nil and IS_HOT[field] and not META_READ then
+    META_READ = true
+    local got = redis.call('HMGET', META, unpack(META_HOT))
+    for i, f in ipairs(META_HOT) do
+      -- what this script wrote already stays
+      if MCACHE[f] == nil then MCACHE[f] = got[i] or false end
+    end
+  end
+  return cached_hget(MCACHE, META, field)
+end
 
 local function mset(field, value)
   if field == 'state' and FLOW_SEEN == nil then FLOW_SEEN = mget('state') or false end
