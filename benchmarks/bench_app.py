@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Any
 
 from celery import Celery
 
@@ -44,6 +45,43 @@ def inc(x: int) -> int:
 @app.task
 def tsum(values: list[int]) -> int:
     return sum(values)
+
+
+_trip_client: Any = None
+
+
+def trip() -> None:
+    """One round trip to the registry's Redis that runs a script doing nothing: what a
+    flow node adds to a task at the least (the "floor" rows of run.py: a start before
+    the body, a completion after it, and no work in either)."""
+    global _trip_client
+    if _trip_client is None:
+        _trip_client = app.backend.client.register_script("return 1")
+    _trip_client()
+
+
+@app.task
+def inc_trips(x: int) -> int:
+    """``inc`` with the two round trips of a flow node around its body, and nothing
+    else of celery-flows."""
+    trip()
+    y = x + 1
+    trip()
+    return y
+
+
+@app.task
+def tsum_trips(values: list[int]) -> int:
+    trip()
+    y = sum(values)
+    trip()
+    return y
+
+
+@app.task
+def noop_trips() -> None:
+    trip()
+    trip()
 
 
 @app.task

@@ -19,7 +19,8 @@ def figure_text(fig: Figure) -> str:
     if fig.value is None:
         return "?"
     if fig.unit == "x":
-        return f"{fig.value:.2f}x"
+        floor = fig.extra.get("floor")
+        return f"{fig.value:.2f}x" + (f" (floor {floor:.2f}x)" if floor else "")
     if fig.unit == "B":
         return f"{fig.value:.0f} B"
     if fig.unit == "cmd":

@@ -69,6 +69,14 @@ def notes(s: Sizes) -> list[str]:
         "``FlowHandle.wait()`` + ``results()``).",
         "- T1/T2 run twice: with the default worker, and after restarting it with "
         "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
+        "- floor (T1 up to N=400, T2 up to W=400, T3, submit+wait, cost per node): a third "
+        "side, the same Celery work with tasks that make a flow node's two round trips "
+        "around their body, each an empty script (``return 1``; ``inc_trips``, "
+        "``tsum_trips``, ``noop_trips`` in bench_app.py), and nothing else of celery-flows. "
+        "It alternates with the other two; the figure's \"floor\" is its median over "
+        "Celery's. A flow node starts and completes in two scripts (the table's goal for "
+        "commands per node), so no flow can beat its floor: where the floor is above the "
+        "goal, the goal cannot be reached with two round trips per node.",
         f"- T3: all {s.diamonds} diamonds ``submit()``-ed, then each awaited; Celery: "
         f"{4 * s.diamonds} ``apply_async`` of ``inc``, then each ``.get()``.",
         "- submit+wait: per item ``submit`` then ``wait`` (Celery: ``delay`` then ``get``); "

@@ -6,12 +6,17 @@ submit+wait, big vs small, cost per node), and the producer-only add_bulk row.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import chain, chord
 
 from benchmarks.harness import Bench, Figure, ratio
 from celery_flows import Flow, FlowState
+
+#: T1 and T2 measure their floor (bench_app.trip) up to this length or width: past it
+#: the flows are well below Celery and the floor would only lengthen the run
+FLOOR_MAX = 400
 
 
 def finish(handle: Any, timeout: float) -> dict[str, Any]:
@@ -43,15 +48,20 @@ def linear(bench: Bench, config: str, n: int, rounds: int) -> Figure:
     def body(fig: Figure) -> None:
         inc, t = bench.tasks.inc, bench.timeout
 
-        def celery() -> None:
-            sig = chain(inc.s(0), *(inc.s() for _ in range(n - 1)))
-            assert sig.apply_async().get(timeout=t) == n
+        def canvas(task: Any) -> Callable[[], None]:
+            def run() -> None:
+                sig = chain(task.s(0), *(task.s() for _ in range(n - 1)))
+                assert sig.apply_async().get(timeout=t) == n
+            return run
 
         def flows() -> None:
             f, last = chain_flow(bench, n)
             assert finish(bench.flows.submit(f), t)[last] == n
 
-        bench.alternate(fig, {"celery": celery, "flows": flows}, rounds)
+        sides = {"celery": canvas(inc), "flows": flows}
+        if n <= FLOOR_MAX:
+            sides["floor"] = canvas(bench.tasks.inc_trips)
+        bench.alternate(fig, sides, rounds)
         ratio(fig)
 
     fig = Figure("T1", f"{config} N={n}", "flows/chain <= 1.0", 1.0)
@@ -63,8 +73,12 @@ def fanin(bench: Bench, config: str, w: int, rounds: int) -> Figure:
         inc, tsum, t = bench.tasks.inc, bench.tasks.tsum, bench.timeout
         want = w * (w + 1) // 2
 
-        def celery() -> None:
-            assert chord([inc.s(i) for i in range(w)])(tsum.s()).get(timeout=t) == want
+        def canvas(part: Any, body: Any) -> Callable[[], None]:
+            def run() -> None:
+                assert chord([part.s(i) for i in range(w)])(body.s()).get(timeout=t) == want
+            return run
+
+        celery = canvas(inc, tsum)
 
         def flows() -> None:
             f = Flow("bench-fanin")
@@ -72,7 +86,10 @@ def fanin(bench: Bench, config: str, w: int, rounds: int) -> Figure:
             f.add(tsum.s(), id="sum", after=list(parts))
             assert finish(bench.flows.submit(f), t)["sum"] == want
 
-        bench.alternate(fig, {"celery": celery, "flows": flows}, rounds)
+        sides = {"celery": celery, "flows": flows}
+        if w <= FLOOR_MAX:
+            sides["floor"] = canvas(bench.tasks.inc_trips, bench.tasks.tsum_trips)
+        bench.alternate(fig, sides, rounds)
         ratio(fig)
 
     fig = Figure("T2", f"{config} W={w}", "flows/chord <= 0.8", 0.8)
@@ -83,9 +100,13 @@ def diamonds(bench: Bench, count: int, rounds: int) -> Figure:
     def body(fig: Figure) -> None:
         inc, tsum, t = bench.tasks.inc, bench.tasks.tsum, bench.timeout
 
-        def celery() -> None:
-            pending = [inc.apply_async((i,)) for i in range(4 * count)]
-            assert [r.get(timeout=t) for r in pending] == list(range(1, 4 * count + 1))
+        def canvas(task: Any) -> Callable[[], None]:
+            def run() -> None:
+                pending = [task.apply_async((i,)) for i in range(4 * count)]
+                assert [r.get(timeout=t) for r in pending] == list(range(1, 4 * count + 1))
+            return run
+
+        celery = canvas(inc)
 
         def flows() -> None:
             handles = []
@@ -99,7 +120,8 @@ def diamonds(bench: Bench, count: int, rounds: int) -> Figure:
             for i, h in enumerate(handles):
                 assert finish(h, t)["d"] == 2 * i + 4
 
-        bench.alternate(fig, {"celery": celery, "flows": flows}, rounds)
+        bench.alternate(fig, {"celery": celery, "flows": flows,
+                              "floor": canvas(bench.tasks.inc_trips)}, rounds)
         ratio(fig)
 
     fig = Figure("T3", f"{count} diamonds vs {4 * count} apply_async",
@@ -112,14 +134,19 @@ def submit_wait(bench: Bench, count: int, rounds: int) -> Figure:
         inc, t = bench.tasks.inc, bench.timeout
         calls: dict[str, list[float]] = {"submit": [], "delay": []}
 
-        def celery() -> None:
-            spent = 0.0
-            for i in range(count):
-                started = time.perf_counter()
-                r = inc.delay(i)
-                spent += time.perf_counter() - started
-                assert r.get(timeout=t) == i + 1
-            calls["delay"].append(spent / count)
+        def canvas(task: Any, name: str | None) -> Callable[[], None]:
+            def run() -> None:
+                spent = 0.0
+                for i in range(count):
+                    started = time.perf_counter()
+                    r = task.delay(i)
+                    spent += time.perf_counter() - started
+                    assert r.get(timeout=t) == i + 1
+                if name:
+                    calls[name].append(spent / count)
+            return run
+
+        celery = canvas(inc, "delay")
 
         def flows() -> None:
             spent = 0.0
@@ -132,10 +159,11 @@ def submit_wait(bench: Bench, count: int, rounds: int) -> Figure:
                 assert finish(h, t)["inc"] == i + 1
             calls["submit"].append(spent / count)
 
-        bench.alternate(fig, {"celery": celery, "flows": flows}, rounds)
+        bench.alternate(fig, {"celery": celery, "flows": flows,
+                              "floor": canvas(bench.tasks.inc_trips, None)}, rounds)
         ratio(fig)
         # the warm-up round is the first of each list
-        fig.extra = {name: {"ms_per_call_median": 1e3 * sorted(v[1:])[len(v[1:]) // 2],
+        fig.extra |= {name: {"ms_per_call_median": 1e3 * sorted(v[1:])[len(v[1:]) // 2],
                             "rounds_s": v[1:]} for name, v in calls.items()}
 
     fig = Figure("submit+wait", f"{count} sequential one-node flows vs delay+get",
@@ -167,12 +195,15 @@ def big_small(bench: Bench, nodes: int, rounds: int) -> list[Figure]:
             for h in hs:
                 assert h.wait(timeout=t) is FlowState.SUCCEEDED
 
-        def celery() -> None:
-            pending = [noop.apply_async() for _ in range(size)]
-            # join_native: one pub/sub wait for the whole set, not `size` round trips
-            bench.app.ResultSet(pending).join_native(timeout=t)
+        def canvas(task: Any) -> Callable[[], None]:
+            def run() -> None:
+                pending = [task.apply_async() for _ in range(size)]
+                # join_native: one pub/sub wait for the whole set, not `size` round trips
+                bench.app.ResultSet(pending).join_native(timeout=t)
+            return run
 
-        return {"one_flow": one_flow, "many_flows": many_flows, "celery": celery}
+        return {"one_flow": one_flow, "many_flows": many_flows, "celery": canvas(noop),
+                "floor": canvas(bench.tasks.noop_trips)}
 
     def body(fig: Figure) -> None:
         # The warm-up is one tenth of the size: it only has to load code and scripts.
@@ -187,6 +218,7 @@ def big_small(bench: Bench, nodes: int, rounds: int) -> list[Figure]:
         ratio(big, "one_flow", "many_flows")
         ratio(per_many, "many_flows", "celery")
         ratio(per_one, "one_flow", "celery")
+        big.extra.pop("floor", None)  # one flow against many: no Celery side
     return [big, per_many, per_one]
 
 
