@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from celery_flows import Flow, FlowState
+from celery_flows import Flow, FlowState, NodeState
 from celery_flows.define.records import LIST_FIELDS, SCALAR_DEFAULTS
 from celery_flows.faults import ENV as FAULTS
 from celery_flows.registry import scripts
@@ -105,19 +105,25 @@ def test_fail_fast_in_a_large_flow_stops_it_at_once_and_a_killed_worker_leaves_i
     plain = worker_factory("tests.proj", concurrency=3,
                            env={**SMALL, FAULTS: "chore-step@2=kill"})
     f = Flow("big-fail-fast", fail_fast=True)
-    hold = f.add(proj.wait_for_key.si("release-hold"), id="hold")
-    f.add(proj.fail_until.si("fixed"), id="flaky")
+    hold = f.add(proj.wait_for_key.si("release-hold", 120), id="hold")
+    # flaky fails once hold runs (the gate opens then): fail_fast finds hold running
+    gate = f.add(proj.wait_for_key.si("open-gate", 120), id="gate")
+    f.add(proj.fail_until.si("fixed"), id="flaky", after=[gate])
     for i in range(40):
         f.add(proj.ident.si(i), id=f"c{i}", after=[hold])
     handle = proj.flows.submit(f)
+    wait_until(lambda: handle.node_states()["hold"] == NodeState.RUNNING, "hold to run",
+               timeout=30)
+    redis_db.client.set("open-gate", 1)
     wait_until(lambda: handle.state() == FlowState.FAILED, "fail_fast", timeout=30)
     # the failing node's worker was killed after two bounded steps of the cancel
     wait_until(lambda: "flaky" in run_counts(redis_db, handle.id), "flaky to run")
     raw = _raw_states(proj, handle.id)
     assert "pending" in raw.values(), "records are left for later steps"
     nodes = handle.inspect()["nodes"]
-    assert nodes["flaky"]["state"] == "failed"
-    assert {n["state"] for k, n in nodes.items() if k != "flaky"} == {"cancelled"}
+    assert (nodes["flaky"]["state"], nodes["gate"]["state"]) == ("failed", "succeeded")
+    assert {n["state"] for k, n in nodes.items() if k not in ("flaky", "gate")} == \
+        {"cancelled"}
     assert proj.flows.store.node(handle.id, "c3")["cancel_reason"] == "fail_fast"
     # the held body ends: its late outcome releases nothing
     redis_db.client.set("release-hold", 1)
@@ -126,10 +132,11 @@ def test_fail_fast_in_a_large_flow_stops_it_at_once_and_a_killed_worker_leaves_i
     worker_factory("tests.proj", extra_args=FLOWS, env=SMALL)
     wait_until(lambda: _settled(proj, handle.id), "the sweeper to finish", timeout=60)
     raw = _raw_states(proj, handle.id)
-    assert raw.pop("flaky") == "failed" and set(raw.values()) == {"cancelled"}
+    assert (raw.pop("flaky"), raw.pop("gate")) == ("failed", "succeeded")
+    assert set(raw.values()) == {"cancelled"}
     assert not any(run_counts(redis_db, handle.id)[f"c{i}"] for i in range(40))
     meta = _meta(proj, handle.id)
-    assert meta["done"] == meta["total"] == "42"
+    assert meta["done"] == meta["total"] == "43"
     # a retry runs the failed node and everything fail_fast cancelled
     redis_db.client.set("fixed", 1)
     report = proj.flows.retry(handle.id)
@@ -137,6 +144,7 @@ def test_fail_fast_in_a_large_flow_stops_it_at_once_and_a_killed_worker_leaves_i
     assert handle.wait(timeout=120) == FlowState.SUCCEEDED
     counts = run_counts(redis_db, handle.id)
     assert all(counts[f"c{i}"] == 1 for i in range(40)) and counts["hold"] == 2
+    assert counts["gate"] == 1
 
 
 def _failed_wide_flow(proj: Any, redis_db: RedisDB, width: int) -> Any:
