@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
-from celery_flows import Flow, FlowState, FlowTimeoutError
+from celery_flows import Flow, FlowState, FlowTimeoutError, NodeState
 from celery_flows.testing import wait_until
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
+from tests.helpers import node_doc
 
 
 @pytest.fixture
@@ -118,3 +119,30 @@ def test_a_wait_takes_the_end_state_from_the_notification(
         type(handle).state = state  # type: ignore[method-assign]
     assert reads == [FlowState.RUNNING]
     assert handle.results() == {"a": 2}
+
+
+def test_a_transition_of_one_script_goes_without_a_pipeline(
+    proj: Any, redis_db: RedisDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One script is sent as it is, a batch of several in one pipeline
+    (Connection._execute): a pipeline around a single command only costs client CPU,
+    twice per node in a worker (its start and its completion)."""
+    store = proj.flows.store
+    handle = proj.flows.submit(_one(proj, 1))
+    [task_id] = node_doc(handle, "a")["task_ids"]
+    made: list[Any] = []
+    real = store.client.pipeline
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "pipeline", counted)
+    assert store.start(handle.id, "a", 1, "0:0", task_id, "w@host").code == 1
+    assert handle.node_states()["a"] == NodeState.RUNNING
+    assert made == []
+    # a retry held in Redis: the script and the releaser's timer, one pipelined trip
+    store.complete(handle.id, "a", 1, "retrying", retry_delay=30)
+    assert len(made) == 1
+    assert handle.node_states()["a"] == NodeState.RETRYING
+    assert redis_db.client.zscore(store.keys.timers, handle.id) is not None
