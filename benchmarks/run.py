@@ -69,7 +69,7 @@ def notes(s: Sizes) -> list[str]:
         "``FlowHandle.wait()`` + ``results()``).",
         "- T1/T2 run twice: with the default worker, and after restarting it with "
         "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
-        "- floor (T1 up to N=400, T2 up to W=400, T3, submit+wait, cost per node): a third "
+        "- floor (T1 up to N=100, T2 up to W=1000, T3, submit+wait, cost per node): a third "
         "side, the same Celery work with tasks that make a flow node's two round trips "
         "around their body, each an empty script (``return 1``; ``inc_trips``, "
         "``tsum_trips``, ``noop_trips`` in bench_app.py), and nothing else of celery-flows. "
