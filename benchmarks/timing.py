@@ -164,7 +164,7 @@ def submit_wait(bench: Bench, count: int, rounds: int) -> Figure:
         ratio(fig)
         # the warm-up round is the first of each list
         fig.extra |= {name: {"ms_per_call_median": 1e3 * sorted(v[1:])[len(v[1:]) // 2],
-                            "rounds_s": v[1:]} for name, v in calls.items()}
+                             "rounds_s": v[1:]} for name, v in calls.items()}
 
     fig = Figure("submit+wait", f"{count} sequential one-node flows vs delay+get",
                  "flows/celery <= 1.2", 1.2)
