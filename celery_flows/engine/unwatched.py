@@ -64,5 +64,4 @@ def sending(app: Any) -> Iterator[bool]:
 def forget(result: Any) -> None:
     """A node's ``AsyncResult`` from a publish made in :func:`sending`: its garbage
     collection must not unsubscribe (nothing was subscribed)."""
-    if result is not None and hasattr(result, "backend"):
-        result.backend = None
+    result.backend = None

@@ -151,22 +151,16 @@ class Connection:
         pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
 
     def _execute(self, build: Callable[[Any], None]) -> list[Any]:
-        """One round trip for several commands (scripts by SHA). A single command goes
-        as it is: a pipeline around it cost some 25 us of client CPU a call, twice per
-        node in the worker (start, complete). After NOSCRIPT (a restarted Redis) the
-        whole batch is re-sent with the same request ids: the commands are idempotent
-        and the scripts that ran answer from their kept reply."""
+        """One round trip for several commands (scripts by SHA; Sequential.execute).
+        After NOSCRIPT (a restarted Redis) the whole batch is re-sent with the same
+        request ids: the commands are idempotent and the scripts that ran answer from
+        their kept reply."""
         ids: list[str] = []
         for _ in range(3):
             calls = Sequential(self.client)
             build(Batch(calls, ids))
             try:
-                if self.config.redis_cluster or len(calls.calls) == 1:
-                    return calls.execute()
-                pipe = self.client.pipeline(transaction=False)
-                for name, args, kwargs in calls.calls:
-                    getattr(pipe, name)(*args, **kwargs)
-                return list(pipe.execute())
+                return calls.execute(pipelined=not self.config.redis_cluster)
             except redis.exceptions.NoScriptError:
                 for script in self._scripts.values():
                     self.client.script_load(script.script)
