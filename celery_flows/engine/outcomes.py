@@ -21,6 +21,7 @@ from ..registry.codec import Codec
 from ..registry.codes import raise_for
 from ..registry.ids import TaskRef, new_instance_id, parse_task_id, task_nonce
 from ..registry.replies import Completion
+from ..registry.transitions import BackendWrite
 from .dispatch import BATCH, CLAIM_LEASE, Dispatcher
 from .limits import Limits
 from .maps import expansions
@@ -75,11 +76,14 @@ class Outcomes:
     def record(self, fid: str, nid: str, attempt: int, outcome: str, *,
                result: Any = None, error: str = "", release: bool = True,
                external: bool = False, task_id: str | None = None,
-               retry_delay: float | None = None, maps_later: bool = False) -> Completion:
+               retry_delay: float | None = None, maps_later: bool = False,
+               backend: BackendWrite | None = None) -> Completion:
         """Record an attempt's outcome and publish what it made ready (unless
         ``release`` is False: the eager driver drains the outbox itself).
         ``maps_later``: a success that maps expand over is not recorded here; the reply
-        (code 7) says so, and the caller records it again later (worker/guard.py)."""
+        (code 7) says so, and the caller records it again later (worker/guard.py).
+        ``backend``: the node's Celery result, written in the completion's step when it
+        is recorded (code 1) or reported late (0) (worker/results.py)."""
         raw = result
         outcome, blob, error = self._encode(outcome, result, error)
         store = self.store
@@ -106,7 +110,8 @@ class Outcomes:
             raise_for(done.code, fid)
             return done
         marked = store.complete_and_claim(fid, nid, attempt, outcome, blob, error,
-                                          CLAIM_LEASE, BATCH, external, drop, falsy)
+                                          CLAIM_LEASE, BATCH, external, drop, falsy,
+                                          backend=backend if outcome == "succeeded" else None)
         if marked.reply.code == 7:
             if marked.token or marked.claim:
                 # Redis Cluster: the claim and the lease's drop ran beside the script;

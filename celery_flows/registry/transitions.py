@@ -24,7 +24,11 @@ from .replies import (
     text,
 )
 
-__all__ = ["Transitions"]
+__all__ = ["BackendWrite", "Transitions"]
+
+#: A node's Celery result as the Redis result backend stores it (worker/results.py):
+#: its key, the encoded value, and the expiry in seconds (None: kept)
+BackendWrite = tuple[str, Any, "int | None"]
 
 #: The most nodes one published.lua call acknowledges (about 50 us of Redis time each)
 ACK_STEP = 2 * scripts.CHUNK
@@ -168,11 +172,13 @@ class Transitions(Connection):
     def complete_and_claim(self, fid: str, nid: str, attempt: int, outcome: str,
                            result: bytes, error: str, lease: float, limit: int,
                            external: bool = False, drop_lease: tuple[str, str] | None = None,
-                           falsy: bool = False, expansions: str = "") -> Marked[Completion]:
+                           falsy: bool = False, expansions: str = "",
+                           backend: BackendWrite | None = None) -> Marked[Completion]:
         """Record the outcome, claim what it made ready behind a dirty marker and drop
         the recording worker's lease: one script on a single Redis (the marker is
         written only when there is something to publish; ``token`` is "" otherwise),
-        one round trip of four commands on a cluster."""
+        one round trip of four commands on a cluster. ``backend``: the node's Celery
+        result, written by the same script (a single Redis only; worker/results.py)."""
         token = new_dirty_token(fid)
         args = self._complete_args(nid, attempt, outcome, result, error, external, "", falsy)
         claim_args = self._claim_args(lease, limit)
@@ -180,9 +186,14 @@ class Transitions(Connection):
             gkeys = [self.keys.dispatch]
             if drop_lease is not None:
                 gkeys.append(self.keys.leases(drop_lease[0]))
+            stored: list[Any] = []
+            if backend is not None:
+                gkeys.append(backend[0])
+                stored = [backend[1], "" if backend[2] is None else backend[2]]
             out = self._execute(lambda pipe: self._queue(
                 pipe, "complete", fid,
-                [*args, *claim_args, token, drop_lease[1] if drop_lease else "", expansions],
+                [*args, *claim_args, token, drop_lease[1] if drop_lease else "", expansions,
+                 *stored],
                 gkeys))[0]
             return Marked(token if text(out[4]) == "1" else "", Completion.of(out),
                           Claim.of(out[5]) if out[5] else None)

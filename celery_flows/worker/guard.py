@@ -27,6 +27,8 @@ from ..errors import FlowVersionError
 from ..registry.codes import START_REASONS, VERSION
 from ..registry.ids import parse_task_id
 from ..registry.keys import FORMAT_VERSION
+from ..registry.transitions import BackendWrite
+from . import results
 
 __all__ = ["active", "install"]
 
@@ -107,11 +109,17 @@ def _guarded(engine: Engine, task: Any, original: Any) -> Any:
         # sends task_success: the dependents are released one backend round trip
         # sooner (a chain publishes its next task at the same point). The backend
         # still gets the result afterwards, which a lost pool child's recovery reads.
-        if active.pop(request.id, None) is not None and _succeed(run_, result) == 7:
-            # maps expand over this result: it is recorded from task_success, once the
-            # backend holds it, so that a worker killed between staging the elements
-            # and the expansion leaves its outcome to the recovery (engine/maps.py)
-            active[request.id] = run_
+        if active.pop(request.id, None) is not None:
+            backend = results.for_node(engine, task, request, result)
+            recorded = _succeed(run_, result, backend)
+            if recorded == 7:
+                # maps expand over this result: it is recorded from task_success, once
+                # the backend holds it, so that a worker killed between staging the
+                # elements and the expansion leaves its outcome to the recovery
+                # (engine/maps.py)
+                active[request.id] = run_
+            elif backend is not None and recorded in (0, 1):
+                results.written(request)
         return result
 
     return run
@@ -180,13 +188,14 @@ def _version_error(engine: Engine, fid: str, task_id: str, worker: str) -> FlowV
     return error
 
 
-def _succeed(run_: FlowRun, result: Any) -> int | None:
+def _succeed(run_: FlowRun, result: Any, backend: BackendWrite | None) -> int | None:
     """The completion's code (7: maps expand over the result, nothing recorded yet), or
     None when recording failed."""
     try:
         faults.point("body-returned")
         done = run_.outcomes.record(run_.id, run_.node_id, run_.attempt, "succeeded",
-                                    result=result, task_id=run_.task_id, maps_later=True)
+                                    result=result, task_id=run_.task_id, maps_later=True,
+                                    backend=backend)
     except Exception:
         logger.exception("celery-flows: recording the success of %s failed; recovery "
                          "will reconcile it", run_.task_id)

@@ -16,6 +16,11 @@
   ARGV[14] '' or, for a node some map expands over, JSON {map id: [k, token] or error
           text}: how each map expands if this completion lets it (EXPANSIONS,
           engine/evaluate.lua); the items' elements are staged in the args hash first
+  ARGV[15..16] (optional, a single Redis only) the node's Celery result as the Redis
+          result backend stores it, and its expiry in seconds ('' none): written under
+          the last of GKEYS and published there when the outcome is recorded or
+          reported late (codes 1 and 0), unless a SUCCESS is stored already, as the
+          backend does (worker/results.py)
   GKEYS (after the request key, only on a single Redis; on a cluster the caller sends
          these writes itself): [1] the dispatch index: the marker ARGV[12] is added at
          the Redis time when the claim took entries, others' claims are pending or
@@ -129,6 +134,19 @@ if (ARGV[9] or '') ~= '' and reply[1] >= 0 and reply[1] ~= 7 then
       or claim[7] == '1') then
     redis.call('ZADD', GKEYS[1], now_ts(), ARGV[12])
     reply[5] = '1'
+  end
+end
+if (ARGV[15] or '') ~= '' and (reply[1] == 1 or reply[1] == 0) then
+  local key = GKEYS[#GKEYS]
+  local kept = redis.call('GET', key)
+  local ok, doc = pcall(cjson.decode, kept or 'null')
+  if not (ok and type(doc) == 'table' and doc.status == 'SUCCESS') then
+    if ARGV[16] ~= '' then
+      redis.call('SET', key, ARGV[15], 'EX', ARGV[16])
+    else
+      redis.call('SET', key, ARGV[15])
+    end
+    redis.call('PUBLISH', key, ARGV[15])
   end
 end
 -- not before the outcome is recorded: a worker that dies before its second call (code
