@@ -11,8 +11,12 @@ from typing import Any
 
 import pytest
 import redis
+from celery.app.task import Context
+from celery.backends.redis import RedisBackend
 
 from celery_flows import Flow, FlowState
+from celery_flows.engine import engine_of
+from celery_flows.worker import results
 from tests.conftest import ImportApp, RedisDB, WorkerFactory
 from tests.helpers import node_doc
 
@@ -143,3 +147,28 @@ def test_a_node_that_ignores_its_result_stores_none(
     assert redis_db.client.get(META + task_id) is None
     [task_id] = node_doc(handle, "b")["task_ids"]
     assert json.loads(redis_db.client.get(META + task_id))["result"] == 12
+
+
+class _Beside:
+    """An engine whose app has another result backend (the rest is the real one's)."""
+
+    def __init__(self, engine: Any, backend: Any) -> None:
+        self.store = engine.store
+        self.app = type("App", (), {"backend": backend})()
+
+
+@pytest.mark.parametrize("change", ["compressed", "pickled"])
+def test_results_the_script_cannot_read_are_left_to_celery(proj: Any, change: str) -> None:
+    """complete.lua reads a stored value to keep a SUCCESS: compressed or non-JSON
+    results are stored by Celery, as before."""
+    engine = engine_of(proj.app)
+    request = Context(id="f~a~1~n", args=(), kwargs={})
+    assert results.for_node(engine, proj.add, request, 3) is not None
+    url = proj.app.backend.url  # as Celery passed it (without the "redis+")
+    if change == "compressed":
+        proj.app.conf.result_compression = "zlib"
+        backend = RedisBackend(app=proj.app, url=url)
+        proj.app.conf.result_compression = None
+    else:
+        backend = RedisBackend(app=proj.app, url=url, serializer="pickle")
+    assert results.for_node(_Beside(engine, backend), proj.add, request, 3) is None

@@ -108,7 +108,9 @@ def _guarded(engine: Engine, task: Any, original: Any) -> Any:
         # Recorded here, before Celery's tracer stores the result in its backend and
         # sends task_success: the dependents are released one backend round trip
         # sooner (a chain publishes its next task at the same point). The backend
-        # still gets the result afterwards, which a lost pool child's recovery reads.
+        # gets the result too, which a lost pool child's recovery reads: from the same
+        # script when results.py can build it (the tracer then skips its own store),
+        # else from Celery afterwards.
         if active.pop(request.id, None) is not None:
             backend = results.for_node(engine, task, request, result)
             recorded = _succeed(run_, result, backend)

@@ -13,15 +13,16 @@ The value is built here by the backend itself (its ``encode_result``,
 ``_get_result_meta`` and ``encode``), so it is what the backend would have stored:
 ``AsyncResult(task_id).get()``, waiting clients (the ``PUBLISH``) and the recovery's
 read of the backend see no difference. Anything else - another backend, a subclass of
-the Redis backend, another Redis, a serializer other than JSON (the script reads a
-stored value to keep a ``SUCCESS``), a task that ignores its result, a request with
-callbacks, a chain or a chord (Celery stores those after sending them) - keeps
-Celery's own store.
+the Redis backend, another Redis, a serializer other than JSON or compressed results
+(the script reads a stored value to keep a ``SUCCESS``), a task that ignores its
+result, a request with callbacks, a chain or a chord (Celery stores those after
+sending them) - keeps Celery's own store.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from celery import states
@@ -36,17 +37,17 @@ __all__ = ["for_node", "written"]
 logger = logging.getLogger(__name__)
 
 _WHERE = ("host", "port", "path", "db")
-_ELIGIBLE: dict[int, bool] = {}  # id(engine) -> the backend qualifies
+_ELIGIBLE: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
 def _backend_qualifies(engine: Engine) -> bool:
-    key = id(engine)
-    known = _ELIGIBLE.get(key)
+    known = _ELIGIBLE.get(engine)
     if known is None:
         backend = engine.app.backend
         known = (type(backend) is RedisBackend and engine.store.inline
-                 and backend.serializer == "json" and _same_redis(backend, engine))
-        _ELIGIBLE[key] = known
+                 and backend.serializer == "json" and not backend.compression
+                 and _same_redis(backend, engine))
+        _ELIGIBLE[engine] = known
     return known
 
 
