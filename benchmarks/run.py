@@ -71,8 +71,10 @@ def notes(s: Sizes) -> list[str]:
         "``BENCH_ACKS_LATE=1`` (``task_acks_late=True``, ``worker_prefetch_multiplier=1``).",
         "- floor (T1 up to N=100, T2 up to W=1000, T3, submit+wait, cost per node): a third "
         "side, the same Celery work with tasks that make a flow node's two round trips "
-        "around their body, each an empty script (``return 1``; ``inc_trips``, "
-        "``tsum_trips``, ``noop_trips`` in bench_app.py), and nothing else of celery-flows. "
+        "around their body (``inc_trips``, ``tsum_trips``, ``noop_trips`` in "
+        "bench_app.py), and nothing else of celery-flows: an empty script (``return 1``) "
+        "before, and after it one script that stores the result as Celery's Redis backend "
+        "would (the tracer skipping its own store, as for a flow node). "
         "It alternates with the other two; the figure's \"floor\" is its median over "
         "Celery's. A flow node starts and completes in two scripts (the table's goal for "
         "commands per node), so no flow can beat its floor: where the floor is above the "
