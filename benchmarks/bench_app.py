@@ -50,7 +50,8 @@ def tsum(values: list[int]) -> int:
 _scripts: dict[str, Any] = {}
 
 # the result store complete.lua makes for a node (celery_flows/worker/results.py): the
-# value the backend would store, kept unless a SUCCESS is there, and published
+# stored value read (complete.lua keeps a SUCCESS it finds there), the value the
+# backend would store written with its expiry, and published
 _STORE = """
 local kept = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])

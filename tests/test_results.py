@@ -51,7 +51,7 @@ class Monitor:
     def __enter__(self) -> Monitor:
         self._thread.start()
         assert self._ready.wait(10)
-        time.sleep(0.2)  # MONITOR is active once its reply came back
+        time.sleep(0.2)  # the thread is reading by now
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,7 +3,7 @@
 Celery's tracer stores a task's result after its body returns: a ``GET`` of the result
 key (it never overwrites a ``SUCCESS``), then ``SETEX`` and ``PUBLISH`` in a
 ``MULTI``/``EXEC``: two more round trips from the pool process for every node, which
-took a quarter of a pool process's busy time in the cost-per-node benchmark. When the
+took a third of a pool process's busy time in the cost-per-node benchmark (py-spy). When the
 result backend is Celery's Redis backend on the registry's Redis, ``complete.lua``
 writes the same value under the same key instead, in the same step as the completion
 (and so never without it), and the tracer is told to skip its own store
