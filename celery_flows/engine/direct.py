@@ -41,8 +41,6 @@ logger = logging.getLogger(__name__)
 #: The broker commands a message's delivery may take (kombu's Redis channel: the queue
 #: push, a queue's expiry, a fanout's publish); create.lua runs these only
 COMMANDS = ("lpush", "pexpire", "publish")
-#: The connection parameters that name one Redis database
-_WHERE = ("host", "port", "path", "db")
 
 
 class _Keep:
@@ -77,9 +75,7 @@ class Direct:
             return False
         if getattr(producer._batch_local, "current", None) is not None:
             return False  # the caller batches this producer's publishes itself
-        broker = channel.pool.connection_kwargs
-        registry = self.store.client.connection_pool.connection_kwargs
-        return all(broker.get(k) == registry.get(k) for k in _WHERE)
+        return self.store.is_registry(channel.pool.connection_kwargs)
 
     def messages(self, row: CreateRow) -> list[RootMessage] | None:
         """The roots' messages of a flow about to be created, or None: the usual path."""

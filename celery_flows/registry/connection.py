@@ -27,6 +27,10 @@ CLOCK_REFRESH = 30.0  # seconds between measurements of the offset to Redis TIME
 
 
 
+#: The connection parameters that name one Redis database
+_WHERE = ("host", "port", "path", "db")
+
+
 def to_redis_py_url(url: str) -> str:
     """kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix://``."""
     if url.startswith("redis+socket://"):
@@ -172,6 +176,12 @@ class Connection:
         """Redis ``TIME`` (one round trip)."""
         secs, micros = self.client.time()
         return float(secs) + float(micros) / 1e6
+
+    def is_registry(self, connection_kwargs: dict[str, Any]) -> bool:
+        """Whether a redis-py pool with these connection parameters (a broker's, a
+        result backend's) reaches the registry's own Redis database."""
+        mine = self.client.connection_pool.connection_kwargs
+        return all(connection_kwargs.get(k) == mine.get(k) for k in _WHERE)
 
     def now(self) -> float:
         """Redis ``TIME`` without a round trip: scores compared with times written by

@@ -36,7 +36,6 @@ __all__ = ["for_node", "written"]
 
 logger = logging.getLogger(__name__)
 
-_WHERE = ("host", "port", "path", "db")
 _ELIGIBLE: weakref.WeakKeyDictionary[Engine, bool] = weakref.WeakKeyDictionary()
 
 
@@ -53,11 +52,10 @@ def _backend_qualifies(engine: Engine) -> bool:
 
 def _same_redis(backend: Any, engine: Engine) -> bool:
     try:
-        mine = backend.client.connection_pool.connection_kwargs
-        registry = engine.store.client.connection_pool.connection_kwargs
+        kwargs = backend.client.connection_pool.connection_kwargs
     except AttributeError:
         return False
-    return all(mine.get(k) == registry.get(k) for k in _WHERE)
+    return engine.store.is_registry(kwargs)
 
 
 def for_node(engine: Engine, task: Any, request: Any, result: Any) -> BackendWrite | None:
