@@ -49,11 +49,12 @@ FINISH_AFTER = 5.0  # a committed batch still listed this long: its producer die
 # and PIECE_BYTES of records and arguments, each one create call, so that other clients
 # are never blocked for long: measured on redis-server 6.2 (2 shared cores), a 500-node
 # piece took 2.6 ms (median) of a chain, 5.5 ms of independent roots (each released),
-# with outliers near 18 ms on the busy machine; 250 keeps those under 10 ms. A root is
+# with outliers near 18 ms on the busy machine; 250 took 1.8-2.0 ms (median) and up to
+# 5.4 ms of independent roots on an idle one, 125 keeps them near 1 ms. A root is
 # released as its piece is stored, which costs about 65 us more (benchmarks/
 # chunk_slowlog.py): a piece holds at most PIECE_ROOTS of them.
-PIECE_NODES = 250
-PIECE_ROOTS = 50
+PIECE_NODES = 125
+PIECE_ROOTS = 25
 PIECE_BYTES = 256 * 1024
 PIECES_PER_TRIP = 8  # pieces pipelined in one round trip
 

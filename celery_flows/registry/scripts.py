@@ -32,8 +32,11 @@ REPLY_TTL = 120
 #: or retry of a flow with more nodes goes in steps), and half the edges one
 #: script settles before it leaves the rest to the next claim (lua/engine/cache.lua
 #: BUDGET), so that no script call blocks Redis for long; ``CELERY_FLOWS_CHUNK`` sets it
-#: (the tests use small chunks).
-CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 25)
+#: (the tests use small chunks). At 10, the longest script of a 20,000-node submit on an
+#: idle Redis fell from 9.3 to 5.4 ms (published.lua acknowledging 2 * CHUNK nodes at
+#: about 50 us each: 2.5 ms to 0.9 ms median), so the scripts stay under 10 ms on a
+#: busy machine too (benchmarks/run.py SLOWLOG rows)
+CHUNK = int(os.environ.get("CELERY_FLOWS_CHUNK", "") or 10)
 #: A node with more dependencies than this is evaluated in steps, one per claim
 #: (lua/engine/scan.lua): reading a dependency's record costs some 6 us, so a
 #: 20,000-wide fan-in read at once blocked Redis for about 0.35 s
