@@ -9,6 +9,7 @@ and show the worker's log when a test fails.  The other tests use the classes di
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -208,6 +209,16 @@ def test_redis_server_context_manager_and_start_errors() -> None:
         assert not broken.running
     finally:
         broken.cleanup()
+
+
+def test_redis_server_env_reaches_the_server_process_only() -> None:
+    # benchmarks/harness.py preloads jemalloc this way
+    with RedisServer(env={"CF_TEST_MARK": "set-for-redis"}) as server:
+        assert server.pid is not None
+        environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+        assert b"CF_TEST_MARK=set-for-redis" in environ
+        assert any(item.startswith(b"PATH=") for item in environ)  # added, not replaced
+    assert "CF_TEST_MARK" not in os.environ
 
 
 def test_wait_until_returns_the_value_or_names_what_it_waited_for() -> None:
