@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from celery_flows.testing import RedisServer, Worker, wait_until
+from celery_flows.testing import RedisServer, Worker, find_redis_server, wait_until
 from tests.conftest import ImportApp, RedisDB
 from tests.helpers import BROKER_ENV, ROOT, pid_alive
 
@@ -221,6 +221,23 @@ def test_redis_server_env_reaches_the_server_process_only(tmp_path: Path) -> Non
         assert server.client().ping()  # the rest of the environment is kept: it runs
     assert "runtime linker statistics" in Path(f"{out}.{pid}").read_text()
     assert "LD_DEBUG" not in os.environ
+
+
+def test_the_redis_server_binary_can_be_chosen(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    # CELERY_FLOWS_REDIS_SERVER runs a suite against the Redis one deploys (.ci/run runs
+    # the engine's tests again on Debian's redis-server 7)
+    chosen = tmp_path / "chosen-redis-server"
+    chosen.symlink_to(find_redis_server())
+    monkeypatch.setenv("CELERY_FLOWS_REDIS_SERVER", str(chosen))
+    assert find_redis_server() == str(chosen)
+    with RedisServer() as server:
+        assert server.client().ping()
+        # redis-server titles its process with the path it was started as
+        assert str(chosen) in Path(f"/proc/{server.pid}/cmdline").read_text()
+    monkeypatch.setenv("CELERY_FLOWS_REDIS_SERVER", str(tmp_path / "none"))
+    with pytest.raises(RuntimeError, match="CELERY_FLOWS_REDIS_SERVER=.* is not an executable"):
+        RedisServer()
 
 
 def test_wait_until_returns_the_value_or_names_what_it_waited_for() -> None:

