@@ -1,0 +1,157 @@
+"""Where the cost-per-node row's time goes, process by process:
+``python benchmarks/cpu_split.py [N] [ROUNDS]`` (default 20,000 nodes, 2 rounds).
+
+Runs the three sides of ``run.py``'s "big vs small" / "cost per node" rows (one flow of N
+independent ``noop`` nodes, N/10 flows of 10, N ``noop.apply_async``) against its own
+redis-server and one ``-c 2 --flows`` worker, like ``run.py``, and prints for each run:
+
+- the CPU time per node of each process: redis-server, this producer, the worker's main
+  process and its pool processes (``/proc/<pid>/stat``, user + system);
+- the cores those processes kept busy on average (their CPU time over the wall time);
+- the machine's idle share (``/proc/stat``) second by second, and its mean while the
+  producer was still submitting and after (the worker draining what was queued).
+
+The wall-time ratio of a side is its CPU ratio times how much less of the two cores it
+kept busy: a side can lose on either. Linux only.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import Bench  # noqa: E402
+from benchmarks.timing import independent_flow  # noqa: E402
+from celery_flows import FlowState  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of the whole machine."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+class Sampler(threading.Thread):
+    """The machine's idle share, once a second, marked at the end of submitting."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.done = threading.Event()
+        self.idle: list[float] = []
+        self.submitted_at: int | None = None
+
+    def run(self) -> None:
+        i0, a0 = machine_idle()
+        while not self.done.wait(1.0):
+            i1, a1 = machine_idle()
+            self.idle.append(100.0 * (i1 - i0) / max(1, a1 - a0))
+            i0, a0 = i1, a1
+
+    def submitted(self) -> None:
+        self.submitted_at = len(self.idle)
+
+
+def sides(bench: Bench, sampler: Sampler | None) -> dict[str, Callable[[int], None]]:
+    t = bench.timeout
+
+    def mark() -> None:
+        if sampler is not None:
+            sampler.submitted()
+
+    def one_flow(n: int) -> None:
+        h = bench.flows.submit(independent_flow(bench, n))
+        mark()
+        assert h.wait(timeout=t) is FlowState.SUCCEEDED
+
+    def many_flows(n: int) -> None:
+        hs = [bench.flows.submit(independent_flow(bench, 10, name="bench-ten"))
+              for _ in range(n // 10)]
+        mark()
+        for h in hs:
+            assert h.wait(timeout=t) is FlowState.SUCCEEDED
+
+    def celery(n: int) -> None:
+        pending = [bench.tasks.noop.apply_async() for _ in range(n)]
+        mark()
+        bench.app.ResultSet(pending).join_native(timeout=t)
+
+    return {"one_flow": one_flow, "many_flows": many_flows, "celery": celery}
+
+
+def measure(bench: Bench, name: str, nodes: int) -> None:
+    assert bench.worker is not None and bench.worker.process is not None
+    main = bench.worker.process.pid
+    assert bench.server.pid is not None
+    procs = {"redis": [bench.server.pid], "producer": [os.getpid()], "main": [main],
+             "pool": children(main)}
+    before = {k: sum(cpu_seconds(p) for p in pids) for k, pids in procs.items()}
+    sampler = Sampler()
+    sampler.start()
+    started = time.perf_counter()
+    sides(bench, sampler)[name](nodes)
+    wall = time.perf_counter() - started
+    sampler.done.set()
+    sampler.join()
+    used = {k: sum(cpu_seconds(p) for p in pids) - before[k] for k, pids in procs.items()}
+    per_node = " ".join(f"{k} {1e6 * v / nodes:.0f}" for k, v in used.items())
+    cut = sampler.submitted_at or 0
+    submitting, draining = sampler.idle[:cut], sampler.idle[cut:-1]  # last: the tail
+    print(f"{name:10s} {wall:6.2f} s  CPU us/node: {per_node}, total "
+          f"{1e6 * sum(used.values()) / nodes:.0f}; cores busy "
+          f"{sum(used.values()) / wall:.2f}", flush=True)
+    print(f"{'':10s} idle % while submitting "
+          f"{statistics.fmean(submitting) if submitting else float('nan'):.0f}, after "
+          f"{statistics.fmean(draining) if draining else float('nan'):.0f}; by second: "
+          f"{' '.join(f'{v:.0f}' for v in sampler.idle)}", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    nodes = int(argv[0]) if argv else 20_000
+    rounds = int(argv[1]) if len(argv) > 1 else 2
+    bench = Bench(Path(tempfile.mkdtemp(prefix="cfb-cpu-")), 900.0)
+    try:
+        bench.start()
+        bench.start_worker()
+        for fn in sides(bench, None).values():  # warm-up
+            fn(max(10, nodes // 10))
+        for _ in range(rounds):
+            for name in sides(bench, None):
+                measure(bench, name, nodes)
+    finally:
+        bench.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
