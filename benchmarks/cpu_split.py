@@ -1,8 +1,9 @@
 """Where the cost-per-node row's time goes, process by process:
 ``python benchmarks/cpu_split.py [N] [ROUNDS]`` (default 20,000 nodes, 2 rounds).
 
-Runs the three sides of ``run.py``'s "big vs small" / "cost per node" rows (one flow of N
-independent ``noop`` nodes, N/10 flows of 10, N ``noop.apply_async``) against its own
+Runs the sides of ``run.py``'s "big vs small" / "cost per node" rows (one flow of N
+independent ``noop`` nodes, N/10 flows of 10, N ``noop.apply_async``, and the floor: N
+``apply_async`` of a task making a flow node's two round trips) against its own
 redis-server and one ``-c 2 --flows`` worker, like ``run.py``, and prints for each run:
 
 - the CPU time per node of each process: redis-server, this producer, the worker's main
@@ -25,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -101,12 +103,15 @@ def sides(bench: Bench, sampler: Sampler | None) -> dict[str, Callable[[int], No
         for h in hs:
             assert h.wait(timeout=t) is FlowState.SUCCEEDED
 
-    def celery(n: int) -> None:
-        pending = [bench.tasks.noop.apply_async() for _ in range(n)]
-        mark()
-        bench.app.ResultSet(pending).join_native(timeout=t)
+    def canvas(task: Any) -> Callable[[int], None]:
+        def run(n: int) -> None:
+            pending = [task.apply_async() for _ in range(n)]
+            mark()
+            bench.app.ResultSet(pending).join_native(timeout=t)
+        return run
 
-    return {"one_flow": one_flow, "many_flows": many_flows, "celery": celery}
+    return {"one_flow": one_flow, "many_flows": many_flows, "celery": canvas(bench.tasks.noop),
+            "floor": canvas(bench.tasks.noop_trips)}
 
 
 def measure(bench: Bench, name: str, nodes: int) -> None:
