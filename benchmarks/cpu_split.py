@@ -12,13 +12,15 @@ redis-server and one ``-c 2 --flows`` worker, like ``run.py``, and prints for ea
 - the machine's idle share (``/proc/stat``) second by second, and its mean while the
   producer was still submitting and after (the worker draining what was queued).
 
-The wall-time ratio of a side is its CPU ratio times how much less of the two cores it
-kept busy: a side can lose on either. Linux only.
+A side's wall time is its CPU time over the cores it kept busy, so its ratio to
+Celery's is the CPU ratio times Celery's cores busy over its own: a side can lose on
+either. Linux only.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -144,7 +146,8 @@ def measure(bench: Bench, name: str, nodes: int) -> None:
 def main(argv: list[str]) -> int:
     nodes = int(argv[0]) if argv else 20_000
     rounds = int(argv[1]) if len(argv) > 1 else 2
-    bench = Bench(Path(tempfile.mkdtemp(prefix="cfb-cpu-")), 900.0)
+    log_dir = Path(tempfile.mkdtemp(prefix="cfb-cpu-"))
+    bench = Bench(log_dir, 900.0)
     try:
         bench.start()
         bench.start_worker()
@@ -155,6 +158,7 @@ def main(argv: list[str]) -> int:
                 measure(bench, name, nodes)
     finally:
         bench.stop()
+        shutil.rmtree(log_dir, ignore_errors=True)
     return 0
 
 
