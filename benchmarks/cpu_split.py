@@ -26,17 +26,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import Bench  # noqa: E402
-from benchmarks.timing import independent_flow  # noqa: E402
-from celery_flows import FlowState  # noqa: E402
+from benchmarks.timing import cost_sides  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -86,36 +83,6 @@ class Sampler(threading.Thread):
         self.submitted_at = len(self.idle)
 
 
-def sides(bench: Bench, sampler: Sampler | None) -> dict[str, Callable[[int], None]]:
-    t = bench.timeout
-
-    def mark() -> None:
-        if sampler is not None:
-            sampler.submitted()
-
-    def one_flow(n: int) -> None:
-        h = bench.flows.submit(independent_flow(bench, n))
-        mark()
-        assert h.wait(timeout=t) is FlowState.SUCCEEDED
-
-    def many_flows(n: int) -> None:
-        hs = [bench.flows.submit(independent_flow(bench, 10, name="bench-ten"))
-              for _ in range(n // 10)]
-        mark()
-        for h in hs:
-            assert h.wait(timeout=t) is FlowState.SUCCEEDED
-
-    def canvas(task: Any) -> Callable[[int], None]:
-        def run(n: int) -> None:
-            pending = [task.apply_async() for _ in range(n)]
-            mark()
-            bench.app.ResultSet(pending).join_native(timeout=t)
-        return run
-
-    return {"one_flow": one_flow, "many_flows": many_flows, "celery": canvas(bench.tasks.noop),
-            "floor": canvas(bench.tasks.noop_trips)}
-
-
 def measure(bench: Bench, name: str, nodes: int) -> None:
     assert bench.worker is not None and bench.worker.process is not None
     main = bench.worker.process.pid
@@ -126,7 +93,7 @@ def measure(bench: Bench, name: str, nodes: int) -> None:
     sampler = Sampler()
     sampler.start()
     started = time.perf_counter()
-    sides(bench, sampler)[name](nodes)
+    cost_sides(bench, nodes, sampler.submitted)[name]()
     wall = time.perf_counter() - started
     sampler.done.set()
     sampler.join()
@@ -151,10 +118,10 @@ def main(argv: list[str]) -> int:
     try:
         bench.start()
         bench.start_worker()
-        for fn in sides(bench, None).values():  # warm-up
-            fn(max(10, nodes // 10))
+        for fn in cost_sides(bench, max(10, nodes // 10)).values():  # warm-up
+            fn()
         for _ in range(rounds):
-            for name in sides(bench, None):
+            for name in cost_sides(bench, nodes):
                 measure(bench, name, nodes)
     finally:
         bench.stop()

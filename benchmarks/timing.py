@@ -171,10 +171,41 @@ def submit_wait(bench: Bench, count: int, rounds: int) -> Figure:
     return bench.guarded(fig, body)
 
 
+def cost_sides(bench: Bench, size: int, submitted: Callable[[], None] | None = None
+               ) -> dict[str, Callable[[], None]]:
+    """The sides of the big vs small and cost-per-node rows at ``size`` nodes: one flow,
+    size/10 flows of 10, ``size`` bare ``apply_async`` and the floor's. ``submitted``
+    is called when a side has queued everything and starts waiting (cpu_split.py)."""
+    t = bench.timeout
+    mark = submitted or (lambda: None)
+
+    def one_flow() -> None:
+        h = bench.flows.submit(independent_flow(bench, size))
+        mark()
+        assert h.wait(timeout=t) is FlowState.SUCCEEDED
+
+    def many_flows() -> None:
+        hs = [bench.flows.submit(independent_flow(bench, 10, name="bench-ten"))
+              for _ in range(size // 10)]
+        mark()
+        for h in hs:
+            assert h.wait(timeout=t) is FlowState.SUCCEEDED
+
+    def canvas(task: Any) -> Callable[[], None]:
+        def run() -> None:
+            pending = [task.apply_async() for _ in range(size)]
+            mark()
+            # join_native: one pub/sub wait for the whole set, not `size` round trips
+            bench.app.ResultSet(pending).join_native(timeout=t)
+        return run
+
+    return {"one_flow": one_flow, "many_flows": many_flows,
+            "celery": canvas(bench.tasks.noop), "floor": canvas(bench.tasks.noop_trips)}
+
+
 def big_small(bench: Bench, nodes: int, rounds: int) -> list[Figure]:
     """One flow of ``nodes`` independent nodes, nodes/10 flows of 10, and ``nodes``
     bare ``apply_async`` then waiting for all: the three sides alternate."""
-    t = bench.timeout
     many = nodes // 10
     big = Figure("big vs small", f"1 x {nodes} vs {many} x 10", "one/many <= 1.2", 1.2)
     per_many = Figure("cost per node", f"{many} flows x 10 vs {nodes} apply_async",
@@ -182,34 +213,11 @@ def big_small(bench: Bench, nodes: int, rounds: int) -> list[Figure]:
     per_one = Figure("cost per node", f"1 flow x {nodes} vs {nodes} apply_async",
                      "one flow/celery <= 1.3", 1.3)
 
-    def sides(size: int) -> dict[str, Any]:
-        noop = bench.tasks.noop
-
-        def one_flow() -> None:
-            h = bench.flows.submit(independent_flow(bench, size))
-            assert h.wait(timeout=t) is FlowState.SUCCEEDED
-
-        def many_flows() -> None:
-            hs = [bench.flows.submit(independent_flow(bench, 10, name="bench-ten"))
-                  for _ in range(size // 10)]
-            for h in hs:
-                assert h.wait(timeout=t) is FlowState.SUCCEEDED
-
-        def canvas(task: Any) -> Callable[[], None]:
-            def run() -> None:
-                pending = [task.apply_async() for _ in range(size)]
-                # join_native: one pub/sub wait for the whole set, not `size` round trips
-                bench.app.ResultSet(pending).join_native(timeout=t)
-            return run
-
-        return {"one_flow": one_flow, "many_flows": many_flows, "celery": canvas(noop),
-                "floor": canvas(bench.tasks.noop_trips)}
-
     def body(fig: Figure) -> None:
         # The warm-up is one tenth of the size: it only has to load code and scripts.
-        for name, fn in sides(max(10, nodes // 10)).items():
+        for name, fn in cost_sides(bench, max(10, nodes // 10)).items():
             bench.timed(fn, f"big vs small warm-up ({name})")
-        bench.alternate(fig, sides(nodes), rounds)
+        bench.alternate(fig, cost_sides(bench, nodes), rounds)
 
     bench.guarded(big, body)
     for fig in (per_many, per_one):
